@@ -1,0 +1,1 @@
+//! RDMA backend (in progress).
