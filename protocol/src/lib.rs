@@ -1,1 +1,96 @@
-//! placeholder
+// SPDX-License-Identifier: Apache-2.0 OR MIT
+//! # ferry's wire protocol
+//!
+//! This crate owns the bytes ferry puts on the wire and nothing else: the versioned,
+//! mutually authenticated [`handshake`], the [`frame`] header and the metadata of every frame,
+//! and the [`memmap`] check every guest-physical range passes before it touches memory. It does
+//! no I/O (sockets, rings and queue pairs are `ferry-transport`'s) and makes no policy (which
+//! page moves when is `ferry-engine`'s).
+//!
+//! ## Rules
+//!
+//! - Every integer is little-endian. Every frame starts with a 16-byte [`frame::FrameHeader`]:
+//!   command (`u16`, 0 is invalid), flags, metadata length, payload length.
+//! - Decoding never panics and never allocates more than the metadata it holds can justify:
+//!   metadata is capped at [`frame::MAX_META_LEN`], payloads per command, counts are checked
+//!   against the bytes left before anything is reserved. Every failure is a typed
+//!   [`DecodeError`] naming the values.
+//! - Page payloads are not part of a decoded [`frame::Frame`]: the receiver checks the ranges
+//!   against the negotiated [`memmap::MemoryMap`] ([`frame::Frame::check_ranges`]) and only then
+//!   reads the payload straight into guest memory. Nothing is written for a range outside it.
+//! - One session = one control stream + N bulk streams + one urgent stream, each opened by its
+//!   own handshake; every stream after the control stream names the session id the control
+//!   stream was given, and a stream naming an unknown session is refused.
+//!
+//! ## A migration
+//!
+//! ```mermaid
+//! sequenceDiagram
+//!     participant S as Source
+//!     participant D as Destination
+//!     Note over S,D: control stream
+//!     S->>D: ClientHello(magic, versions, nonce_c, role=Control, Params)
+//!     D->>S: ServerHello(version, nonce_s, session, negotiated Params, MAC_s)
+//!     S->>D: ClientAuth(MAC_c)
+//!     D->>S: AuthOk
+//!     Note over S,D: N bulk streams + 1 urgent stream, each: Hello(session) / Hello / Auth / AuthOk
+//!     loop pre-copy rounds (pre-copy, hybrid)
+//!         S->>D: RoundBegin(round) [control]
+//!         S->>D: Pages / ZeroPages / CompressedPages [bulk, parallel]
+//!         S->>D: RoundEnd(round) [control]
+//!         D-->>S: Resend(ranges) [control, only on a failed live checksum]
+//!     end
+//!     Note over S: pause vCPUs, final dirty harvest (blackout starts)
+//!     S->>D: Switchover(kind) [control]
+//!     alt stop-and-copy
+//!         S->>D: Pages(last) with the final dirty set [bulk]
+//!     else post-copy
+//!         S->>D: StaleSet(ranges) [control]
+//!     end
+//!     S->>D: State(vCPU + device blob) [control]
+//!     Note over D: restore, resume vCPUs (blackout ends)
+//!     D->>S: Resumed(timings) [control]
+//!     opt post-copy
+//!         D->>S: PageRequest(id, range) [urgent]
+//!         S->>D: PageReply(id, range) + bytes [urgent]
+//!         S->>D: Pages (background push, fault neighbourhood first) [bulk]
+//!     end
+//!     S->>D: Complete(source digest) [control]
+//!     D->>S: Verified(ok, destination digest) [control]
+//!     S->>D: EndOfStream [every stream]
+//! ```
+//!
+//! ## The receiver's state machine (control stream)
+//!
+//! ```mermaid
+//! stateDiagram-v2
+//!     [*] --> Handshake
+//!     Handshake --> Refused: bad magic / version / MAC / session / params
+//!     Handshake --> PreCopy: AuthOk (mode pre-copy or hybrid)
+//!     Handshake --> Switching: AuthOk (mode post-copy)
+//!     PreCopy --> PreCopy: RoundBegin / RoundEnd / Progress
+//!     PreCopy --> Switching: Switchover
+//!     PreCopy --> Failed: Abort / Error / stream lost (source keeps running)
+//!     Switching --> Running: State applied, vCPUs resumed (sends Resumed)
+//!     Switching --> Failed: Abort / Error / stream lost (source still has the VM)
+//!     Running --> Running: faults served (post-copy), pages placed
+//!     Running --> Completing: Complete(digest) and no page outstanding
+//!     Running --> Recovering: stream lost in post-copy (destination owns the VM)
+//!     Completing --> [*]: Verified sent
+//!     Refused --> [*]
+//!     Failed --> [*]
+//! ```
+//!
+//! Every frame is refused with an error before `AuthOk`; after it, a frame not expected in
+//! the current state is an error that ends the migration (pre-copy: the source keeps the VM).
+#![warn(missing_docs)]
+
+pub mod codec;
+pub mod frame;
+pub mod handshake;
+pub mod memmap;
+
+pub use codec::DecodeError;
+pub use frame::{Command, Frame, FrameHeader, HEADER_LEN};
+pub use handshake::{Auth, HandshakeError, Params, Psk, SessionId};
+pub use memmap::{GpaRange, MemoryMap, RangeError};
