@@ -1,5 +1,35 @@
 // SPDX-License-Identifier: Apache-2.0 OR MIT
-//! ferry's migration engine (work in progress; see README's status table).
+//! # ferry's migration engine
+//!
+//! Decides which pages move when, and owns the blackout. It talks to a VM only through the
+//! traits in [`vm`] (guest memory, dirty tracking, vCPU/device control), so any VMM can use
+//! it; the KVM backend (`ferry-kvm`) is one implementation and [`procmem`] (plain process memory
+//! written by real threads) another. It moves bytes through `ferry-transport`'s streams and
+//! speaks `ferry-protocol`'s frames; it owns no sockets or rings itself.
+//!
+//! - [`source::migrate`]: pre-copy rounds over the dirty log, the switchover, post-copy service
+//!   (urgent replies, background push by fault neighbourhood), the source digest.
+//! - [`dest::receive`]: receive into guest memory, apply the switchover, restore and resume,
+//!   post-copy fault resolution with [`uffd`], the destination digest.
+//! - [`session`]: connecting and accepting a whole migration session (handshake, streams).
 #![warn(missing_docs)]
 
+pub mod dest;
+pub mod digest;
+pub mod error;
+pub mod layout;
+pub mod memory;
+pub mod pages;
+pub mod policy;
+pub mod procmem;
+pub mod report;
+mod sender;
+pub mod session;
+pub mod source;
+mod sys;
+pub mod uffd;
 pub mod vm;
+
+pub use error::MigrateError;
+pub use policy::Policy;
+pub use report::MigrationReport;

@@ -109,7 +109,7 @@ impl DirtyBitmap {
         Self {
             regions: regions
                 .iter()
-                .map(|r| vec![0u64; r.pages().div_ceil(64) as usize])
+                .map(|r| vec![0u64; usize::try_from(r.pages().div_ceil(64)).unwrap_or(usize::MAX)])
                 .collect(),
         }
     }

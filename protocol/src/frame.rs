@@ -104,6 +104,8 @@ commands! {
     Resend = 0x0049,
     /// A stream is done: no more frames follow on it.
     EndOfStream = 0x004A,
+    /// Post-copy fault statistics measured by the destination.
+    FaultStats = 0x004B,
 }
 
 /// The fixed 16-byte header before every frame (all fields little-endian):
@@ -230,6 +232,33 @@ pub struct ResumeTimings {
     pub resume_us: u64,
 }
 
+/// Post-copy fault statistics as the destination measured them (latencies in microseconds,
+/// from the fault's arrival to the page being in place).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FaultSummary {
+    /// Faults taken.
+    pub count: u64,
+    /// Median latency.
+    pub p50_us: u64,
+    /// 90th percentile.
+    pub p90_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// 99.9th percentile.
+    pub p999_us: u64,
+    /// Longest.
+    pub max_us: u64,
+    /// Summed time faulting threads waited.
+    pub total_stall_us: u64,
+    /// Faults whose page arrived by the background push before the reply.
+    pub resolved_by_push: u64,
+    /// Up to [`MAX_FAULT_POINTS`] samples `(ms since resume, latency µs)` for timelines.
+    pub points: Vec<(u32, u32)>,
+}
+
+/// Most fault samples in one [`Frame::FaultStats`].
+pub const MAX_FAULT_POINTS: usize = 1 << 16;
+
 /// The decoded metadata of a frame (its payload, if any, follows on the stream).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
@@ -344,6 +373,8 @@ pub enum Frame {
     },
     /// No more frames on this stream.
     EndOfStream,
+    /// Post-copy fault statistics.
+    FaultStats(FaultSummary),
 }
 
 const RANGE_LEN: usize = 16;
@@ -410,6 +441,7 @@ impl Frame {
             Frame::Progress(_) => Command::Progress,
             Frame::Resend { .. } => Command::Resend,
             Frame::EndOfStream => Command::EndOfStream,
+            Frame::FaultStats(_) => Command::FaultStats,
         }
     }
 
@@ -505,6 +537,21 @@ impl Frame {
                     .u64(p.elapsed_us);
             }
             Frame::EndOfStream => {}
+            Frame::FaultStats(f) => {
+                w.u64(f.count)
+                    .u64(f.p50_us)
+                    .u64(f.p90_us)
+                    .u64(f.p99_us)
+                    .u64(f.p999_us)
+                    .u64(f.max_us)
+                    .u64(f.total_stall_us)
+                    .u64(f.resolved_by_push);
+                let n = f.points.len().min(MAX_FAULT_POINTS);
+                w.count(n);
+                for (t, l) in &f.points[..n] {
+                    w.u32(*t).u32(*l);
+                }
+            }
         }
         let meta = w.into_vec();
         let header = FrameHeader {
@@ -676,6 +723,26 @@ impl Frame {
                 elapsed_us: r.u64("elapsed")?,
             }),
             Command::EndOfStream => Frame::EndOfStream,
+            Command::FaultStats => {
+                let mut f = FaultSummary {
+                    count: r.u64("fault count")?,
+                    p50_us: r.u64("p50")?,
+                    p90_us: r.u64("p90")?,
+                    p99_us: r.u64("p99")?,
+                    p999_us: r.u64("p99.9")?,
+                    max_us: r.u64("max")?,
+                    total_stall_us: r.u64("total stall")?,
+                    resolved_by_push: r.u64("resolved by push")?,
+                    points: Vec::new(),
+                };
+                let n = r.count("fault points", MAX_FAULT_POINTS, 8)?;
+                f.points.reserve(n);
+                for _ in 0..n {
+                    f.points
+                        .push((r.u32("point time")?, r.u32("point latency")?));
+                }
+                Frame::FaultStats(f)
+            }
         };
         r.finish(name)?;
         let expected = match &frame {
@@ -879,6 +946,23 @@ mod tests {
                     })
                 }),
             Just(Frame::EndOfStream),
+            (
+                any::<[u64; 8]>(),
+                proptest::collection::vec(any::<(u32, u32)>(), 0..50)
+            )
+                .prop_map(|(v, points)| {
+                    Frame::FaultStats(FaultSummary {
+                        count: v[0],
+                        p50_us: v[1],
+                        p90_us: v[2],
+                        p99_us: v[3],
+                        p999_us: v[4],
+                        max_us: v[5],
+                        total_stall_us: v[6],
+                        resolved_by_push: v[7],
+                        points,
+                    })
+                }),
         ]
     }
 
@@ -915,7 +999,7 @@ mod tests {
             Command::AuthOk,
             Command::Refused,
         ];
-        assert_eq!(Command::ALL.len(), handshake.len() + 18);
+        assert_eq!(Command::ALL.len(), handshake.len() + 19);
     }
 
     #[test]

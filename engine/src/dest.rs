@@ -1,0 +1,1160 @@
+// SPDX-License-Identifier: Apache-2.0 OR MIT
+//! The destination side: receive pre-copy rounds straight into guest memory, apply the
+//! switchover (final pages or the post-copy stale set), restore and resume the VM, then in
+//! post-copy resolve faults with userfaultfd (demand requests on the urgent stream, pushed pages
+//! placed as they arrive), and verify the whole-memory digest.
+//!
+//! Every frame is checked against the negotiated memory map before a byte of its payload is
+//! read into guest memory. Before the switchover, a failure leaves this VM unstarted (the source
+//! still runs it). After resuming in post-copy, this side owns the VM: a lost connection leaves
+//! the pages already placed (recorded in the page-state array) and the missing ones named, so
+//! a reconnection can fetch exactly those (automatic recovery is not built yet).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
+use ferry_protocol::frame::{
+    FaultSummary, FrameHeader, HEADER_LEN, MAX_FAULT_POINTS, MAX_STATE_LEN, ResumeTimings,
+    SwitchoverKind,
+};
+use ferry_protocol::{Frame, GpaRange};
+use ferry_transport::memory::Target;
+use ferry_transport::session::{ControlChannel, SessionError};
+use ferry_transport::{DataStream, Socket};
+use hdrhistogram::Histogram;
+use tracing::{debug, info, warn};
+
+use crate::digest;
+use crate::error::MigrateError;
+use crate::layout::{Layout, tr};
+use crate::memory::AliasMapping;
+use crate::pages::page_hash;
+use crate::source::SWITCH_ROUND;
+use crate::sys;
+use crate::uffd::{Event, Features, Fill, PlaceMode, RegisterMode, Uffd};
+use crate::vm::{Backing, GuestMemory, VmControl};
+
+const ABSENT: u8 = 0;
+const PRESENT: u8 = 1;
+const STALE: u8 = 2;
+const FILLING: u8 = 3;
+
+/// The destination VM, as the engine drives it. Its guest memory must be freshly mapped (all
+/// zero, unpopulated) and its vCPUs not running.
+#[allow(missing_debug_implementations)]
+pub struct DestVm<'a> {
+    /// Guest memory.
+    pub memory: &'a dyn GuestMemory,
+    /// vCPU and device control.
+    pub control: &'a mut dyn VmControl,
+}
+
+/// The connections of a destination session.
+#[allow(missing_debug_implementations)]
+pub struct DestStreams {
+    /// Control stream.
+    pub control: ControlChannel,
+    /// Bulk streams.
+    pub bulk: Vec<Box<dyn DataStream>>,
+    /// Urgent stream: a data stream to receive replies, and a second handle on the same
+    /// socket to write requests.
+    pub urgent: Option<(Box<dyn DataStream>, Socket)>,
+    /// Alias mappings of shared-backed regions (index = region), also given to the transport
+    /// registration so pushed pages are received straight into them.
+    pub aliases: Vec<Option<AliasMapping>>,
+    /// Second handles on the receiving sockets, shut down when the migration ends (or fails)
+    /// so no receiver waits on an idle stream.
+    pub sockets: Vec<Socket>,
+}
+
+/// The destination's account of a migration.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DestReport {
+    /// `stop-and-copy` or `post-copy`.
+    pub switchover: String,
+    /// Pre-copy rounds seen.
+    pub rounds: u32,
+    /// Pages marked stale at a post-copy switchover.
+    pub stale_pages: u64,
+    /// Destination phases, µs.
+    pub receive_us: u64,
+    /// Restoring state, µs.
+    pub restore_us: u64,
+    /// Resuming, µs.
+    pub resume_us: u64,
+    /// Faults.
+    pub faults: FaultSummaryReport,
+    /// Whether the digest matched the source's.
+    pub verified: bool,
+    /// This side's digest, hex.
+    pub digest: String,
+    /// Pages whose live checksum failed (asked again).
+    pub resend_requests: u64,
+}
+
+/// Serializable copy of [`FaultSummary`] (without the samples).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct FaultSummaryReport {
+    /// Faults.
+    pub count: u64,
+    /// Median µs.
+    pub p50_us: u64,
+    /// p99 µs.
+    pub p99_us: u64,
+    /// Max µs.
+    pub max_us: u64,
+    /// Summed stall, µs.
+    pub total_stall_us: u64,
+}
+
+struct PostCopy {
+    uffd: Uffd,
+    aliases: Vec<Option<AliasMapping>>,
+}
+
+struct Shared<'a> {
+    layout: &'a Layout,
+    states: Vec<AtomicU8>,
+    hashes: Vec<AtomicU64>,
+    present: AtomicU64,
+    post: OnceLock<PostCopy>,
+    faults: Mutex<HashMap<u64, Instant>>,
+    hist: Mutex<Histogram<u64>>,
+    points: Mutex<Vec<(u32, u32)>>,
+    resumed_at: OnceLock<Instant>,
+    resolved_by_push: AtomicU64,
+    fault_count: AtomicU64,
+    stall_us: AtomicU64,
+    done: AtomicBool,
+    zero_hash_scratch: Vec<u8>,
+}
+
+enum Note {
+    Barrier(u32),
+    Resend(Vec<GpaRange>),
+    Failed(MigrateError),
+    Ended,
+}
+
+/// Receives a VM migrated by the source at the other end of `streams`.
+pub fn receive(
+    vm: DestVm<'_>,
+    streams: DestStreams,
+    timeout: Duration,
+) -> Result<DestReport, MigrateError> {
+    let layout = Layout::new(vm.memory)?;
+    let total = layout.total_pages();
+    let shared = Shared {
+        layout: &layout,
+        states: (0..total).map(|_| AtomicU8::new(ABSENT)).collect(),
+        hashes: (0..total).map(|_| AtomicU64::new(0)).collect(),
+        present: AtomicU64::new(0),
+        post: OnceLock::new(),
+        faults: Mutex::new(HashMap::new()),
+        hist: Mutex::new(
+            Histogram::new_with_bounds(1, 60_000_000, 3)
+                .map_err(|_| MigrateError::Worker("histogram"))?,
+        ),
+        points: Mutex::new(Vec::new()),
+        resumed_at: OnceLock::new(),
+        resolved_by_push: AtomicU64::new(0),
+        fault_count: AtomicU64::new(0),
+        stall_us: AtomicU64::new(0),
+        done: AtomicBool::new(false),
+        zero_hash_scratch: vec![0u8; layout.page_size() as usize],
+    };
+    let DestStreams {
+        control,
+        bulk,
+        urgent,
+        aliases,
+        sockets,
+    } = streams;
+    let mut aliases = Some(aliases);
+    let n = bulk.len();
+    let ctl_reader = control.try_clone()?;
+    // Open userfaultfd up front (outside the blackout); registration happens at switchover.
+    let uffd = Uffd::open(
+        false,
+        Features::MISSING_SHMEM | Features::MINOR_SHMEM | Features::THREAD_ID,
+    );
+    let post_flag = AtomicBool::new(false);
+    thread::scope(|s| {
+        let (note_tx, note_rx) = unbounded();
+        let (go_tx, go_rx) = bounded::<()>(n.max(1));
+        for (i, stream) in bulk.into_iter().enumerate() {
+            let note_tx = note_tx.clone();
+            let go_rx = go_rx.clone();
+            let shared = &shared;
+            let post_flag = &post_flag;
+            thread::Builder::new()
+                .name(format!("ferry-recv-{i}"))
+                .spawn_scoped(s, move || {
+                    let r = recv_loop(i, stream, shared, &note_tx, &go_rx, post_flag);
+                    let _ = note_tx.send(match r {
+                        Ok(()) => Note::Ended,
+                        Err(e) => Note::Failed(e),
+                    });
+                })
+                .map_err(|_| MigrateError::Worker("receiver"))?;
+        }
+        let (ctl_tx, ctl_rx) = unbounded();
+        thread::Builder::new()
+            .name("ferry-dst-ctl".into())
+            .spawn_scoped(s, move || dest_control_reader(ctl_reader, ctl_tx))
+            .map_err(|_| MigrateError::Worker("control reader"))?;
+        let mut d = DestRun {
+            shared: &shared,
+            ctl: &control,
+            ctl_rx,
+            notes: note_rx,
+            note_tx: note_tx.clone(),
+            go: go_tx,
+            n,
+            timeout,
+            report: DestReport::default(),
+            barriers: 0,
+        };
+        let r = d.drive(
+            vm.control,
+            uffd,
+            urgent,
+            aliases.take().unwrap_or_default(),
+            s,
+            &post_flag,
+        );
+        shared.done.store(true, Ordering::Release);
+        if let Err(e) = &r {
+            let _ = control.send(
+                &Frame::Error {
+                    code: 1,
+                    message: ferry_protocol::handshake::error_chain(e),
+                },
+                &[],
+            );
+        }
+        // Unblocks the control reader (the source sends nothing more after `Verified`) and
+        // any receiver still waiting.
+        control.shutdown();
+        for s in &sockets {
+            let _ = s.shutdown();
+        }
+        r
+    })
+}
+
+fn dest_control_reader(ctl: ControlChannel, tx: Sender<Result<(Frame, Vec<u8>), SessionError>>) {
+    // Timeouts are the control thread's business; this thread blocks until the socket closes.
+    let _ = ctl.set_read_timeout(None);
+    loop {
+        let r = ctl.recv().and_then(|(h, f)| {
+            let payload = if h.payload_len > 0 {
+                ctl.read_payload_vec(h.payload_len, MAX_STATE_LEN)?
+            } else {
+                Vec::new()
+            };
+            Ok((f, payload))
+        });
+        let stop = r.is_err();
+        if tx.send(r).is_err() || stop {
+            return;
+        }
+    }
+}
+
+struct DestRun<'s, 'a> {
+    shared: &'s Shared<'a>,
+    ctl: &'s ControlChannel,
+    ctl_rx: Receiver<Result<(Frame, Vec<u8>), SessionError>>,
+    notes: Receiver<Note>,
+    note_tx: Sender<Note>,
+    go: Sender<()>,
+    n: usize,
+    timeout: Duration,
+    report: DestReport,
+    barriers: usize,
+}
+
+impl<'s, 'a> DestRun<'s, 'a> {
+    fn handle_note(&mut self, note: Note) -> Result<(), MigrateError> {
+        match note {
+            Note::Barrier(r) if r == SWITCH_ROUND => self.barriers += 1,
+            Note::Barrier(_) | Note::Ended => {}
+            Note::Resend(ranges) => {
+                self.report.resend_requests += ranges.len() as u64;
+                self.ctl.send(&Frame::Resend { ranges }, &[])?;
+            }
+            Note::Failed(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    /// Next control frame, handling worker notes meanwhile.
+    fn next_ctl(&mut self) -> Result<(Frame, Vec<u8>), MigrateError> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            while let Ok(note) = self.notes.try_recv() {
+                self.handle_note(note)?;
+            }
+            match self.ctl_rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(r) => return Ok(r?),
+                Err(RecvTimeoutError::Timeout) => {
+                    if Instant::now() > deadline {
+                        return Err(MigrateError::Timeout {
+                            what: "the source",
+                            waited: self.timeout,
+                        });
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(MigrateError::Worker("control reader"));
+                }
+            }
+        }
+    }
+
+    fn wait_until(
+        &mut self,
+        what: &'static str,
+        pred: impl Fn(&Self) -> bool,
+    ) -> Result<(), MigrateError> {
+        let deadline = Instant::now() + self.timeout;
+        while !pred(self) {
+            match self.notes.recv_timeout(Duration::from_millis(5)) {
+                Ok(note) => self.handle_note(note)?,
+                Err(RecvTimeoutError::Timeout) => {
+                    if Instant::now() > deadline {
+                        return Err(MigrateError::Timeout {
+                            what,
+                            waited: self.timeout,
+                        });
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(MigrateError::Worker("receiver"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn drive<'scope>(
+        &mut self,
+        control: &mut dyn VmControl,
+        uffd: Result<Uffd, crate::uffd::UffdOpenError>,
+        urgent: Option<(Box<dyn DataStream>, Socket)>,
+        aliases: Vec<Option<AliasMapping>>,
+        s: &'scope thread::Scope<'scope, '_>,
+        post_flag: &'scope AtomicBool,
+    ) -> Result<DestReport, MigrateError>
+    where
+        's: 'scope,
+    {
+        let shared = self.shared;
+        let layout = shared.layout;
+        let mut uffd = Some(uffd);
+        let mut urgent = urgent;
+        let mut aliases = Some(aliases);
+        let mut resumed = false;
+        let mut post_copy = false;
+        loop {
+            let (frame, _) = match self.next_ctl() {
+                Ok(x) => x,
+                Err(e) if resumed && shared.done.load(Ordering::Acquire) => {
+                    debug!(%e, "control closed after completion");
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            match frame {
+                Frame::RoundBegin { round, .. } => self.report.rounds = round,
+                Frame::RoundEnd { .. } | Frame::Progress(_) => {}
+                Frame::Switchover { kind, .. } => {
+                    let t_sw = Instant::now();
+                    post_copy = kind == SwitchoverKind::PostCopy;
+                    self.wait_until("the bulk streams to reach the switchover", |d| {
+                        d.barriers >= d.n
+                    })?;
+                    let mut next = self.next_ctl()?;
+                    if post_copy {
+                        let mut stale = Vec::new();
+                        while let (Frame::StaleSet { ranges }, _) = &next {
+                            for r in ranges {
+                                layout.locate(*r)?;
+                            }
+                            stale.extend_from_slice(ranges);
+                            next = self.next_ctl()?;
+                        }
+                        let uffd = match uffd.take() {
+                            Some(Ok(u)) => u,
+                            Some(Err(e)) => {
+                                return Err(MigrateError::Uffd {
+                                    what: ferry_protocol::handshake::error_chain(&e),
+                                });
+                            }
+                            None => return Err(MigrateError::Worker("uffd")),
+                        };
+                        self.report.stale_pages =
+                            self.apply_stale(&stale, uffd, aliases.take().unwrap_or_default())?;
+                        post_flag.store(true, Ordering::Release);
+                        // Fault handling and urgent replies.
+                        if let Some((replies, requests)) = urgent.take() {
+                            let (req_tx, req_rx) = unbounded::<u64>();
+                            let note_tx = self.note_tx.clone();
+                            thread::Builder::new()
+                                .name("ferry-faults".into())
+                                .spawn_scoped(s, move || {
+                                    if let Err(e) = fault_loop(shared, &req_tx) {
+                                        let _ = note_tx.send(Note::Failed(e));
+                                    }
+                                })
+                                .map_err(|_| MigrateError::Worker("fault handler"))?;
+                            let note_tx = self.note_tx.clone();
+                            thread::Builder::new()
+                                .name("ferry-requests".into())
+                                .spawn_scoped(s, move || {
+                                    if let Err(e) = request_loop(shared, requests, &req_rx) {
+                                        let _ = note_tx.send(Note::Failed(e));
+                                    }
+                                })
+                                .map_err(|_| MigrateError::Worker("requester"))?;
+                            let note_tx = self.note_tx.clone();
+                            thread::Builder::new()
+                                .name("ferry-replies".into())
+                                .spawn_scoped(s, move || {
+                                    if let Err(e) = reply_loop(shared, replies) {
+                                        let _ = note_tx.send(Note::Failed(e));
+                                    }
+                                })
+                                .map_err(|_| MigrateError::Worker("reply receiver"))?;
+                        } else {
+                            return Err(MigrateError::Unexpected {
+                                got: "Switchover(post-copy)",
+                                state: "without an urgent stream",
+                            });
+                        }
+                    }
+                    for _ in 0..self.n {
+                        let _ = self.go.send(());
+                    }
+                    let blob = match next {
+                        (Frame::State { .. }, blob) => blob,
+                        (other, _) => {
+                            return Err(MigrateError::Unexpected {
+                                got: other.command().name(),
+                                state: "waiting for the VM state",
+                            });
+                        }
+                    };
+                    let t_apply = Instant::now();
+                    control
+                        .restore_state(&blob)
+                        .map_err(MigrateError::vm("restore state"))?;
+                    let t_restore = Instant::now();
+                    control.resume().map_err(MigrateError::vm("resume"))?;
+                    let t_resume = Instant::now();
+                    let _ = shared.resumed_at.set(t_resume);
+                    resumed = true;
+                    let timings = ResumeTimings {
+                        receive_us: (t_apply - t_sw).as_micros() as u64,
+                        restore_us: (t_restore - t_apply).as_micros() as u64,
+                        resume_us: (t_resume - t_restore).as_micros() as u64,
+                    };
+                    self.report.receive_us = timings.receive_us;
+                    self.report.restore_us = timings.restore_us;
+                    self.report.resume_us = timings.resume_us;
+                    self.report.switchover = if post_copy {
+                        "post-copy"
+                    } else {
+                        "stop-and-copy"
+                    }
+                    .into();
+                    self.ctl.send(&Frame::Resumed { timings }, &[])?;
+                    info!(?timings, post_copy, "resumed");
+                }
+                Frame::Complete { digest: theirs, .. } => {
+                    let total = layout.total_pages();
+                    self.wait_until("every page to arrive", |d| {
+                        d.shared.present.load(Ordering::Acquire) >= total
+                    })?;
+                    shared.done.store(true, Ordering::Release);
+                    let ours =
+                        digest::digest_of(shared.hashes.iter().map(|h| h.load(Ordering::Acquire)));
+                    let ok = ours == theirs;
+                    self.report.verified = ok;
+                    self.report.digest = digest::hex(&ours);
+                    if post_copy {
+                        let f = self.fault_summary();
+                        self.report.faults = FaultSummaryReport {
+                            count: f.count,
+                            p50_us: f.p50_us,
+                            p99_us: f.p99_us,
+                            max_us: f.max_us,
+                            total_stall_us: f.total_stall_us,
+                        };
+                        self.ctl.send(&Frame::FaultStats(f), &[])?;
+                    }
+                    self.ctl.send(&Frame::Verified { ok, digest: ours }, &[])?;
+                    if !ok {
+                        warn!(ours = %digest::hex(&ours), theirs = %digest::hex(&theirs), "digest mismatch");
+                    }
+                    // The source closes the streams next.
+                    break;
+                }
+                Frame::Abort { reason } => return Err(MigrateError::PeerAborted { reason }),
+                Frame::Error { message, .. } => {
+                    return Err(MigrateError::PeerAborted { reason: message });
+                }
+                other => {
+                    return Err(MigrateError::Unexpected {
+                        got: other.command().name(),
+                        state: "receiving (destination)",
+                    });
+                }
+            }
+        }
+        // Wait for the bulk streams' EndOfStream (bounded).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut ended = 0;
+        while ended < self.n && Instant::now() < deadline {
+            match self.notes.recv_timeout(Duration::from_millis(50)) {
+                Ok(Note::Ended) => ended += 1,
+                Ok(Note::Failed(e)) => debug!(%e, "stream ended with an error after completion"),
+                Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        Ok(self.report.clone())
+    }
+
+    /// Marks the stale pages, drops them from guest memory, registers userfaultfd.
+    fn apply_stale(
+        &mut self,
+        stale: &[GpaRange],
+        uffd: Uffd,
+        aliases: Vec<Option<AliasMapping>>,
+    ) -> Result<u64, MigrateError> {
+        let shared = self.shared;
+        let layout = shared.layout;
+        let ps = layout.page_size();
+        let mut pages = 0;
+        for r in stale {
+            let (_, _, first) = layout.locate(*r)?;
+            let n = r.len / ps;
+            let mut populated = false;
+            for p in first..first + n {
+                if shared.states[p as usize].swap(STALE, Ordering::AcqRel) == PRESENT {
+                    shared.present.fetch_sub(1, Ordering::AcqRel);
+                    populated = true;
+                }
+            }
+            pages += n;
+            if populated {
+                let addr = layout.host_addr(*r)?;
+                // SAFETY: guest memory of a VM that is not running; the engine owns its
+                // contents during the migration and nobody holds references into it.
+                unsafe { sys::discard(addr, r.len) }
+                    .map_err(|source| MigrateError::Place { gpa: r.gpa, source })?;
+            }
+        }
+        // Pages never received are missing too.
+        for st in &shared.states {
+            let _ = st.compare_exchange(ABSENT, STALE, Ordering::AcqRel, Ordering::Relaxed);
+        }
+        for r in layout.regions() {
+            let shared_backing =
+                matches!(r.backing, Backing::Memfd { .. } | Backing::Hugetlbfs { .. });
+            let mode = if shared_backing {
+                RegisterMode::MISSING | RegisterMode::MINOR
+            } else {
+                RegisterMode::MISSING
+            };
+            // SAFETY: guest memory the engine manages for the migration: nothing holds Rust
+            // references into it, and the VM is not running yet.
+            unsafe { uffd.register(r.host_addr as u64, r.len, mode) }.map_err(|e| {
+                MigrateError::Uffd {
+                    what: ferry_protocol::handshake::error_chain(&e),
+                }
+            })?;
+        }
+        let _ = shared.post.set(PostCopy { uffd, aliases });
+        Ok(pages)
+    }
+
+    fn fault_summary(&self) -> FaultSummary {
+        let s = self.shared;
+        let h = s.hist.lock().map(|h| h.clone()).ok();
+        let q = |p: f64| h.as_ref().map_or(0, |h| h.value_at_quantile(p));
+        let mut points = s.points.lock().map(|p| p.clone()).unwrap_or_default();
+        points.truncate(MAX_FAULT_POINTS);
+        FaultSummary {
+            count: s.fault_count.load(Ordering::Relaxed),
+            p50_us: q(0.5),
+            p90_us: q(0.9),
+            p99_us: q(0.99),
+            p999_us: q(0.999),
+            max_us: h.as_ref().map_or(0, Histogram::max),
+            total_stall_us: s.stall_us.load(Ordering::Relaxed),
+            resolved_by_push: s.resolved_by_push.load(Ordering::Relaxed),
+            points,
+        }
+    }
+}
+
+impl Shared<'_> {
+    /// Records page `p` as placed with hash `h`; accounts for a waiting fault.
+    fn placed(&self, p: u64, h: u64, by_push: bool) {
+        self.hashes[p as usize].store(h, Ordering::Release);
+        if self.states[p as usize].swap(PRESENT, Ordering::AcqRel) != PRESENT {
+            self.present.fetch_add(1, Ordering::AcqRel);
+        }
+        let waited = self.faults.lock().ok().and_then(|mut f| f.remove(&p));
+        if let Some(t0) = waited {
+            let us = t0.elapsed().as_micros() as u64;
+            if let Ok(mut hist) = self.hist.lock() {
+                hist.saturating_record(us.max(1));
+            }
+            self.fault_count.fetch_add(1, Ordering::Relaxed);
+            self.stall_us.fetch_add(us, Ordering::Relaxed);
+            if by_push {
+                self.resolved_by_push.fetch_add(1, Ordering::Relaxed);
+            }
+            if let (Ok(mut pts), Some(r)) = (self.points.lock(), self.resumed_at.get())
+                && pts.len() < MAX_FAULT_POINTS
+            {
+                let t = t0.saturating_duration_since(*r).as_millis() as u32;
+                pts.push((t, us.min(u64::from(u32::MAX)) as u32));
+            }
+        }
+    }
+
+    fn claim(&self, p: u64) -> bool {
+        let st = &self.states[p as usize];
+        st.compare_exchange(STALE, FILLING, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+            || st
+                .compare_exchange(ABSENT, FILLING, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+
+    fn zero_hash(&self, gpa: u64) -> u64 {
+        page_hash(gpa, &self.zero_hash_scratch)
+    }
+}
+
+fn stream_err(stream: usize) -> impl Fn(ferry_transport::StreamError) -> MigrateError {
+    move |source| MigrateError::Stream { stream, source }
+}
+
+/// Reads one frame (header + metadata) from a data stream and checks its ranges.
+fn read_frame(
+    i: usize,
+    stream: &mut dyn DataStream,
+    layout: &Layout,
+) -> Result<(FrameHeader, Frame), MigrateError> {
+    let mut h = [0u8; HEADER_LEN];
+    stream.recv_exact(&mut h).map_err(stream_err(i))?;
+    let header =
+        FrameHeader::decode(&h).map_err(|source| MigrateError::Decode { stream: i, source })?;
+    let mut meta = vec![0u8; header.meta_len as usize];
+    stream.recv_exact(&mut meta).map_err(stream_err(i))?;
+    let frame = Frame::decode(&header, &meta)
+        .map_err(|source| MigrateError::Decode { stream: i, source })?;
+    frame
+        .check_ranges(layout.map())
+        .map_err(|source| MigrateError::Range { stream: i, source })?;
+    Ok((header, frame))
+}
+
+fn recv_loop(
+    i: usize,
+    mut stream: Box<dyn DataStream>,
+    shared: &Shared<'_>,
+    notes: &Sender<Note>,
+    go: &Receiver<()>,
+    post_flag: &AtomicBool,
+) -> Result<(), MigrateError> {
+    let layout = shared.layout;
+    let ps = layout.page_size();
+    let mut staging: Vec<u8> = Vec::new();
+    loop {
+        let (_, frame) = read_frame(i, stream.as_mut(), layout)?;
+        let post = post_flag.load(Ordering::Acquire);
+        match frame {
+            Frame::Pages {
+                ranges,
+                checksums,
+                last,
+            } => {
+                if post {
+                    place_post(
+                        i,
+                        stream.as_mut(),
+                        shared,
+                        &ranges,
+                        checksums.as_deref(),
+                        &mut staging,
+                        true,
+                    )?;
+                    continue;
+                }
+                let tr_ranges: Vec<_> = ranges.iter().map(|r| tr(*r)).collect();
+                stream
+                    .recv_into(&tr_ranges, Target::Guest)
+                    .map_err(stream_err(i))?;
+                let mut k = 0usize;
+                let mut resend = Vec::new();
+                for r in &ranges {
+                    let (_, _, first) = layout.locate(*r)?;
+                    let bytes = layout.bytes(*r)?;
+                    for (j, page) in bytes.chunks_exact(ps as usize).enumerate() {
+                        let gpa = r.gpa + j as u64 * ps;
+                        let h = page_hash(gpa, page);
+                        if let Some(c) = &checksums
+                            && c[k] != h
+                        {
+                            if last {
+                                return Err(MigrateError::Checksum {
+                                    gpa,
+                                    expected: c[k],
+                                    got: h,
+                                });
+                            }
+                            resend.push(GpaRange::new(gpa, ps));
+                        }
+                        k += 1;
+                        shared.placed(first + j as u64, h, true);
+                    }
+                }
+                if !resend.is_empty() {
+                    let _ = notes.send(Note::Resend(resend));
+                }
+            }
+            Frame::ZeroPages { ranges } => {
+                for r in &ranges {
+                    let (_, _, first) = layout.locate(*r)?;
+                    for j in 0..r.len / ps {
+                        let p = first + j;
+                        let gpa = r.gpa + j * ps;
+                        if post {
+                            if shared.claim(p) {
+                                place_zero_post(shared, p, gpa)?;
+                            }
+                            continue;
+                        }
+                        if shared.states[p as usize].load(Ordering::Acquire) == PRESENT {
+                            // It held data before: clear it.
+                            let addr = layout.host_addr(GpaRange::new(gpa, ps))?;
+                            // SAFETY: a checked page of guest memory; the VM is not running
+                            // (pre-copy) and the engine owns the contents during migration.
+                            unsafe { std::ptr::write_bytes(addr as *mut u8, 0, ps as usize) };
+                        }
+                        shared.placed(p, shared.zero_hash(gpa), true);
+                    }
+                }
+            }
+            Frame::CompressedPages {
+                ranges,
+                compressed_len,
+            } => {
+                let mut comp = vec![0u8; compressed_len as usize];
+                stream.recv_exact(&mut comp).map_err(stream_err(i))?;
+                let raw: u64 = ranges.iter().map(|r| r.len).sum();
+                let data = zstd::bulk::decompress(&comp, raw as usize).map_err(|e| {
+                    MigrateError::Compression {
+                        stream: i,
+                        message: e.to_string(),
+                    }
+                })?;
+                if data.len() as u64 != raw {
+                    return Err(MigrateError::Compression {
+                        stream: i,
+                        message: format!("decompressed {} bytes, expected {raw}", data.len()),
+                    });
+                }
+                let mut off = 0usize;
+                for r in &ranges {
+                    let (_, _, first) = layout.locate(*r)?;
+                    for j in 0..r.len / ps {
+                        let gpa = r.gpa + j * ps;
+                        let page = &data[off..off + ps as usize];
+                        off += ps as usize;
+                        let p = first + j;
+                        if post {
+                            if shared.claim(p) {
+                                place_bytes_post(shared, p, gpa, page)?;
+                                shared.placed(p, page_hash(gpa, page), true);
+                            }
+                            continue;
+                        }
+                        let addr = layout.host_addr(GpaRange::new(gpa, ps))?;
+                        // SAFETY: a checked page of guest memory, `page` is a separate buffer
+                        // of exactly one page; the VM is not running during pre-copy receive.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                page.as_ptr(),
+                                addr as *mut u8,
+                                page.len(),
+                            )
+                        };
+                        shared.placed(p, page_hash(gpa, page), true);
+                    }
+                }
+            }
+            Frame::RoundEnd { round } => {
+                let _ = notes.send(Note::Barrier(round));
+                if round == SWITCH_ROUND {
+                    // Wait until the control thread applied the switchover.
+                    let _ = go.recv();
+                }
+            }
+            Frame::EndOfStream => return Ok(()),
+            other => {
+                return Err(MigrateError::Unexpected {
+                    got: other.command().name(),
+                    state: "receiving pages",
+                });
+            }
+        }
+    }
+}
+
+/// Post-copy placement of a `Pages` frame (bulk push or urgent reply): claims each page;
+/// claimed pages of shared backings are received straight into the alias mapping and mapped
+/// with `UFFDIO_CONTINUE`; anonymous ones go through a staging buffer and `UFFDIO_COPY`;
+/// pages already placed (the other path won the race) are read and dropped.
+fn place_post(
+    i: usize,
+    stream: &mut dyn DataStream,
+    shared: &Shared<'_>,
+    ranges: &[GpaRange],
+    checksums: Option<&[u64]>,
+    staging: &mut Vec<u8>,
+    by_push: bool,
+) -> Result<(), MigrateError> {
+    let layout = shared.layout;
+    let ps = layout.page_size();
+    let post = shared
+        .post
+        .get()
+        .ok_or(MigrateError::Worker("post-copy state"))?;
+    let mut k = 0usize;
+    for r in ranges {
+        let (region, _, first) = layout.locate(*r)?;
+        let n = r.len / ps;
+        let claimed: Vec<bool> = (0..n).map(|j| shared.claim(first + j)).collect();
+        let alias = post.aliases.get(region).and_then(Option::as_ref);
+        // Receive in runs of equal claim status.
+        let mut j = 0u64;
+        while j < n {
+            let c = claimed[j as usize];
+            let mut e = j;
+            while e < n && claimed[e as usize] == c {
+                e += 1;
+            }
+            let run = GpaRange::new(r.gpa + j * ps, (e - j) * ps);
+            if c && alias.is_some() {
+                stream
+                    .recv_into(&[tr(run)], Target::Alias)
+                    .map_err(stream_err(i))?;
+            } else {
+                staging.resize(run.len as usize, 0);
+                stream.recv_exact(staging).map_err(stream_err(i))?;
+            }
+            if c {
+                for q in j..e {
+                    let gpa = r.gpa + q * ps;
+                    let page: &[u8] = match alias {
+                        Some(a) => {
+                            let off = gpa - layout.regions()[region].gpa;
+                            // SAFETY: the alias maps the whole region; `off` is a checked page
+                            // offset inside it; the page is FILLING (claimed by us), so no other
+                            // engine thread writes it, and the guest cannot see it yet.
+                            unsafe {
+                                std::slice::from_raw_parts(
+                                    (a.addr() as usize + off as usize) as *const u8,
+                                    ps as usize,
+                                )
+                            }
+                        }
+                        None => &staging[((q - j) * ps) as usize..((q - j + 1) * ps) as usize],
+                    };
+                    let h = page_hash(gpa, page);
+                    if let Some(cs) = checksums
+                        && cs[k + (q - j) as usize] != h
+                    {
+                        return Err(MigrateError::Checksum {
+                            gpa,
+                            expected: cs[k + (q - j) as usize],
+                            got: h,
+                        });
+                    }
+                    if alias.is_none() {
+                        place_bytes_post(shared, first + q, gpa, page)?;
+                    }
+                    if alias.is_some() {
+                        map_page(shared, gpa)?;
+                    }
+                    shared.placed(first + q, h, by_push);
+                }
+            } else {
+                // Already placed by the other path; make sure nobody sleeps on them.
+                let addr = layout.host_addr(run)? as u64;
+                let _ = post.uffd.wake(addr, run.len);
+            }
+            k += (e - j) as usize;
+            j = e;
+        }
+    }
+    Ok(())
+}
+
+/// `UFFDIO_CONTINUE` for a page whose bytes are in the page cache (written via the alias).
+fn map_page(shared: &Shared<'_>, gpa: u64) -> Result<(), MigrateError> {
+    let layout = shared.layout;
+    let ps = layout.page_size();
+    let post = shared
+        .post
+        .get()
+        .ok_or(MigrateError::Worker("post-copy state"))?;
+    let addr = layout.host_addr(GpaRange::new(gpa, ps))? as u64;
+    loop {
+        match post.uffd.continue_(addr, ps, PlaceMode::WAKE) {
+            Ok(Fill::Done | Fill::Exists | Fill::Partial { .. }) => return Ok(()),
+            Ok(Fill::Again) => thread::yield_now(),
+            Err(e) => {
+                return Err(MigrateError::Uffd {
+                    what: ferry_protocol::handshake::error_chain(&e),
+                });
+            }
+        }
+    }
+}
+
+/// Places one page's bytes (anonymous: `UFFDIO_COPY`; shared: alias write + continue).
+fn place_bytes_post(
+    shared: &Shared<'_>,
+    p: u64,
+    gpa: u64,
+    page: &[u8],
+) -> Result<(), MigrateError> {
+    let layout = shared.layout;
+    let ps = layout.page_size();
+    let post = shared
+        .post
+        .get()
+        .ok_or(MigrateError::Worker("post-copy state"))?;
+    let (region, off, _) = layout.locate(GpaRange::new(gpa, ps))?;
+    let _ = p;
+    if let Some(a) = post.aliases.get(region).and_then(Option::as_ref) {
+        // SAFETY: the alias maps the whole region; `off` is a checked page offset; the page is
+        // claimed (FILLING) by this thread, and `page` is a separate buffer of one page.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                page.as_ptr(),
+                (a.addr() as usize + off as usize) as *mut u8,
+                ps as usize,
+            )
+        };
+        return map_page(shared, gpa);
+    }
+    let addr = layout.host_addr(GpaRange::new(gpa, ps))? as u64;
+    loop {
+        match post.uffd.copy(addr, page, ps, PlaceMode::WAKE) {
+            Ok(Fill::Done | Fill::Exists | Fill::Partial { .. }) => return Ok(()),
+            Ok(Fill::Again) => thread::yield_now(),
+            Err(e) => {
+                return Err(MigrateError::Uffd {
+                    what: ferry_protocol::handshake::error_chain(&e),
+                });
+            }
+        }
+    }
+}
+
+fn place_zero_post(shared: &Shared<'_>, p: u64, gpa: u64) -> Result<(), MigrateError> {
+    let layout = shared.layout;
+    let ps = layout.page_size();
+    let post = shared
+        .post
+        .get()
+        .ok_or(MigrateError::Worker("post-copy state"))?;
+    let (region, _, _) = layout.locate(GpaRange::new(gpa, ps))?;
+    if post.aliases.get(region).and_then(Option::as_ref).is_some() {
+        let zero = vec![0u8; ps as usize];
+        place_bytes_post(shared, p, gpa, &zero)?;
+    } else {
+        let addr = layout.host_addr(GpaRange::new(gpa, ps))? as u64;
+        loop {
+            match post.uffd.zeropage(addr, ps, PlaceMode::WAKE) {
+                Ok(Fill::Done | Fill::Exists | Fill::Partial { .. }) => break,
+                Ok(Fill::Again) => thread::yield_now(),
+                Err(e) => {
+                    return Err(MigrateError::Uffd {
+                        what: ferry_protocol::handshake::error_chain(&e),
+                    });
+                }
+            }
+        }
+    }
+    shared.placed(p, shared.zero_hash(gpa), true);
+    Ok(())
+}
+
+/// Reads userfaultfd events; each fault on a missing page becomes one urgent request.
+fn fault_loop(shared: &Shared<'_>, requests: &Sender<u64>) -> Result<(), MigrateError> {
+    let layout = shared.layout;
+    let ps = layout.page_size();
+    let post = shared
+        .post
+        .get()
+        .ok_or(MigrateError::Worker("post-copy state"))?;
+    let mut events = Vec::with_capacity(64);
+    let mut requested = std::collections::HashSet::new();
+    let total = layout.total_pages();
+    while !shared.done.load(Ordering::Acquire) && shared.present.load(Ordering::Acquire) < total {
+        let ready = post
+            .uffd
+            .poll(Some(Duration::from_millis(20)))
+            .map_err(|e| MigrateError::Uffd {
+                what: ferry_protocol::handshake::error_chain(&e),
+            })?;
+        if !ready {
+            continue;
+        }
+        events.clear();
+        post.uffd
+            .read_events(&mut events, 64)
+            .map_err(|e| MigrateError::Uffd {
+                what: ferry_protocol::handshake::error_chain(&e),
+            })?;
+        for ev in events.drain(..) {
+            let Event::PageFault { addr, .. } = ev else {
+                debug!(?ev, "userfaultfd event");
+                continue;
+            };
+            let Some((gpa, p)) = host_to_page(layout, addr) else {
+                warn!(
+                    addr = format_args!("{addr:#x}"),
+                    "fault outside guest memory"
+                );
+                continue;
+            };
+            let now = Instant::now();
+            if shared.states[p as usize].load(Ordering::Acquire) == PRESENT {
+                let _ = post.uffd.wake(addr & !(ps - 1), ps);
+                continue;
+            }
+            if let Ok(mut f) = shared.faults.lock() {
+                f.entry(p).or_insert(now);
+            }
+            // Re-check: the page may have landed between the first check and the insert.
+            if shared.states[p as usize].load(Ordering::Acquire) == PRESENT {
+                if let Ok(mut f) = shared.faults.lock() {
+                    f.remove(&p);
+                }
+                let _ = post.uffd.wake(addr & !(ps - 1), ps);
+                continue;
+            }
+            if requested.insert(p) {
+                let _ = requests.send(gpa);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn host_to_page(layout: &Layout, addr: u64) -> Option<(u64, u64)> {
+    let ps = layout.page_size();
+    for (i, r) in layout.regions().iter().enumerate() {
+        let base = r.host_addr as u64;
+        if addr >= base && addr < base + r.len {
+            let off = (addr - base) & !(ps - 1);
+            return Some((r.gpa + off, layout.first_pages()[i] + off / ps));
+        }
+    }
+    None
+}
+
+/// Writes page requests on the urgent stream.
+fn request_loop(
+    shared: &Shared<'_>,
+    socket: Socket,
+    requests: &Receiver<u64>,
+) -> Result<(), MigrateError> {
+    use std::io::Write;
+    let ps = shared.layout.page_size();
+    let mut id = 0u64;
+    let write = |buf: &[u8]| -> std::io::Result<()> {
+        match &socket {
+            Socket::Tcp(s, _) => (&*s).write_all(buf),
+            Socket::Unix(s, _) => (&*s).write_all(buf),
+        }
+    };
+    loop {
+        match requests.recv_timeout(Duration::from_millis(20)) {
+            Ok(gpa) => {
+                id += 1;
+                let f = Frame::PageRequest {
+                    id,
+                    range: GpaRange::new(gpa, ps),
+                };
+                write(&f.encode()).map_err(|source| MigrateError::Place { gpa, source })?;
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                if shared.done.load(Ordering::Acquire) {
+                    break;
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let _ = write(&Frame::EndOfStream.encode());
+    Ok(())
+}
+
+/// Receives page replies on the urgent stream and places them.
+fn reply_loop(shared: &Shared<'_>, mut stream: Box<dyn DataStream>) -> Result<(), MigrateError> {
+    let layout = shared.layout;
+    let mut staging = Vec::new();
+    loop {
+        let (_, frame) = match read_frame(usize::MAX, stream.as_mut(), layout) {
+            Ok(x) => x,
+            // Once every page is here the requester closes the urgent stream.
+            Err(e)
+                if shared.done.load(Ordering::Acquire)
+                    || shared.present.load(Ordering::Acquire) >= layout.total_pages() =>
+            {
+                debug!(%e, "urgent stream closed");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        match frame {
+            Frame::PageReply {
+                range, checksums, ..
+            } => {
+                place_post(
+                    usize::MAX,
+                    stream.as_mut(),
+                    shared,
+                    &[range],
+                    checksums.as_deref(),
+                    &mut staging,
+                    false,
+                )?;
+            }
+            Frame::EndOfStream => return Ok(()),
+            other => {
+                return Err(MigrateError::Unexpected {
+                    got: other.command().name(),
+                    state: "receiving page replies",
+                });
+            }
+        }
+    }
+}

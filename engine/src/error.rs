@@ -1,0 +1,161 @@
+// SPDX-License-Identifier: Apache-2.0 OR MIT
+//! The engine's errors.
+
+use std::time::Duration;
+
+use ferry_protocol::frame::FrameRangeError;
+use ferry_protocol::{DecodeError, RangeError};
+use ferry_transport::session::SessionError;
+use ferry_transport::{ConnectError, StreamError};
+
+use crate::layout::LayoutError;
+use crate::vm::BoxError;
+
+/// Why a migration failed. On the source, every error before the destination confirmed that
+/// it runs the VM leaves the VM running on the source.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// Guest memory could not be described or registered.
+    #[error("Guest memory layout")]
+    Layout(#[from] LayoutError),
+    /// Setting up or using the session failed.
+    #[error("Session")]
+    Session(#[from] SessionError),
+    /// Opening a data stream failed.
+    #[error("Opening stream {stream}")]
+    Open {
+        /// The stream.
+        stream: usize,
+        /// Why.
+        #[source]
+        source: ConnectError,
+    },
+    /// A data stream failed.
+    #[error("Stream {stream}")]
+    Stream {
+        /// The stream.
+        stream: usize,
+        /// Why.
+        #[source]
+        source: StreamError,
+    },
+    /// A frame from the peer was malformed.
+    #[error("Bad frame from the peer on stream {stream}")]
+    Decode {
+        /// The stream (`usize::MAX` for the control stream).
+        stream: usize,
+        /// Why.
+        #[source]
+        source: DecodeError,
+    },
+    /// A frame named memory outside the negotiated map.
+    #[error("Frame on stream {stream} refused")]
+    Range {
+        /// The stream.
+        stream: usize,
+        /// Why.
+        #[source]
+        source: FrameRangeError,
+    },
+    /// A range outside guest memory.
+    #[error("Range refused")]
+    BadRange(#[from] RangeError),
+    /// The VMM failed an operation.
+    #[error("VM operation '{op}' failed")]
+    Vm {
+        /// The operation.
+        op: &'static str,
+        /// Why.
+        #[source]
+        source: BoxError,
+    },
+    /// A frame arrived that the current state does not allow.
+    #[error("Unexpected {got} while {state}")]
+    Unexpected {
+        /// The frame's command.
+        got: &'static str,
+        /// What the receiver was doing.
+        state: &'static str,
+    },
+    /// The peer abandoned the migration.
+    #[error("Peer aborted: {reason}")]
+    PeerAborted {
+        /// Its reason.
+        reason: String,
+    },
+    /// Pre-copy does not converge and the policy says give up.
+    #[error(
+        "Pre-copy does not converge after {rounds} rounds: {dirty_pages} pages dirty, predicted blackout {predicted_us:.0} µs > budget {budget_us} µs"
+    )]
+    NotConverging {
+        /// Rounds run.
+        rounds: u32,
+        /// Pages dirty at the last harvest.
+        dirty_pages: u64,
+        /// Predicted blackout.
+        predicted_us: f64,
+        /// The budget.
+        budget_us: u64,
+    },
+    /// The peer did not answer in time.
+    #[error("Timed out after {waited:?} waiting for {what}")]
+    Timeout {
+        /// What was awaited.
+        what: &'static str,
+        /// How long.
+        waited: Duration,
+    },
+    /// A page failed its checksum while the VM was paused.
+    #[error("Page {gpa:#x} failed its checksum: expected {expected:#018x}, got {got:#018x}")]
+    Checksum {
+        /// The page.
+        gpa: u64,
+        /// The sender's checksum.
+        expected: u64,
+        /// The received page's.
+        got: u64,
+    },
+    /// Compressed data did not decompress to the announced size.
+    #[error("Compressed frame on stream {stream}: {message}")]
+    Compression {
+        /// The stream.
+        stream: usize,
+        /// What went wrong.
+        message: String,
+    },
+    /// Post-copy placement failed.
+    #[error("Placing page {gpa:#x}")]
+    Place {
+        /// The page.
+        gpa: u64,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// userfaultfd setup or use failed.
+    #[error("userfaultfd: {what}")]
+    Uffd {
+        /// What failed.
+        what: String,
+    },
+    /// A worker thread panicked or vanished.
+    #[error("Worker thread '{0}' died")]
+    Worker(&'static str),
+    /// Post-copy lost its connection after the destination took over the VM.
+    #[error(
+        "Connection lost in post-copy with {missing} pages still on the source; the destination owns the VM and the source keeps its memory for recovery"
+    )]
+    PostCopyLost {
+        /// Pages not yet at the destination.
+        missing: u64,
+        /// The cause.
+        #[source]
+        source: Box<MigrateError>,
+    },
+}
+
+impl MigrateError {
+    pub(crate) fn vm(op: &'static str) -> impl FnOnce(BoxError) -> Self {
+        move |source| MigrateError::Vm { op, source }
+    }
+}

@@ -1,0 +1,67 @@
+// SPDX-License-Identifier: Apache-2.0 OR MIT
+//! Migration policy: mode, blackout budget, convergence, integrity and economy options.
+
+use std::time::Duration;
+
+pub use ferry_protocol::handshake::{Compression, Mode};
+
+/// What pre-copy does when rounds stop converging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStall {
+    /// Give up: the VM keeps running on the source and the migration fails with a reason.
+    Abort,
+    /// Auto-converge: throttle the guest harder each stalled round (see
+    /// [`crate::vm::VmControl::throttle`]), then give up at `max_rounds`.
+    Throttle,
+}
+
+/// How a migration is run.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Pre-copy, post-copy or hybrid (pre-copy while it converges, then post-copy).
+    pub mode: Mode,
+    /// The blackout budget: switch over only when the predicted blackout fits.
+    pub max_blackout: Duration,
+    /// Most pre-copy rounds before the stall rule applies regardless.
+    pub max_rounds: u32,
+    /// Pre-copy behaviour when rounds stop shrinking the dirty set (hybrid switches to
+    /// post-copy instead).
+    pub on_stall: OnStall,
+    /// A round "stalls" when its dirty set is at least this fraction of the previous one.
+    pub stall_ratio: f64,
+    /// Fixed blackout costs to add to the predicted copy time (pause, state save and restore,
+    /// resume), until measured.
+    pub switch_overhead: Duration,
+    /// Per-page xxh3 checksums on page data.
+    pub checksums: bool,
+    /// Compression of page data (zstd); used only while the link, not the CPU, is the
+    /// bottleneck (see [`crate::source`]).
+    pub compression: Compression,
+    /// Bytes of guest memory per unit of work handed to a bulk stream.
+    pub chunk_bytes: u64,
+    /// Most page bytes in one `Pages` frame.
+    pub frame_bytes: u64,
+    /// Pages around a post-copy fault pushed next ("fault neighbourhood").
+    pub prefetch_pages: u64,
+    /// Timeout for a peer that stops answering.
+    pub timeout: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Hybrid,
+            max_blackout: Duration::from_millis(1),
+            max_rounds: 30,
+            on_stall: OnStall::Abort,
+            stall_ratio: 0.9,
+            switch_overhead: Duration::from_micros(300),
+            checksums: false,
+            compression: Compression::None,
+            chunk_bytes: 4 << 20,
+            frame_bytes: 1 << 20,
+            prefetch_pages: 64,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}

@@ -1,0 +1,989 @@
+// SPDX-License-Identifier: Apache-2.0 OR MIT
+//! The source side of a migration: pre-copy rounds, the switchover (the blackout), post-copy
+//! service (demand replies on the urgent stream, background push ordered by fault
+//! neighbourhood), and the final digest.
+//!
+//! Failure rule: until the destination confirms (`Resumed`) that it runs the VM, any error
+//! resumes the VM here (if it was paused) and returns the error: the VM keeps running on the
+//! source, unharmed. After `Resumed` in post-copy, the destination owns the VM; the source keeps
+//! its (paused) memory and reports [`MigrateError::PostCopyLost`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
+use ferry_protocol::frame::{FrameHeader, HEADER_LEN, MAX_RANGES, StateKind, SwitchoverKind};
+use ferry_protocol::handshake::Mode;
+use ferry_protocol::memmap::bitmap_to_ranges;
+use ferry_protocol::{Frame, GpaRange};
+use ferry_transport::DataStream;
+use ferry_transport::session::{ControlChannel, SessionError};
+use tracing::{debug, info, warn};
+
+use crate::digest;
+use crate::error::MigrateError;
+use crate::layout::{Layout, tr};
+use crate::policy::{OnStall, Policy};
+use crate::report::{BlackoutPhases, FaultReport, MigrationReport, RoundStats, StreamReport};
+use crate::sender::{Counters, Done, Work, Worker};
+use crate::vm::{DirtyBitmap, DirtyTracker, GuestMemory, VmControl};
+
+/// The barrier round number that marks the switchover on every bulk stream.
+pub const SWITCH_ROUND: u32 = u32::MAX;
+/// The barrier round number that ends the post-copy push.
+pub const PUSH_DONE_ROUND: u32 = u32::MAX - 1;
+/// Version of the engine's state framing (the blob itself is the VMM's).
+pub const STATE_VERSION: u32 = 1;
+
+/// The source VM, as the engine drives it.
+#[allow(missing_debug_implementations)]
+pub struct SourceVm<'a> {
+    /// Guest memory.
+    pub memory: &'a dyn GuestMemory,
+    /// Dirty tracking.
+    pub dirty: &'a mut dyn DirtyTracker,
+    /// vCPU and device control.
+    pub control: &'a mut dyn VmControl,
+}
+
+/// The connections of a source session, ready for data.
+#[allow(missing_debug_implementations)]
+pub struct SourceStreams {
+    /// Control stream.
+    pub control: ControlChannel,
+    /// Bulk streams.
+    pub bulk: Vec<Box<dyn DataStream>>,
+    /// Urgent stream (post-copy and hybrid).
+    pub urgent: Option<Box<dyn DataStream>>,
+    /// Transport name for the report.
+    pub transport: String,
+    /// Second handles on receiving sockets (the urgent stream), shut down when the migration
+    /// ends so no thread waits on them.
+    pub sockets: Vec<ferry_transport::Socket>,
+}
+
+/// What the source is doing, for progress display.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Pre-copy round `n`.
+    Round(u32),
+    /// In the blackout.
+    Switchover,
+    /// Post-copy: pushing the rest, serving faults.
+    PostCopy,
+    /// Comparing digests.
+    Verifying,
+}
+
+/// A progress update.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// The phase.
+    pub phase: Phase,
+    /// Page bytes sent so far.
+    pub bytes_sent: u64,
+    /// Pages covered so far (data and zero).
+    pub pages_done: u64,
+    /// Guest pages.
+    pub total_pages: u64,
+    /// Pages dirty at the last harvest.
+    pub dirty_pages: u64,
+}
+
+enum Ctl {
+    Frame(Frame),
+    Error(SessionError),
+}
+
+struct Run<'s, 'a> {
+    layout: &'a Layout,
+    policy: &'a Policy,
+    work: Vec<Sender<Work>>,
+    done: Receiver<Done>,
+    ctl: &'a ControlChannel,
+    ctl_rx: Receiver<Ctl>,
+    counters: &'a [Counters],
+    start: Instant,
+    report: MigrationReport,
+    resend: Vec<GpaRange>,
+    progress: &'s mut dyn FnMut(&Progress),
+    last_sample: Instant,
+    last_bytes: Vec<u64>,
+    dirty_pages: u64,
+    stream_count: usize,
+    fault_stats: Option<FaultReport>,
+    verified: Option<(bool, [u8; 16])>,
+    resumed: Option<ferry_protocol::frame::ResumeTimings>,
+}
+
+/// Migrates the VM to the peer at the other end of `streams`. Returns the report; see the
+/// module docs for what an error means for the VM.
+pub fn migrate(
+    vm: SourceVm<'_>,
+    streams: SourceStreams,
+    policy: &Policy,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport, MigrateError> {
+    let layout = Layout::new(vm.memory)?;
+    let n = streams.bulk.len();
+    let counters: Vec<Counters> = (0..n).map(|_| Counters::default()).collect();
+    let to_send = AtomicBitmap::new(layout.total_pages());
+    let (hint_tx, hint_rx) = unbounded::<u64>();
+    let SourceStreams {
+        control,
+        bulk,
+        urgent,
+        transport,
+        sockets,
+    } = streams;
+    let ctl_reader = control.try_clone()?;
+    let result = thread::scope(|s| {
+        let (done_tx, done_rx) = unbounded();
+        let mut work = Vec::with_capacity(n);
+        for (index, stream) in bulk.into_iter().enumerate() {
+            let (tx, rx) = bounded(2);
+            work.push(tx);
+            let w = Worker {
+                index,
+                stream,
+                layout: &layout,
+                checksums: policy.checksums,
+                compression: policy.compression,
+                frame_bytes: policy.frame_bytes,
+                counters: &counters[index],
+            };
+            let done_tx = done_tx.clone();
+            thread::Builder::new()
+                .name(format!("ferry-send-{index}"))
+                .spawn_scoped(s, move || w.run(rx, done_tx))
+                .map_err(|_| MigrateError::Worker("sender"))?;
+        }
+        drop(done_tx);
+        let (ctl_tx, ctl_rx) = unbounded();
+        thread::Builder::new()
+            .name("ferry-src-ctl".into())
+            .spawn_scoped(s, move || control_reader(ctl_reader, ctl_tx))
+            .map_err(|_| MigrateError::Worker("control reader"))?;
+        let urgent_handle = match urgent {
+            Some(u) => {
+                let layout = &layout;
+                let to_send = &to_send;
+                let checksums = policy.checksums;
+                Some(
+                    thread::Builder::new()
+                        .name("ferry-src-urgent".into())
+                        .spawn_scoped(s, move || {
+                            let r = serve_urgent(u, layout, to_send, hint_tx, checksums);
+                            if let Err(e) = &r {
+                                warn!(error = %ferry_protocol::handshake::error_chain(e), "urgent server failed");
+                            }
+                            r
+                        })
+                        .map_err(|_| MigrateError::Worker("urgent server"))?,
+                )
+            }
+            None => None,
+        };
+        let mut run = Run {
+            layout: &layout,
+            policy,
+            work,
+            done: done_rx,
+            ctl: &control,
+            ctl_rx,
+            counters: &counters,
+            start: Instant::now(),
+            report: MigrationReport {
+                mode: mode_name(policy.mode).into(),
+                mem_bytes: layout.total_bytes(),
+                streams: n,
+                transport,
+                ..MigrationReport::default()
+            },
+            resend: Vec::new(),
+            progress,
+            last_sample: Instant::now(),
+            last_bytes: vec![0; n],
+            dirty_pages: 0,
+            stream_count: n,
+            fault_stats: None,
+            verified: None,
+            resumed: None,
+        };
+        let r = run.drive(vm, &to_send, &hint_rx);
+        if let Err(e) = &r {
+            let _ = control.send(
+                &Frame::Abort {
+                    reason: ferry_protocol::handshake::error_chain(e),
+                },
+                &[],
+            );
+        }
+        // Stop the workers (End closes each stream after flushing).
+        for tx in &run.work {
+            let _ = tx.send(Work::End);
+        }
+        run.work.clear();
+        for d in run.done.iter() {
+            if let Done::Failed { stream, error } = d {
+                debug!(stream, %error, "stream ended with an error");
+            }
+        }
+        control.shutdown();
+        for s in &sockets {
+            let _ = s.shutdown();
+        }
+        if let Some(h) = urgent_handle {
+            match h.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(%e, "urgent server ended"),
+                Err(_) => warn!("urgent server panicked"),
+            }
+        }
+        let stats: Vec<StreamReport> = counters
+            .iter()
+            .enumerate()
+            .map(|(index, c)| StreamReport {
+                index,
+                bytes: c.bytes.load(Ordering::Relaxed),
+                frames: 0,
+                zc_copied: 0,
+                zc_sends: 0,
+            })
+            .collect();
+        r.map(|mut rep| {
+            rep.streams_detail = stats;
+            rep
+        })
+    });
+    result
+}
+
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::PreCopy => "precopy",
+        Mode::PostCopy => "postcopy",
+        Mode::Hybrid => "hybrid",
+    }
+}
+
+fn control_reader(ctl: ControlChannel, tx: Sender<Ctl>) {
+    // Timeouts are the main thread's business; this thread blocks until the socket closes.
+    let _ = ctl.set_read_timeout(None);
+    loop {
+        match ctl.recv() {
+            Ok((h, f)) => {
+                if h.payload_len > 0 {
+                    // The destination sends no payloads on the control stream.
+                    let _ = tx.send(Ctl::Error(SessionError::PayloadTooLarge {
+                        len: h.payload_len,
+                        max: 0,
+                    }));
+                    return;
+                }
+                if tx.send(Ctl::Frame(f)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Ctl::Error(e));
+                return;
+            }
+        }
+    }
+}
+
+impl Run<'_, '_> {
+    fn elapsed_ms(&self) -> f64 {
+        self.start.elapsed().as_secs_f64() * 1000.0
+    }
+
+    fn bytes_sent(&self) -> u64 {
+        self.counters
+            .iter()
+            .map(|c| c.bytes.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    fn pages_done(&self) -> u64 {
+        self.counters
+            .iter()
+            .map(|c| c.data_pages.load(Ordering::Relaxed) + c.zero_pages.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    fn tick(&mut self, phase: Phase) {
+        if self.last_sample.elapsed() < Duration::from_millis(50) {
+            return;
+        }
+        let t = self.elapsed_ms();
+        for (i, c) in self.counters.iter().enumerate() {
+            let b = c.bytes.load(Ordering::Relaxed);
+            let d = b - self.last_bytes[i];
+            self.last_bytes[i] = b;
+            self.report.throughput_series.push([t, i as f64, d as f64]);
+        }
+        self.last_sample = Instant::now();
+        let p = Progress {
+            phase,
+            bytes_sent: self.bytes_sent(),
+            pages_done: self.pages_done(),
+            total_pages: self.layout.total_pages(),
+            dirty_pages: self.dirty_pages,
+        };
+        (self.progress)(&p);
+    }
+
+    /// Handles a control frame that may arrive at any time; returns an error for aborts.
+    fn on_ctl(&mut self, c: Ctl) -> Result<(), MigrateError> {
+        match c {
+            Ctl::Error(e) => Err(e.into()),
+            Ctl::Frame(f) => match f {
+                Frame::Resend { ranges } => {
+                    for r in &ranges {
+                        self.layout.locate(*r)?;
+                    }
+                    self.report.resent_pages +=
+                        ranges.iter().map(|r| r.len).sum::<u64>() / self.layout.page_size();
+                    self.resend.extend(ranges);
+                    Ok(())
+                }
+                Frame::Abort { reason } => Err(MigrateError::PeerAborted { reason }),
+                Frame::Error { message, .. } => Err(MigrateError::PeerAborted { reason: message }),
+                Frame::Progress(_) => Ok(()),
+                Frame::Resumed { timings } => {
+                    self.resumed = Some(timings);
+                    Ok(())
+                }
+                Frame::FaultStats(s) => {
+                    self.fault_stats = Some(FaultReport::from(&s));
+                    Ok(())
+                }
+                Frame::Verified { ok, digest } => {
+                    self.verified = Some((ok, digest));
+                    Ok(())
+                }
+                other => Err(MigrateError::Unexpected {
+                    got: other.command().name(),
+                    state: "migrating (source)",
+                }),
+            },
+        }
+    }
+
+    fn poll_ctl(&mut self) -> Result<(), MigrateError> {
+        while let Ok(c) = self.ctl_rx.try_recv() {
+            self.on_ctl(c)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until `pred` holds on the control state, handling frames as they come.
+    fn wait_ctl(
+        &mut self,
+        what: &'static str,
+        pred: impl Fn(&Self) -> bool,
+        phase: Phase,
+    ) -> Result<(), MigrateError> {
+        let deadline = Instant::now() + self.policy.timeout;
+        while !pred(self) {
+            match self.ctl_rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(c) => self.on_ctl(c)?,
+                Err(RecvTimeoutError::Timeout) => {
+                    if Instant::now() > deadline {
+                        return Err(MigrateError::Timeout {
+                            what,
+                            waited: self.policy.timeout,
+                        });
+                    }
+                    self.tick(phase);
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(MigrateError::Worker("control reader"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Splits ranges by chunk and queues them on the chunk's stream.
+    fn dispatch(
+        &mut self,
+        ranges: &[GpaRange],
+        last: bool,
+        phase: Phase,
+    ) -> Result<(), MigrateError> {
+        let chunk = self.policy.chunk_bytes.max(self.layout.page_size());
+        let n = self.stream_count as u64;
+        let mut pending: Vec<(Vec<GpaRange>, u64)> = vec![(Vec::new(), 0); self.stream_count];
+        for r in ranges {
+            let mut gpa = r.gpa;
+            let end = r.gpa + r.len;
+            while gpa < end {
+                let chunk_end = (gpa / chunk + 1) * chunk;
+                let piece_end = end.min(chunk_end);
+                let s = ((gpa / chunk) % n) as usize;
+                let piece = GpaRange::new(gpa, piece_end - gpa);
+                let (v, bytes) = &mut pending[s];
+                v.push(piece);
+                *bytes += piece.len;
+                if *bytes >= chunk {
+                    let ranges = std::mem::take(v);
+                    *bytes = 0;
+                    self.send_work(s, Work::Pages { ranges, last }, phase)?;
+                }
+                gpa = piece_end;
+            }
+        }
+        for (s, (v, _)) in pending.into_iter().enumerate() {
+            if !v.is_empty() {
+                self.send_work(s, Work::Pages { ranges: v, last }, phase)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn send_work(&mut self, s: usize, mut w: Work, phase: Phase) -> Result<(), MigrateError> {
+        loop {
+            match self.work[s].send_timeout(w, Duration::from_millis(20)) {
+                Ok(()) => return Ok(()),
+                Err(crossbeam_channel::SendTimeoutError::Timeout(back)) => {
+                    w = back;
+                    self.check_workers()?;
+                    self.poll_ctl()?;
+                    self.tick(phase);
+                }
+                Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => {
+                    self.check_workers()?;
+                    return Err(MigrateError::Worker("sender"));
+                }
+            }
+        }
+    }
+
+    fn check_workers(&mut self) -> Result<(), MigrateError> {
+        while let Ok(d) = self.done.try_recv() {
+            if let Done::Failed { error, .. } = d {
+                return Err(error);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a barrier on every stream and waits for all of them.
+    fn barrier(&mut self, round: u32, phase: Phase) -> Result<(), MigrateError> {
+        for s in 0..self.stream_count {
+            self.send_work(s, Work::Barrier(round), phase)?;
+        }
+        let mut left = self.stream_count;
+        let deadline = Instant::now() + self.policy.timeout;
+        while left > 0 {
+            match self.done.recv_timeout(Duration::from_millis(20)) {
+                Ok(Done::Barrier { round: r }) if r == round => left -= 1,
+                Ok(Done::Barrier { .. } | Done::Ended) => {}
+                Ok(Done::Failed { error, .. }) => return Err(error),
+                Err(RecvTimeoutError::Timeout) => {
+                    if Instant::now() > deadline {
+                        return Err(MigrateError::Timeout {
+                            what: "bulk streams to drain",
+                            waited: self.policy.timeout,
+                        });
+                    }
+                    self.poll_ctl()?;
+                    self.tick(phase);
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(MigrateError::Worker("sender")),
+            }
+        }
+        Ok(())
+    }
+
+    fn harvest(
+        &mut self,
+        dirty: &mut dyn DirtyTracker,
+        bitmap: &mut DirtyBitmap,
+    ) -> Result<Vec<GpaRange>, MigrateError> {
+        bitmap.clear();
+        dirty
+            .harvest(bitmap)
+            .map_err(MigrateError::vm("harvest dirty log"))?;
+        let mut ranges = Vec::new();
+        for (r, words) in self.layout.regions().iter().zip(&bitmap.regions) {
+            bitmap_to_ranges(words, r.gpa, self.layout.page_size(), 1 << 30, &mut ranges);
+        }
+        // Pages the destination asked to be resent.
+        ranges.append(&mut self.resend);
+        Ok(ranges)
+    }
+
+    fn drive(
+        &mut self,
+        vm: SourceVm<'_>,
+        to_send: &AtomicBitmap,
+        hints: &Receiver<u64>,
+    ) -> Result<MigrationReport, MigrateError> {
+        let SourceVm {
+            memory: _,
+            dirty,
+            control,
+        } = vm;
+        let ps = self.layout.page_size();
+        let mut bitmap = DirtyBitmap::for_regions(self.layout.regions());
+        let all: Vec<GpaRange> = self
+            .layout
+            .regions()
+            .iter()
+            .map(|r| GpaRange::new(r.gpa, r.len))
+            .collect();
+        let mut post_copy = self.policy.mode == Mode::PostCopy;
+        let mut throttle = 100u8;
+        let mut pending = all.clone();
+        let mut round = 0u32;
+        let mut bw_bytes_per_us = 0.0f64;
+        let mut prev_dirty = u64::MAX;
+        let mut stalls = 0u32;
+        if !post_copy {
+            dirty
+                .start()
+                .map_err(MigrateError::vm("start dirty tracking"))?;
+        }
+        // Pre-copy rounds.
+        let result: Result<(), MigrateError> = (|| {
+            while !post_copy {
+                round += 1;
+                let pages: u64 = pending.iter().map(|r| r.len).sum::<u64>() / ps;
+                let t0 = Instant::now();
+                let start_ms = self.elapsed_ms();
+                let bytes0 = self.bytes_sent();
+                self.ctl.send(&Frame::RoundBegin { round, pages }, &[])?;
+                self.dispatch(&pending, false, Phase::Round(round))?;
+                self.barrier(round, Phase::Round(round))?;
+                self.ctl.send(&Frame::RoundEnd { round }, &[])?;
+                let dur = t0.elapsed();
+                let bytes = self.bytes_sent() - bytes0;
+                if bytes >= 4 << 20 || bw_bytes_per_us == 0.0 {
+                    let bw = bytes as f64 / dur.as_secs_f64().max(1e-6) / 1e6;
+                    if bw > 0.0 {
+                        bw_bytes_per_us = bw;
+                    }
+                }
+                self.poll_ctl()?;
+                pending = self.harvest(dirty, &mut bitmap)?;
+                let dirty_pages: u64 = pending.iter().map(|r| r.len).sum::<u64>() / ps;
+                self.dirty_pages = dirty_pages;
+                let bw = if bw_bytes_per_us > 0.0 {
+                    bw_bytes_per_us
+                } else {
+                    1000.0
+                };
+                let predicted = self.policy.switch_overhead.as_secs_f64() * 1e6
+                    + (dirty_pages * ps) as f64 / bw;
+                self.report.rounds_detail.push(RoundStats {
+                    round,
+                    start_ms,
+                    duration_ms: dur.as_secs_f64() * 1000.0,
+                    pages,
+                    bytes,
+                    dirty_pages,
+                    predicted_blackout_us: predicted,
+                });
+                self.ctl.send(
+                    &Frame::Progress(ferry_protocol::frame::ProgressStats {
+                        round,
+                        bytes: self.bytes_sent(),
+                        pages: self.pages_done(),
+                        dirty_pages,
+                        elapsed_us: self.start.elapsed().as_micros() as u64,
+                    }),
+                    &[],
+                )?;
+                self.last_sample = Instant::now() - Duration::from_secs(1);
+                self.tick(Phase::Round(round));
+                info!(
+                    round,
+                    pages,
+                    dirty_pages,
+                    predicted_us = predicted,
+                    "round done"
+                );
+                let budget = self.policy.max_blackout.as_secs_f64() * 1e6;
+                if predicted <= budget {
+                    break;
+                }
+                if dirty_pages as f64 >= prev_dirty as f64 * self.policy.stall_ratio {
+                    stalls += 1;
+                } else {
+                    stalls = 0;
+                }
+                prev_dirty = dirty_pages;
+                let stalled = stalls >= 2 || round >= self.policy.max_rounds;
+                if stalled {
+                    match (self.policy.mode, self.policy.on_stall) {
+                        (Mode::Hybrid, _) => post_copy = true,
+                        (_, OnStall::Throttle)
+                            if round < self.policy.max_rounds && throttle > 10 =>
+                        {
+                            throttle = throttle.saturating_sub(20).max(10);
+                            let done = control
+                                .throttle(throttle)
+                                .map_err(MigrateError::vm("throttle"))?;
+                            if !done {
+                                return Err(MigrateError::NotConverging {
+                                    rounds: round,
+                                    dirty_pages,
+                                    predicted_us: predicted,
+                                    budget_us: self.policy.max_blackout.as_micros() as u64,
+                                });
+                            }
+                            stalls = 0;
+                        }
+                        _ => {
+                            return Err(MigrateError::NotConverging {
+                                rounds: round,
+                                dirty_pages,
+                                predicted_us: predicted,
+                                budget_us: self.policy.max_blackout.as_micros() as u64,
+                            });
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })();
+        self.report.throttle_percent = throttle;
+        if let Err(e) = result {
+            let _ = dirty.stop();
+            if throttle < 100 {
+                let _ = control.throttle(100);
+            }
+            return Err(e);
+        }
+        self.report.rounds = round;
+
+        // The switchover: the blackout starts.
+        let kind = if post_copy {
+            SwitchoverKind::PostCopy
+        } else {
+            SwitchoverKind::StopAndCopy
+        };
+        let t0 = Instant::now();
+        self.report.blackout_start_ms = self.elapsed_ms();
+        control.pause().map_err(MigrateError::vm("pause"))?;
+        let t_pause = Instant::now();
+        let switched = (|| -> Result<(Instant, Instant, Instant, u64), MigrateError> {
+            // The pages harvested after the last round were not sent yet: they join the
+            // final set (pre-copy) or the stale set (post-copy), with what was written since.
+            let final_ranges = if round == 0 {
+                all.clone()
+            } else {
+                let mut r = std::mem::take(&mut pending);
+                r.extend(self.harvest(dirty, &mut bitmap)?);
+                r.sort_unstable();
+                merge_ranges(r)
+            };
+            let t_harvest = Instant::now();
+            let blob = control
+                .save_state()
+                .map_err(MigrateError::vm("save state"))?;
+            let t_save = Instant::now();
+            self.ctl.send(
+                &Frame::Switchover {
+                    kind,
+                    pause_us: (t_pause - t0).as_micros() as u64,
+                },
+                &[],
+            )?;
+            let stale_pages = final_ranges.iter().map(|r| r.len).sum::<u64>() / ps;
+            if post_copy {
+                self.barrier(SWITCH_ROUND, Phase::Switchover)?;
+                for chunk in final_ranges.chunks(MAX_RANGES) {
+                    self.ctl.send(
+                        &Frame::StaleSet {
+                            ranges: chunk.to_vec(),
+                        },
+                        &[],
+                    )?;
+                }
+                for r in &final_ranges {
+                    let (_, _, first) = self.layout.locate(*r)?;
+                    to_send.set_range(first, r.len / ps);
+                }
+            } else {
+                self.dispatch(&final_ranges, true, Phase::Switchover)?;
+                self.barrier(SWITCH_ROUND, Phase::Switchover)?;
+            }
+            self.ctl.send(
+                &Frame::State {
+                    kind: StateKind::Vm,
+                    version: STATE_VERSION,
+                    len: blob.len() as u64,
+                },
+                &blob,
+            )?;
+            let t_send = Instant::now();
+            self.wait_ctl(
+                "the destination to resume",
+                |r| r.resumed.is_some(),
+                Phase::Switchover,
+            )?;
+            Ok((t_harvest, t_save, t_send, stale_pages))
+        })();
+        let (t_harvest, t_save, t_send, stale_pages) = match switched {
+            Ok(x) => x,
+            Err(e) => {
+                // The destination never confirmed: the VM is still ours. Resume it.
+                warn!(%e, "switchover failed; resuming the VM on the source");
+                let _ = dirty.stop();
+                if let Err(re) = control.resume() {
+                    warn!(%re, "resuming the source VM failed");
+                }
+                return Err(e);
+            }
+        };
+        let t_resumed = Instant::now();
+        let _ = dirty.stop();
+        let timings = self.resumed.unwrap_or_default();
+        let us = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e6;
+        self.report.blackout_us = us(t0, t_resumed);
+        self.report.blackout_phases_us = BlackoutPhases {
+            pause: us(t0, t_pause),
+            harvest: us(t_pause, t_harvest),
+            save: us(t_harvest, t_save),
+            send: us(t_save, t_send),
+            apply: timings.receive_us as f64,
+            restore: timings.restore_us as f64,
+            resume: timings.resume_us as f64,
+        };
+        self.report.switchover = if post_copy {
+            "post-copy"
+        } else {
+            "stop-and-copy"
+        }
+        .into();
+        self.report.stale_pages = stale_pages;
+        info!(
+            blackout_us = self.report.blackout_us,
+            ?kind,
+            stale_pages,
+            "destination resumed"
+        );
+
+        // Post-copy: push the stale pages, fault neighbourhoods first.
+        let after = (|| -> Result<(), MigrateError> {
+            if post_copy {
+                self.push(to_send, hints)?;
+            }
+            self.tick(Phase::Verifying);
+            let d = digest::digest_memory(self.layout);
+            self.report.digest = digest::hex(&d);
+            self.ctl.send(
+                &Frame::Complete {
+                    digest: d,
+                    pages: self.layout.total_pages(),
+                },
+                &[],
+            )?;
+            self.wait_ctl(
+                "the destination's verdict",
+                |r| r.verified.is_some(),
+                Phase::Verifying,
+            )?;
+            Ok(())
+        })();
+        if let Err(e) = after {
+            if post_copy {
+                return Err(MigrateError::PostCopyLost {
+                    missing: to_send.count(),
+                    source: Box::new(e),
+                });
+            }
+            return Err(e);
+        }
+        let (ok, _) = self.verified.unwrap_or((false, [0; 16]));
+        self.report.verified = ok;
+        self.report.faults = self.fault_stats.clone().unwrap_or_default();
+        self.report.total_ms = self.elapsed_ms();
+        self.report.bytes_sent = self.bytes_sent();
+        self.report.bytes_uncompressed = self
+            .counters
+            .iter()
+            .map(|c| c.raw_bytes.load(Ordering::Relaxed))
+            .sum();
+        self.report.data_pages = self
+            .counters
+            .iter()
+            .map(|c| c.data_pages.load(Ordering::Relaxed))
+            .sum();
+        self.report.zero_pages = self
+            .counters
+            .iter()
+            .map(|c| c.zero_pages.load(Ordering::Relaxed))
+            .sum();
+        Ok(self.report.clone())
+    }
+
+    /// The post-copy background push.
+    fn push(&mut self, to_send: &AtomicBitmap, hints: &Receiver<u64>) -> Result<(), MigrateError> {
+        let ps = self.layout.page_size();
+        let chunk_pages = (self.policy.chunk_bytes / ps).max(1);
+        let total = self.layout.total_pages();
+        let mut cursor = 0u64;
+        while cursor < total {
+            // Fault neighbourhoods first.
+            while let Ok(page) = hints.try_recv() {
+                let lo = page.saturating_sub(self.policy.prefetch_pages / 4);
+                let hi = (page + self.policy.prefetch_pages).min(total);
+                let ranges = self.take_ranges(to_send, lo, hi);
+                if !ranges.is_empty() {
+                    self.dispatch(&ranges, true, Phase::PostCopy)?;
+                }
+            }
+            let hi = (cursor + chunk_pages).min(total);
+            let ranges = self.take_ranges(to_send, cursor, hi);
+            cursor = hi;
+            if !ranges.is_empty() {
+                self.dispatch(&ranges, true, Phase::PostCopy)?;
+            }
+            self.poll_ctl()?;
+            self.tick(Phase::PostCopy);
+        }
+        self.barrier(PUSH_DONE_ROUND, Phase::PostCopy)
+    }
+
+    /// Claims the still-unsent pages in `[lo, hi)` and returns them as ranges.
+    fn take_ranges(&self, to_send: &AtomicBitmap, lo: u64, hi: u64) -> Vec<GpaRange> {
+        let ps = self.layout.page_size();
+        let mut out: Vec<GpaRange> = Vec::new();
+        let mut p = lo;
+        while p < hi {
+            if to_send.take(p) {
+                let gpa = self.layout.page_gpa(p);
+                match out.last_mut() {
+                    Some(l) if l.gpa + l.len == gpa => l.len += ps,
+                    _ => out.push(GpaRange::new(gpa, ps)),
+                }
+            }
+            p += 1;
+        }
+        out
+    }
+}
+
+/// Sorted ranges with overlaps and neighbours merged.
+fn merge_ranges(sorted: Vec<GpaRange>) -> Vec<GpaRange> {
+    let mut out: Vec<GpaRange> = Vec::with_capacity(sorted.len());
+    for r in sorted {
+        match out.last_mut() {
+            Some(l) if r.gpa <= l.gpa + l.len => {
+                let end = (l.gpa + l.len).max(r.gpa + r.len);
+                l.len = end - l.gpa;
+            }
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+/// Serves post-copy page requests on the urgent stream: each request is answered at once,
+/// from guest memory by reference, and its page becomes a prefetch hint for the push.
+fn serve_urgent(
+    mut stream: Box<dyn DataStream>,
+    layout: &Layout,
+    to_send: &AtomicBitmap,
+    hints: Sender<u64>,
+    checksums: bool,
+) -> Result<(), MigrateError> {
+    let err = |source| MigrateError::Stream {
+        stream: usize::MAX,
+        source,
+    };
+    let ps = layout.page_size();
+    loop {
+        let mut h = [0u8; HEADER_LEN];
+        match stream.recv_exact(&mut h) {
+            Ok(()) => {}
+            Err(e) => {
+                // The destination closes the urgent stream when post-copy is over.
+                debug!(%e, "urgent stream closed");
+                return Ok(());
+            }
+        }
+        let header = FrameHeader::decode(&h).map_err(|source| MigrateError::Decode {
+            stream: usize::MAX,
+            source,
+        })?;
+        let mut meta = vec![0u8; header.meta_len as usize];
+        stream.recv_exact(&mut meta).map_err(err)?;
+        let frame = Frame::decode(&header, &meta).map_err(|source| MigrateError::Decode {
+            stream: usize::MAX,
+            source,
+        })?;
+        match frame {
+            Frame::PageRequest { id, range } => {
+                let (_, _, first) = layout.locate(range)?;
+                let bytes = layout.bytes(range)?;
+                let checksums = checksums.then(|| {
+                    bytes
+                        .chunks_exact(ps as usize)
+                        .enumerate()
+                        .map(|(i, p)| crate::pages::page_hash(range.gpa + i as u64 * ps, p))
+                        .collect()
+                });
+                let reply = Frame::PageReply {
+                    id,
+                    range,
+                    checksums,
+                };
+                stream
+                    .send_frame(&reply.encode(), &[tr(range)])
+                    .map_err(err)?;
+                stream.flush().map_err(err)?;
+                for p in first..first + range.len / ps {
+                    to_send.take(p);
+                }
+                let _ = hints.send(first);
+            }
+            Frame::EndOfStream => return Ok(()),
+            other => {
+                return Err(MigrateError::Unexpected {
+                    got: other.command().name(),
+                    state: "serving page requests",
+                });
+            }
+        }
+    }
+}
+
+/// A bitmap of pages shared between the push and the urgent server.
+#[derive(Debug)]
+pub(crate) struct AtomicBitmap {
+    words: Vec<AtomicU64>,
+}
+
+impl AtomicBitmap {
+    pub fn new(bits: u64) -> Self {
+        Self {
+            words: (0..bits.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    pub fn set_range(&self, first: u64, n: u64) {
+        for p in first..first + n {
+            self.words[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::Relaxed);
+        }
+    }
+
+    /// Clears bit `p`; true when it was set.
+    pub fn take(&self, p: u64) -> bool {
+        let m = 1u64 << (p % 64);
+        self.words[(p / 64) as usize].fetch_and(!m, Ordering::AcqRel) & m != 0
+    }
+
+    pub fn count(&self) -> u64 {
+        self.words
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum()
+    }
+}

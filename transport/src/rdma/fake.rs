@@ -1,0 +1,494 @@
+// SPDX-License-Identifier: Apache-2.0 OR MIT
+//! Unit tests of the stream data path against a simulated RC queue-pair pair (test-only code).
+//!
+//! The simulator executes work requests at post time against real process memory: it checks
+//! lkeys and rkeys against the keys the test registered, copies the bytes (WRITE, READ), consumes
+//! a posted receive for every WRITE_WITH_IMM, puts a completion in the initiator's queue for
+//! signalled requests, and on a key violation fails the queue pair like hardware does (an error
+//! completion for the failing request, flush errors for everything after it). What it does not
+//! model: wire timing, receiver-not-ready retries (a WRITE_WITH_IMM without a posted receive fails
+//! at once with RNR_RETRY_EXC), and READ/atomic ordering rules beyond posting order.
+// Test arithmetic on small, known sizes.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sideway::ibverbs::completion::{PollCompletionQueueError, WorkCompletionOperationType as Op};
+use sideway::ibverbs::queue_pair::{PostRecvError, PostSendError};
+
+use super::memory::{BouncePool, RegisteredMemory, Role};
+use super::region::{
+    ChunkTable, GuestRange, GuestRegion, ImportLimits, LocalChunk, RemoteMap, plan_chunks,
+};
+use super::stream::{
+    CompletionOp, QueueOps, RawWc, RdmaStream, StreamConfig, StreamError, StreamKind,
+};
+use super::sys::{AnonMapping, SendOp, SendWr};
+use super::window::{WcStatus, WrOp};
+
+const PAGE: u64 = 4096;
+const FLUSH: u32 = 5;
+const LOC_PROT: u32 = 4;
+const REM_ACCESS: u32 = 10;
+const RNR_EXC: u32 = 13;
+
+#[derive(Debug, Default)]
+struct Side {
+    cq: VecDeque<RawWc>,
+    recvs: VecDeque<u64>,
+    failed: bool,
+}
+
+/// Two connected queue pairs (side 0 and side 1) sharing one key space.
+#[derive(Debug, Default)]
+struct Fabric {
+    sides: [Side; 2],
+    keys: HashMap<u32, (u64, u64)>,
+    /// Withhold successful send completions (a peer that stopped acknowledging).
+    stall: bool,
+}
+
+impl Fabric {
+    fn covers(&self, key: u32, addr: u64, len: u32) -> bool {
+        self.keys
+            .get(&key)
+            .is_some_and(|&(a, l)| addr >= a && addr + u64::from(len) <= a + l)
+    }
+}
+
+#[derive(Debug)]
+struct FakeQueue {
+    fabric: Arc<Mutex<Fabric>>,
+    me: usize,
+}
+
+fn wc(wr_id: u64, status: u32, opcode: u32) -> RawWc {
+    RawWc {
+        wr_id,
+        status,
+        opcode,
+        vendor_err: if status == 0 { 0 } else { 0x99 },
+        byte_len: 0,
+        imm: 0,
+    }
+}
+
+impl QueueOps for FakeQueue {
+    unsafe fn post_send(&mut self, wrs: &[SendWr]) -> Result<(), PostSendError> {
+        let mut f = self.fabric.lock().expect("fabric lock");
+        let (me, peer) = (self.me, 1 - self.me);
+        for wr in wrs {
+            if f.sides[me].failed {
+                f.sides[me].cq.push_back(wc(wr.wr_id, FLUSH, 0));
+                continue;
+            }
+            let (rkey, raddr, opcode) = match wr.op {
+                SendOp::Write { rkey, remote_addr }
+                | SendOp::WriteImm {
+                    rkey, remote_addr, ..
+                } => (rkey, remote_addr, Op::Write as u32),
+                SendOp::Read { rkey, remote_addr } => (rkey, remote_addr, Op::Read as u32),
+            };
+            let status = if !f.covers(wr.lkey, wr.local_addr, wr.len) {
+                LOC_PROT
+            } else if !f.covers(rkey, raddr, wr.len) {
+                REM_ACCESS
+            } else if matches!(wr.op, SendOp::WriteImm { .. }) && f.sides[peer].recvs.is_empty() {
+                RNR_EXC
+            } else {
+                0
+            };
+            if status != 0 {
+                f.sides[me].failed = true;
+                f.sides[me].cq.push_back(wc(wr.wr_id, status, 0));
+                continue;
+            }
+            let (src, dst) = match wr.op {
+                SendOp::Read { .. } => (raddr, wr.local_addr),
+                _ => (wr.local_addr, raddr),
+            };
+            // SAFETY: both ranges were checked against keys the test registered over live
+            // mappings it owns for the whole test; distinct mappings never overlap.
+            unsafe {
+                std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, wr.len as usize);
+            }
+            if let SendOp::WriteImm { imm_be, .. } = wr.op {
+                let id = f.sides[peer].recvs.pop_front().unwrap_or_default();
+                f.sides[peer].cq.push_back(RawWc {
+                    byte_len: wr.len,
+                    imm: imm_be,
+                    ..wc(id, 0, Op::ReceiveWithImmediate as u32)
+                });
+            }
+            if wr.signalled && !f.stall {
+                f.sides[me].cq.push_back(wc(wr.wr_id, 0, opcode));
+            }
+        }
+        Ok(())
+    }
+
+    fn post_recv(&mut self, wr_ids: &[u64]) -> Result<(), PostRecvError> {
+        let mut f = self.fabric.lock().expect("fabric lock");
+        f.sides[self.me].recvs.extend(wr_ids);
+        Ok(())
+    }
+
+    fn poll(&mut self, out: &mut Vec<RawWc>) -> Result<(), PollCompletionQueueError> {
+        let mut f = self.fabric.lock().expect("fabric lock");
+        out.extend(f.sides[self.me].cq.drain(..));
+        Ok(())
+    }
+
+    fn qp_number(&self) -> u32 {
+        0x100 + u32::try_from(self.me).unwrap_or(0)
+    }
+}
+
+/// One side's guest memory: regions at gpa 0..32 pages and 40..56 pages, back to back in one
+/// mapping, chunked by `chunk_pages`, with keys `key_base + i` registered in the fabric.
+struct Guest {
+    mem: AnonMapping,
+    reg: Arc<RegisteredMemory>,
+}
+
+fn memory_map() -> Vec<GuestRange> {
+    vec![
+        GuestRange::new(0, 32 * PAGE),
+        GuestRange::new(40 * PAGE, 16 * PAGE),
+    ]
+}
+
+fn host_offset(gpa: u64) -> u64 {
+    if gpa >= 40 * PAGE {
+        gpa - 8 * PAGE
+    } else {
+        gpa
+    }
+}
+
+fn guest(
+    fabric: &Arc<Mutex<Fabric>>,
+    chunk_pages: u64,
+    key_base: u32,
+    role: Role,
+    seed: u8,
+) -> Guest {
+    let mem = AnonMapping::new((48 * PAGE) as usize).expect("mapping");
+    if seed != 0 {
+        let data: Vec<u8> = (0..mem.len())
+            .map(|i| {
+                ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(seed)).to_be_bytes()[0]
+            })
+            .collect();
+        mem.write_for_test(0, &data);
+    }
+    let regions: Vec<GuestRegion> = memory_map()
+        .iter()
+        .map(|r| GuestRegion {
+            gpa: r.gpa,
+            host_addr: mem.addr() + host_offset(r.gpa),
+            len: r.len,
+        })
+        .collect();
+    let plan = plan_chunks(&regions, chunk_pages * PAGE, PAGE).expect("plan");
+    let mut f = fabric.lock().expect("fabric lock");
+    let chunks = plan
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let key = key_base + u32::try_from(i).expect("few chunks");
+            f.keys.insert(key, (c.host_addr, c.len));
+            LocalChunk {
+                gpa: c.gpa,
+                host_addr: c.host_addr,
+                len: c.len,
+                lkey: key,
+                rkey: key,
+            }
+        })
+        .collect();
+    let reg = RegisteredMemory::for_test(ChunkTable::new(chunks).expect("table"), role, 0);
+    Guest { mem, reg }
+}
+
+impl Guest {
+    fn bytes(&self, gpa: u64, len: u64) -> &[u8] {
+        // SAFETY: the simulator only touches this memory inside `post_send`, which is not
+        // running while the test reads it.
+        unsafe { self.mem.bytes(host_offset(gpa) as usize, len as usize) }.expect("in bounds")
+    }
+}
+
+fn stream(
+    fabric: &Arc<Mutex<Fabric>>,
+    me: usize,
+    kind: StreamKind,
+    depth: usize,
+    signal_every: usize,
+    recv_depth: usize,
+    max_wr_pages: u32,
+) -> RdmaStream {
+    let keep: Arc<dyn fmt::Debug + Send + Sync> = Arc::new(());
+    let cfg = StreamConfig {
+        index: me,
+        kind,
+        send_depth: depth,
+        recv_depth,
+        signal_every,
+        max_wr_bytes: max_wr_pages * 4096,
+        pd_key: 0,
+    };
+    let mut s = RdmaStream::new(
+        Box::new(FakeQueue {
+            fabric: Arc::clone(fabric),
+            me,
+        }),
+        keep,
+        cfg,
+    );
+    s.fill_receives().expect("receives");
+    s
+}
+
+fn import(peer: &Guest) -> RemoteMap {
+    RemoteMap::import(&peer.reg.export(), &memory_map(), ImportLimits::default()).expect("import")
+}
+
+const T: Duration = Duration::from_secs(5);
+
+#[test]
+fn pushed_batches_land_at_the_same_gpa_and_release_their_guards() {
+    let fabric = Arc::new(Mutex::new(Fabric::default()));
+    let src = guest(&fabric, 8, 1000, Role::Source, 7);
+    let dst = guest(&fabric, 5, 2000, Role::Destination, 0);
+    // A small window and WR size force many posts, waits for slots and chunk-boundary splits.
+    let mut tx = stream(&fabric, 0, StreamKind::Bulk, 4, 3, 0, 3);
+    let mut rx = stream(&fabric, 1, StreamKind::Bulk, 4, 3, 8, 3);
+    let remote = import(&dst);
+    let batches: [&[GuestRange]; 3] = [
+        &[GuestRange::new(0, 13 * PAGE)],
+        &[
+            GuestRange::new(13 * PAGE, 19 * PAGE),
+            GuestRange::new(40 * PAGE, PAGE),
+        ],
+        &[GuestRange::new(42 * PAGE, 14 * PAGE - 100)],
+    ];
+    let mut wrs = 0;
+    for (i, ranges) in batches.iter().enumerate() {
+        let stats = tx
+            .write_batch(&src.reg, &remote, ranges, 10 + i as u32, T)
+            .expect("write");
+        wrs += stats.work_requests;
+    }
+    tx.flush(T).expect("flush");
+    assert_eq!(tx.outstanding(), 0);
+    assert_eq!(
+        Arc::strong_count(&src.reg),
+        1,
+        "every WR guard was released"
+    );
+    assert!(tx.stats().posts > 3, "the window forced several doorbells");
+    assert_eq!(tx.stats().send_wrs, wrs as u64);
+    let ids: Vec<u32> = (0..3)
+        .map(|_| rx.wait_arrival(T).expect("arrival").batch)
+        .collect();
+    assert_eq!(ids, vec![10, 11, 12]);
+    assert_eq!(rx.receives_posted(), 8, "consumed receives are reposted");
+    for r in batches.iter().flat_map(|b| b.iter()) {
+        assert_eq!(
+            src.bytes(r.gpa, r.len),
+            dst.bytes(r.gpa, r.len),
+            "range {r:?}"
+        );
+    }
+    // Page 41 was never pushed and the tail of the last range was not either.
+    assert!(dst.bytes(41 * PAGE, PAGE).iter().all(|&b| b == 0));
+    assert!(dst.bytes(56 * PAGE - 100, 100).iter().all(|&b| b == 0));
+    assert_ne!(src.bytes(41 * PAGE, PAGE), dst.bytes(41 * PAGE, PAGE));
+}
+
+#[test]
+fn receives_are_reposted_and_a_missing_receive_is_reported() {
+    let fabric = Arc::new(Mutex::new(Fabric::default()));
+    let src = guest(&fabric, 8, 1000, Role::Source, 3);
+    let dst = guest(&fabric, 8, 2000, Role::Destination, 0);
+    let mut tx = stream(&fabric, 0, StreamKind::Bulk, 16, 4, 0, 16);
+    let mut rx = stream(&fabric, 1, StreamKind::Bulk, 16, 4, 2, 16);
+    let remote = import(&dst);
+    for batch in 0..5u32 {
+        let r = GuestRange::new(u64::from(batch) * PAGE, PAGE);
+        tx.write_batch(&src.reg, &remote, &[r], batch, T)
+            .expect("write");
+        assert_eq!(rx.wait_arrival(T).expect("arrival").batch, batch);
+        assert_eq!(rx.receives_posted(), 2);
+    }
+    // Without the destination polling, the third WRITE_WITH_IMM finds no receive.
+    for batch in 5..8u32 {
+        let r = GuestRange::new(u64::from(batch) * PAGE, PAGE);
+        tx.write_batch(&src.reg, &remote, &[r], batch, T)
+            .expect("posted");
+    }
+    let err = tx.flush(T).expect_err("receiver not ready");
+    let StreamError::Completion(c) = err else {
+        panic!("expected a completion error, got {err}");
+    };
+    assert_eq!(c.status, WcStatus::RnrRetryExceeded);
+    assert_eq!(c.op, CompletionOp::Send(WrOp::WriteImm));
+    assert_eq!((c.gpa, c.len), (7 * PAGE, 4096));
+    assert!(c.status.is_peer_lost());
+}
+
+#[test]
+fn read_to_bounce_fetches_across_peer_chunks_without_the_peer() {
+    let fabric = Arc::new(Mutex::new(Fabric::default()));
+    let src = guest(&fabric, 8, 1000, Role::Source, 9);
+    let pool = BouncePool::for_test(2, (4 * PAGE) as usize, 3000, 0);
+    fabric
+        .lock()
+        .expect("lock")
+        .keys
+        .insert(3000, pool.test_span());
+    let mut urgent = stream(&fabric, 1, StreamKind::Urgent, 8, 8, 0, 1);
+    let remote = import(&src);
+    // 6..10 pages straddles the source's 8-page chunk boundary; WR limit of one page.
+    let range = GuestRange::new(6 * PAGE, 4 * PAGE);
+    let filled = urgent
+        .read_to_bounce(&remote, range, &pool, T)
+        .expect("read");
+    assert_eq!(filled.gpa(), 6 * PAGE);
+    assert_eq!(filled.len(), (4 * PAGE) as usize);
+    assert_eq!(filled.bytes(), src.bytes(6 * PAGE, 4 * PAGE));
+    assert_eq!(urgent.stats().send_wrs, 4);
+    assert_eq!(pool.available(), 1);
+    // Two tickets in flight at once, completed out of the order they are awaited in.
+    let slot = filled.into_slot();
+    let other = pool.try_acquire().expect("second slot");
+    let a = urgent
+        .post_read(&remote, GuestRange::new(40 * PAGE, PAGE), slot, T)
+        .expect("post a");
+    let b = urgent
+        .post_read(&remote, GuestRange::new(55 * PAGE, PAGE), other, T)
+        .expect("post b");
+    let fb = urgent.wait_read(b, T).expect("b");
+    let fa = urgent.wait_read(a, T).expect("a");
+    assert_eq!(fa.bytes(), src.bytes(40 * PAGE, PAGE));
+    assert_eq!(fb.bytes(), src.bytes(55 * PAGE, PAGE));
+    assert_eq!(pool.available(), 0);
+    assert!(matches!(
+        urgent.read_to_bounce(&remote, range, &pool, T),
+        Err(StreamError::PoolExhausted { slots: 2, .. })
+    ));
+    drop((fa, fb));
+    assert_eq!(pool.available(), 2);
+    let too_big = GuestRange::new(0, 5 * PAGE);
+    assert!(matches!(
+        urgent.read_to_bounce(&remote, too_big, &pool, T),
+        Err(StreamError::Translate { .. })
+    ));
+    assert_eq!(pool.available(), 2, "the slot of a rejected read goes back");
+}
+
+#[test]
+fn a_bad_rkey_fails_the_stream_with_the_range_and_keeps_guards_until_drop() {
+    let fabric = Arc::new(Mutex::new(Fabric::default()));
+    let src = guest(&fabric, 8, 1000, Role::Source, 5);
+    let dst = guest(&fabric, 8, 2000, Role::Destination, 0);
+    let mut tx = stream(&fabric, 0, StreamKind::Bulk, 32, 4, 0, 2);
+    let _rx = stream(&fabric, 1, StreamKind::Bulk, 32, 4, 8, 2);
+    let mut desc = dst.reg.export();
+    let last = desc.len() - 1;
+    desc[last].rkey ^= 0x5a5a;
+    let remote = RemoteMap::import(&desc, &memory_map(), ImportLimits::default()).expect("import");
+    let bad_from = desc[last].gpa;
+    tx.write_batch(
+        &src.reg,
+        &remote,
+        &[GuestRange::new(bad_from - 4 * PAGE, 8 * PAGE)],
+        1,
+        T,
+    )
+    .expect("posted");
+    let err = tx.flush(T).expect_err("remote access error");
+    let StreamError::Completion(c) = &err else {
+        panic!("expected a completion error, got {err}");
+    };
+    assert_eq!(c.status, WcStatus::RemoteAccess);
+    assert_eq!(c.op, CompletionOp::Send(WrOp::Write));
+    assert_eq!(c.gpa, bad_from, "the first WR into the bad region is named");
+    assert!(c.status.is_protection());
+    assert!(err.to_string().contains(&format!("{bad_from:#x}")), "{err}");
+    assert!(matches!(
+        tx.poll(),
+        Err(StreamError::Failed { stream: 0, .. })
+    ));
+    assert!(matches!(
+        tx.write_batch(&src.reg, &remote, &[GuestRange::new(0, PAGE)], 2, T),
+        Err(StreamError::Failed { .. })
+    ));
+    assert!(
+        Arc::strong_count(&src.reg) > 1,
+        "guards held while the queue pair lives"
+    );
+    drop(tx);
+    assert_eq!(Arc::strong_count(&src.reg), 1);
+}
+
+#[test]
+fn back_pressure_is_bounded_by_the_timeout() {
+    let fabric = Arc::new(Mutex::new(Fabric::default()));
+    let src = guest(&fabric, 8, 1000, Role::Source, 1);
+    let dst = guest(&fabric, 8, 2000, Role::Destination, 0);
+    let mut tx = stream(&fabric, 0, StreamKind::Bulk, 4, 2, 0, 1);
+    let _rx = stream(&fabric, 1, StreamKind::Bulk, 4, 2, 64, 1);
+    let remote = import(&dst);
+    fabric.lock().expect("lock").stall = true;
+    let start = Instant::now();
+    let err = tx
+        .write_batch(
+            &src.reg,
+            &remote,
+            &[GuestRange::new(0, 8 * PAGE)],
+            1,
+            Duration::from_millis(50),
+        )
+        .expect_err("window never drains");
+    assert!(
+        matches!(
+            err,
+            StreamError::Timeout {
+                what: "send-queue slots",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(2));
+    assert_eq!(tx.outstanding(), 4);
+}
+
+#[test]
+fn bad_requests_are_refused_before_posting() {
+    let fabric = Arc::new(Mutex::new(Fabric::default()));
+    let src = guest(&fabric, 8, 1000, Role::Source, 1);
+    let dst = guest(&fabric, 8, 2000, Role::Destination, 0);
+    let mut tx = stream(&fabric, 0, StreamKind::Bulk, 8, 2, 0, 4);
+    let remote = import(&dst);
+    assert!(matches!(
+        tx.write_batch(&src.reg, &remote, &[], 3, T),
+        Err(StreamError::EmptyBatch { batch: 3, .. })
+    ));
+    assert!(matches!(
+        tx.write_batch(&src.reg, &remote, &[GuestRange::new(32 * PAGE, PAGE)], 3, T),
+        Err(StreamError::Translate { .. })
+    ));
+    let foreign = RegisteredMemory::for_test(src.reg.table().clone(), Role::Source, 77);
+    assert!(matches!(
+        tx.write_batch(&foreign, &remote, &[GuestRange::new(0, PAGE)], 3, T),
+        Err(StreamError::ForeignRegistration { .. })
+    ));
+    assert_eq!(tx.stats().send_wrs, 0);
+    assert_eq!(tx.qp_number(), 0x100);
+}
