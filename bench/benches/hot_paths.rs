@@ -8,6 +8,9 @@
 //! same run, and read them as orders of magnitude. Filter with e.g.
 //! `cargo bench -p ferry-bench --bench hot_paths -- zstd`.
 
+// Synthetic-data generation indexes with small, bounded u64 values; benches run on 64-bit hosts.
+#![allow(clippy::cast_possible_truncation)]
+
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -65,7 +68,11 @@ fn bitmaps() -> Vec<(&'static str, Vec<u64>)> {
         bit += len + 1 + rng.below(len * 46 / 10 + 1);
     }
     let full = vec![u64::MAX; WORDS];
-    vec![("scattered_1pct", scattered), ("runs_30pct", runs), ("all_dirty", full)]
+    vec![
+        ("scattered_1pct", scattered),
+        ("runs_30pct", runs),
+        ("all_dirty", full),
+    ]
 }
 
 fn bench_bitmap(c: &mut Criterion) {
@@ -107,17 +114,33 @@ fn bench_zero(c: &mut Criterion) {
         });
     }
     // Baseline: the obvious byte loop, to show what the word-wise version buys.
-    g.bench_with_input(BenchmarkId::new("naive_bytes", "zero_page"), &zero, |b, p| {
-        b.iter(|| black_box(p).iter().all(|&x| x == 0))
-    });
+    g.bench_with_input(
+        BenchmarkId::new("naive_bytes", "zero_page"),
+        &zero,
+        |b, p| b.iter(|| black_box(p).iter().all(|&x| x == 0)),
+    );
     g.finish();
 }
 
 /// One page of "text-like" data: words from a small vocabulary, like logs or source code.
 fn text_page(rng: &mut Rng) -> Vec<u8> {
     const WORDS: [&str; 16] = [
-        "the ", "migration ", "page ", "dirty ", "vcpu ", "round ", "stream ", "ferry ",
-        "memory ", "kernel ", "0x7f3a ", "error=0 ", "\n", "INFO ", "bytes=4096 ", "ok ",
+        "the ",
+        "migration ",
+        "page ",
+        "dirty ",
+        "vcpu ",
+        "round ",
+        "stream ",
+        "ferry ",
+        "memory ",
+        "kernel ",
+        "0x7f3a ",
+        "error=0 ",
+        "\n",
+        "INFO ",
+        "bytes=4096 ",
+        "ok ",
     ];
     let mut p = Vec::with_capacity(PAGE + 16);
     while p.len() < PAGE {
@@ -221,7 +244,10 @@ fn pages_frame() -> Frame {
 fn bench_frame(c: &mut Criterion) {
     let frame = pages_frame();
     let encoded = frame.encode();
-    eprintln!("Pages frame, 256 ranges + checksums: {} bytes of header+metadata", encoded.len());
+    eprintln!(
+        "Pages frame, 256 ranges + checksums: {} bytes of header+metadata",
+        encoded.len()
+    );
     let mut g = c.benchmark_group("frame_pages_256_ranges");
     g.throughput(Throughput::Elements(256));
     g.bench_function("encode", |b| b.iter(|| black_box(&frame).encode()));

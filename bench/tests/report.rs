@@ -8,7 +8,13 @@
 //! also copied to DIR (handy for looking at the report or putting a screenshot in the README).
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+// Synthetic input: small counts and quantile indexes, far from any cast limit.
+#[allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_precision_loss
+)]
 mod tests {
     use std::path::{Path, PathBuf};
     use std::process::{Command, Stdio};

@@ -561,10 +561,8 @@ impl<'s, 'a> DestRun<'s, 'a> {
                     .map_err(|source| MigrateError::Place { gpa: r.gpa, source })?;
             }
         }
-        // Pages never received are missing too.
-        for st in &shared.states {
-            let _ = st.compare_exchange(ABSENT, STALE, Ordering::AcqRel, Ordering::Relaxed);
-        }
+        // Pages never received (ABSENT) are missing too; claims and the fault handler treat
+        // ABSENT like STALE, so nothing here walks all of guest memory.
         for r in layout.regions() {
             let shared_backing =
                 matches!(r.backing, Backing::Memfd { .. } | Backing::Hugetlbfs { .. });

@@ -13,6 +13,13 @@
 //!   post-copy fault resolution with [`uffd`], the destination digest.
 //! - [`session`]: connecting and accepting a whole migration session (handshake, streams).
 #![warn(missing_docs)]
+// Guest-physical sizes and offsets are u64 and index host memory: the engine only supports
+// 64-bit hosts (as vm-memory does), where u64 -> usize is lossless, and durations in µs fit u64
+// for 584,000 years. Those two cast classes are allowed crate-wide; the others stay linted.
+#![allow(clippy::cast_possible_truncation)]
+
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!("ferry-engine supports 64-bit hosts only");
 
 pub mod dest;
 pub mod digest;

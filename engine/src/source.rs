@@ -138,7 +138,7 @@ pub fn migrate(
         sockets,
     } = streams;
     let ctl_reader = control.try_clone()?;
-    let result = thread::scope(|s| {
+    thread::scope(|s| {
         let (done_tx, done_rx) = unbounded();
         let mut work = Vec::with_capacity(n);
         for (index, stream) in bulk.into_iter().enumerate() {
@@ -256,8 +256,7 @@ pub fn migrate(
             rep.streams_detail = stats;
             rep
         })
-    });
-    result
+    })
 }
 
 fn mode_name(m: Mode) -> &'static str {

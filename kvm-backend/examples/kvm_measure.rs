@@ -24,6 +24,12 @@ fn main() -> Result<()> {
         let t = Instant::now();
         let mut vm = KvmVm::new_source(&cfg)?;
         let created = t.elapsed();
+        println!(
+            "TSC {} kHz, KVM_VCPU_TSC_OFFSET {}, {} MSRs saved per vCPU",
+            vm.tsc_khz(),
+            vm.has_tsc_offset_control(),
+            vm.msr_list().len()
+        );
         let mut tr = vm.dirty_tracker();
         let mem = vm.memory();
         let mut bm = DirtyBitmap::for_regions(mem.regions());

@@ -282,38 +282,53 @@ fn write_info(mem: &KvmMemory, cmdline: &str) -> Result<(), MultibootError> {
 pub const DEMO_KERNEL_DATA: u64 = 0x200000;
 
 /// A tiny multiboot kernel (an ELF32 image, built here, no toolchain needed) for demos and
-/// tests: it stores EAX and EBX at [`DEMO_KERNEL_DATA`], prints
-/// `hello from multiboot: <cmdline>` and a newline on COM1, then forever prints `.` and
-/// increments the u32 at `DEMO_KERNEL_DATA + 8`, with a short delay loop between dots. Needs
-/// at least 4 MiB of RAM.
+/// tests. It stores EAX and EBX at [`DEMO_KERNEL_DATA`]; programs PIT channel 0 (rate
+/// generator, count 0x1234) and the local APIC timer (periodic, vector 0x30, divide by 16,
+/// initial count 0x100000) — with interrupts disabled, so timer interrupts stay pending in the
+/// PIC and LAPIC (state a migration must carry); prints `hello from multiboot: <cmdline>` and a
+/// newline on COM1; then forever prints `.` and increments the u32 at `DEMO_KERNEL_DATA + 8`,
+/// with a short delay loop between dots. Needs at least 4 MiB of RAM.
 pub fn demo_kernel() -> Vec<u8> {
     #[rustfmt::skip]
-    let code: [u8; 0x54] = [
-        0xa3, 0x00, 0x00, 0x20, 0x00,       // 0x00: mov [0x200000], eax
-        0x89, 0x1d, 0x04, 0x00, 0x20, 0x00, // 0x05: mov [0x200004], ebx
-        0x66, 0xba, 0xf8, 0x03,             // 0x0b: mov dx, 0x3f8
-        0xbe, 0x9d, 0x00, 0x10, 0x00,       // 0x0f: mov esi, 0x10009d (the greeting)
-        0xac,                               // 0x14: lodsb
-        0x84, 0xc0,                         // 0x15: test al, al
-        0x74, 0x03,                         // 0x17: jz 0x1c
-        0xee,                               // 0x19: out dx, al
-        0xeb, 0xf8,                         // 0x1a: jmp 0x14
-        0x8b, 0x73, 0x10,                   // 0x1c: mov esi, [ebx + 16] (cmdline)
-        0xac,                               // 0x1f: lodsb
-        0x84, 0xc0,                         // 0x20: test al, al
-        0x74, 0x03,                         // 0x22: jz 0x27
-        0xee,                               // 0x24: out dx, al
-        0xeb, 0xf8,                         // 0x25: jmp 0x1f
-        0xb0, 0x0a,                         // 0x27: mov al, '\n'
-        0xee,                               // 0x29: out dx, al
-        0xb0, 0x2e,                         // 0x2a: mov al, '.'
-        0xee,                               // 0x2c: out dx, al
-        0xff, 0x05, 0x08, 0x00, 0x20, 0x00, // 0x2d: inc dword [0x200008]
-        0xb9, 0xd0, 0x07, 0x00, 0x00,       // 0x33: mov ecx, 2000
-        0x49,                               // 0x38: dec ecx
-        0x75, 0xfd,                         // 0x39: jnz 0x38
-        0xeb, 0xed,                         // 0x3b: jmp 0x2a
-        // 0x3d: "hello from multiboot: \0"
+    let code: [u8; 0x86] = [
+        0xa3, 0x00, 0x00, 0x20, 0x00,             // 0x00: mov [0x200000], eax
+        0x89, 0x1d, 0x04, 0x00, 0x20, 0x00,       // 0x05: mov [0x200004], ebx
+        0xb0, 0x34,                               // 0x0b: mov al, 0x34 (ch 0, lo/hi, mode 2)
+        0xe6, 0x43,                               // 0x0d: out 0x43, al
+        0xe6, 0x40,                               // 0x0f: out 0x40, al (count low 0x34)
+        0xb0, 0x12,                               // 0x11: mov al, 0x12
+        0xe6, 0x40,                               // 0x13: out 0x40, al (count high 0x12)
+        0xc7, 0x05, 0xf0, 0x00, 0xe0, 0xfe,
+        0xff, 0x01, 0x00, 0x00,                   // 0x15: mov [0xfee000f0], 0x1ff (SVR: on)
+        0xc7, 0x05, 0xe0, 0x03, 0xe0, 0xfe,
+        0x03, 0x00, 0x00, 0x00,                   // 0x1f: mov [0xfee003e0], 3 (divide by 16)
+        0xc7, 0x05, 0x20, 0x03, 0xe0, 0xfe,
+        0x30, 0x00, 0x02, 0x00,                   // 0x29: mov [0xfee00320], 0x20030 (LVT timer)
+        0xc7, 0x05, 0x80, 0x03, 0xe0, 0xfe,
+        0x00, 0x00, 0x10, 0x00,                   // 0x33: mov [0xfee00380], 0x100000 (TMICT)
+        0x66, 0xba, 0xf8, 0x03,                   // 0x3d: mov dx, 0x3f8
+        0xbe, 0xcf, 0x00, 0x10, 0x00,             // 0x41: mov esi, 0x1000cf (the greeting)
+        0xac,                                     // 0x46: lodsb
+        0x84, 0xc0,                               // 0x47: test al, al
+        0x74, 0x03,                               // 0x49: jz 0x4e
+        0xee,                                     // 0x4b: out dx, al
+        0xeb, 0xf8,                               // 0x4c: jmp 0x46
+        0x8b, 0x73, 0x10,                         // 0x4e: mov esi, [ebx + 16] (cmdline)
+        0xac,                                     // 0x51: lodsb
+        0x84, 0xc0,                               // 0x52: test al, al
+        0x74, 0x03,                               // 0x54: jz 0x59
+        0xee,                                     // 0x56: out dx, al
+        0xeb, 0xf8,                               // 0x57: jmp 0x51
+        0xb0, 0x0a,                               // 0x59: mov al, '\n'
+        0xee,                                     // 0x5b: out dx, al
+        0xb0, 0x2e,                               // 0x5c: mov al, '.'
+        0xee,                                     // 0x5e: out dx, al
+        0xff, 0x05, 0x08, 0x00, 0x20, 0x00,       // 0x5f: inc dword [0x200008]
+        0xb9, 0xd0, 0x07, 0x00, 0x00,             // 0x65: mov ecx, 2000
+        0x49,                                     // 0x6a: dec ecx
+        0x75, 0xfd,                               // 0x6b: jnz 0x6a
+        0xeb, 0xed,                               // 0x6d: jmp 0x5c
+        // 0x6f: "hello from multiboot: \0"
         b'h', b'e', b'l', b'l', b'o', b' ', b'f', b'r', b'o', b'm', b' ', b'm', b'u', b'l',
         b't', b'i', b'b', b'o', b'o', b't', b':', b' ', 0,
     ];
@@ -379,10 +394,10 @@ mod tests {
         assert_eq!(b, [0xa3, 0x00, 0x00, 0x20, 0x00]);
         // The greeting is where the code's `mov esi` points.
         let mut g = [0u8; 5];
-        mem.read(0x10009d, &mut g).unwrap();
+        mem.read(0x1000cf, &mut g).unwrap();
         assert_eq!(&g, b"hello");
         // bss zeroed, cmdline and mmap present
-        assert_eq!(mem.read_u64(0x100060 + 0x54 + 8), Some(0));
+        assert_eq!(mem.read_u64(0x100060 + 0x86 + 8), Some(0));
         let mut cl = [0u8; 14];
         mem.read(CMDLINE_ADDR, &mut cl).unwrap();
         assert_eq!(&cl, b"console=ttyS0\0");

@@ -157,6 +157,9 @@ pub enum VmRunError {
     /// The operation needs a paused VM.
     #[error("VM must be paused for {0}")]
     NotPaused(&'static str),
+    /// A destination VM runs only after a state restore.
+    #[error("Destination VM has no state yet: restore_state before resume")]
+    NotRestored,
 }
 
 /// Errors saving state.
@@ -446,12 +449,16 @@ pub struct PauseTimings {
 /// A KVM virtual machine with a built-in guest. See the crate docs.
 #[derive(Debug)]
 pub struct KvmVm {
-    core: Arc<Core>,
+    // Field order is drop order: vCPU fds close before the VM fd and the guest RAM mappings.
     ctls: Vec<Arc<VcpuCtl>>,
+    core: Arc<Core>,
     threads: Vec<JoinHandle<()>>,
     caps: VcpuCaps,
     plan: GuestPlan,
+    cfg: VmConfig,
     running: bool,
+    /// Source, or a destination that has been restored: its vCPUs have a state to run.
+    has_state: bool,
     timings: PauseTimings,
     /// The thread that kicks vCPUs while throttled, and its stop flag.
     throttler: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
@@ -787,7 +794,9 @@ impl KvmVm {
             threads,
             caps,
             plan,
+            cfg: cfg.clone(),
             running: false,
+            has_state: source,
             timings: PauseTimings::default(),
             throttler: None,
             _kvm: kvm,
@@ -827,6 +836,17 @@ impl KvmVm {
     /// TSC frequency of the vCPUs in kHz.
     pub fn tsc_khz(&self) -> u32 {
         self.caps.tsc_khz
+    }
+
+    /// Whether KVM exposes `KVM_VCPU_TSC_OFFSET` (else the TSC is restored through
+    /// `MSR_IA32_TSC`).
+    pub fn has_tsc_offset_control(&self) -> bool {
+        self.caps.tsc_offset_attr
+    }
+
+    /// The configuration the VM was created with.
+    pub fn config(&self) -> &VmConfig {
+        &self.cfg
     }
 
     /// MSRs saved per vCPU (from `KVM_GET_MSR_INDEX_LIST`, filtered to readable/writable ones,
@@ -934,6 +954,9 @@ impl KvmVm {
     fn resume_inner(&mut self) -> Result<(), VmRunError> {
         if let Some(f) = self.fault() {
             return Err(f);
+        }
+        if !self.has_state {
+            return Err(VmRunError::NotRestored);
         }
         let t0 = Instant::now();
         for c in &self.ctls {
@@ -1153,6 +1176,7 @@ impl KvmVm {
         // The guest keeps the source's parameters (they are in its memory); so does the model.
         self.plan.ticks_per_page = st.guest[5];
         self.plan.tsc_khz = st.guest[6];
+        self.has_state = true;
         Ok(())
     }
 }
@@ -1390,6 +1414,7 @@ fn restore_vcpu(
                 .wrapping_sub(tsc_dst);
             sys::vcpu_set_attr_u64(v, KVM_VCPU_TSC_CTRL, u64::from(KVM_VCPU_TSC_OFFSET), ofs)
                 .map_err(io_err("TSC offset"))?;
+            t.mark("vcpu tsc (KVM_VCPU_TSC_OFFSET)");
         }
         _ => {
             let elapsed = realtime_ns().saturating_sub(s.tsc.realtime_ns);
@@ -1404,9 +1429,10 @@ fn restore_vcpu(
             }])
             .map_err(|_| io_err("TSC")(std::io::Error::from_raw_os_error(libc::E2BIG)))?;
             v.set_msrs(&m).map_err(err("TSC"))?;
+            t.mark("vcpu tsc (MSR_IA32_TSC)");
         }
     }
-    t.mark("vcpu tsc");
+
     v.set_mp_state(s.mp_state).map_err(err("MP state"))?;
     v.set_lapic(&s.lapic).map_err(err("LAPIC"))?;
     t.mark("vcpu mp/lapic");

@@ -275,6 +275,10 @@ mod tests {
             );
 
             let mut dst = KvmVm::new_destination(&c)?;
+            assert!(
+                matches!(dst.start(), Err(ferry_kvm::VmRunError::NotRestored)),
+                "a destination must not run before restore"
+            );
             assert!(dst.memory().copy_from(&src.memory()), "layouts differ");
             let t = Instant::now();
             dst.restore_state(&blob).map_err(|e| anyhow!(e))?;
@@ -402,6 +406,8 @@ mod tests {
         while !src.serial_output().contains("...") && t.elapsed() < Duration::from_secs(20) {
             std::thread::sleep(Duration::from_millis(20));
         }
+        // Let the LAPIC timer (period ~16 ms) fire at least once.
+        std::thread::sleep(Duration::from_millis(60));
         pause(&mut src)?;
         let out = src.serial_output();
         eprintln!("source serial: {:?}", &out[..out.len().min(80)]);
@@ -422,9 +428,26 @@ mod tests {
 
         // Migrate in-process: memcpy the RAM, move the state, run on.
         let blob = src.save_state().map_err(|e| anyhow!(e))?;
+        let timers = timer_state(&VmState::decode(&blob)?);
+        eprintln!("timers at save: {timers:x?}");
+        // (PIT count, PIT mode, LVT timer, TMICT, IRR word with vector 0x30)
+        assert_eq!(
+            (timers.0, timers.1, timers.2, timers.3),
+            (0x1234, 2, 0x20030, 0x100000)
+        );
+        assert!(
+            timers.4 & (1 << 16) != 0,
+            "LAPIC timer interrupt not pending"
+        );
         let mut dst = KvmVm::new_destination(&c)?;
         assert!(dst.memory().copy_from(&mem));
         dst.restore_state(&blob).map_err(|e| anyhow!(e))?;
+        let again = VmState::decode(&dst.save_state().map_err(|e| anyhow!(e))?)?;
+        assert_eq!(
+            timer_state(&again),
+            timers,
+            "timer/interrupt state lost in restore"
+        );
         drop(src);
         dst.resume().map_err(|e| anyhow!(e))?;
         let t = Instant::now();
@@ -484,5 +507,20 @@ mod tests {
         assert!(slow > 0.0, "throttled guest made no progress");
         assert!(vm.verify_memory()?.ok());
         Ok(())
+    }
+
+    /// (PIT ch0 count, PIT ch0 mode, LAPIC LVT timer, LAPIC TMICT, LAPIC IRR bits 32..63).
+    fn timer_state(st: &VmState) -> (u32, u8, u32, u32, u32) {
+        let regs = &st.vcpus[0].lapic.regs;
+        let rd = |off: usize| {
+            u32::from_le_bytes([
+                regs[off].cast_unsigned(),
+                regs[off + 1].cast_unsigned(),
+                regs[off + 2].cast_unsigned(),
+                regs[off + 3].cast_unsigned(),
+            ])
+        };
+        let ch = &st.pit.channels[0];
+        (ch.count, ch.mode, rd(0x320), rd(0x380), rd(0x210))
     }
 }

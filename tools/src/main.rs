@@ -10,6 +10,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ferry_protocol::Psk;
 
+mod migrate_cmd;
+
 /// ferry: a live-migration transport for virtual machines.
 ///
 /// Moves a running VM's memory and vCPU state from a source to a destination with a blackout
@@ -24,11 +26,16 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Migrate a running KVM guest to a destination process on this machine, then check it.
-    Demo,
-    /// Send (migrate) a VM to a `ferry recv` on another host.
-    Send,
-    /// Receive a VM from a `ferry send`.
-    Recv,
+    ///
+    /// Starts a KVM guest here, starts `ferry recv` as a second process on loopback, migrates
+    /// the running guest, lets it run on at the destination, and checks it: the whole-memory
+    /// digest, the verifier guest's memory model, and the guest's own measurement of its
+    /// longest pause.
+    Demo(migrate_cmd::DemoArgs),
+    /// Start a KVM guest and migrate it live to a `ferry recv` on another host.
+    Send(migrate_cmd::SendArgs),
+    /// Receive a live-migrated KVM guest from `ferry send`, run it on and check it.
+    Recv(migrate_cmd::RecvArgs),
     /// Run benchmarks (transport, migrate, kvm) against their same-run floors.
     Bench,
     /// Render benchmark results (JSON lines) as a self-contained HTML report.
@@ -45,13 +52,21 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let result = match cli.command {
         Command::Keygen { output } => keygen(output),
-        Command::Demo | Command::Send | Command::Recv | Command::Bench | Command::Report => {
-            Err(anyhow::anyhow!(
-                "This subcommand is not built yet in this version of ferry (see README's status table)"
-            ))
-        }
+        Command::Demo(a) => migrate_cmd::demo(a),
+        Command::Send(a) => migrate_cmd::send(a),
+        Command::Recv(a) => migrate_cmd::recv(a),
+        Command::Bench | Command::Report => Err(anyhow::anyhow!(
+            "This subcommand is not built yet in this version of ferry (see README's status table)"
+        )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -579,13 +579,16 @@ pub(crate) fn blackout_phases(res: &Value) -> Option<String> {
     Some(out)
 }
 
+/// Histogram buckets: (lower bound, upper bound, count).
+type Buckets = Vec<(f64, f64, f64)>;
+
 /// A bar histogram over logarithmic buckets `(upper_bound, count)` with reference lines.
 struct HistSpec<'a> {
     kind: &'a str,
     title: String,
     x_title: &'a str,
     /// Stacked series: (name, colour, buckets as (lower, upper, count)).
-    series: Vec<(String, String, Vec<(f64, f64, f64)>)>,
+    series: Vec<(String, String, Buckets)>,
     /// Vertical reference lines: (label, value, dashed).
     refs: Vec<(String, f64, bool)>,
     width: f64,
@@ -711,10 +714,7 @@ pub(crate) fn fault_histogram(res: &Value) -> Option<String> {
     }
     pts.sort_by(|a, b| a.0.total_cmp(&b.0));
     // Empty buckets below the first and above the last fault only stretch the axis.
-    let ratio_all = pts
-        .windows(2)
-        .map(|w| w[1].0 / w[0].0)
-        .find(|r| *r > 1.0);
+    let ratio_all = pts.windows(2).map(|w| w[1].0 / w[0].0).find(|r| *r > 1.0);
     let first = pts.iter().position(|p| p.1 > 0.0).unwrap_or(0);
     let last = pts.iter().rposition(|p| p.1 > 0.0).unwrap_or(pts.len() - 1);
     let pts = &pts[first..=last];
@@ -996,7 +996,9 @@ pub(crate) fn blackout_histogram(results: &[&Value]) -> Option<String> {
 /// Transport throughput vs the same-run floor, one group per (transport, streams); medians
 /// when a configuration ran several times.
 pub(crate) fn transport(results: &[&Value]) -> Option<String> {
-    let mut groups: BTreeMap<(String, i64), Vec<(f64, Option<f64>)>> = BTreeMap::new();
+    // (transport, streams) -> [(gbit_per_s, floor_gbit_per_s)] over runs.
+    type Runs = Vec<(f64, Option<f64>)>;
+    let mut groups: BTreeMap<(String, i64), Runs> = BTreeMap::new();
     for r in results {
         let Some(g) = num_at(r, "/gbit_per_s") else {
             continue;

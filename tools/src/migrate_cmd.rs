@@ -1,0 +1,694 @@
+// SPDX-License-Identifier: Apache-2.0 OR MIT
+//! `ferry send`, `ferry recv` and `ferry demo`: live migration of a KVM guest between two
+//! processes (on one host for the demo, between hosts for send/recv).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, ValueEnum};
+use ferry_engine::dest::{DestVm, receive};
+use ferry_engine::layout::Layout;
+use ferry_engine::policy::{Compression, Mode, Policy};
+use ferry_engine::session::{SessionOptions, accept_destination, connect_source, server_config};
+use ferry_engine::source::{Phase, Progress, SourceVm, migrate};
+use ferry_kvm::{DirtyMode, KvmVm, MemBacking, VmConfig, Workload};
+use ferry_protocol::handshake::{Auth, Psk, TransportKind};
+use ferry_transport::Endpoint;
+use ferry_transport::session::SessionListener;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::{Value, json};
+
+/// Migration mode.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ModeArg {
+    /// Iterative pre-copy, then stop-and-copy within the blackout budget.
+    Precopy,
+    /// Switch at once; pages follow on demand and by background push.
+    Postcopy,
+    /// Pre-copy while it converges, then post-copy (the default).
+    Hybrid,
+}
+
+impl ModeArg {
+    fn mode(self) -> Mode {
+        match self {
+            ModeArg::Precopy => Mode::PreCopy,
+            ModeArg::Postcopy => Mode::PostCopy,
+            ModeArg::Hybrid => Mode::Hybrid,
+        }
+    }
+}
+
+/// Data transport.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum TransportArg {
+    /// io_uring over TCP: fixed buffers, SEND_ZC.
+    Uring,
+    /// Plain blocking TCP sockets.
+    Tcp,
+    /// RDMA verbs (needs an RDMA NIC and the `rdma` build feature).
+    Rdma,
+}
+
+/// Built-in guest workloads.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum WorkloadArg {
+    /// Sleeps.
+    Idle,
+    /// Dirties a working set at a given rate.
+    Writer,
+    /// Memory is a pure function of its progress: checkable page by page after migration.
+    Verifier,
+}
+
+/// The VM to run (must be the same on both sides).
+#[derive(Debug, Clone, Args)]
+pub struct VmArgs {
+    /// Guest memory in MiB (multiple of 2).
+    #[arg(long, default_value_t = 1024)]
+    pub mem_mib: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: u32,
+    /// Built-in guest (ignored with --kernel).
+    #[arg(long, value_enum, default_value_t = WorkloadArg::Verifier)]
+    pub workload: WorkloadArg,
+    /// A multiboot (v1) kernel to boot instead of a built-in guest.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// The kernel's command line.
+    #[arg(long, default_value = "")]
+    pub append: String,
+    /// Writer: dirtying rate in MiB/s (0 = as fast as it can).
+    #[arg(long, default_value_t = 0)]
+    pub write_mib_s: u64,
+    /// Writer: working set in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub working_set_mib: u64,
+    /// Back guest memory with anonymous memory instead of a memfd.
+    #[arg(long)]
+    pub anonymous: bool,
+    /// Dirty tracking: auto, bitmap or ring.
+    #[arg(long, default_value = "auto")]
+    pub dirty: String,
+}
+
+impl VmArgs {
+    fn config(&self) -> Result<VmConfig> {
+        let workload = match (&self.kernel, self.workload) {
+            (Some(path), _) => Workload::Kernel {
+                path: path.clone(),
+                cmdline: self.append.clone(),
+            },
+            (None, WorkloadArg::Idle) => Workload::Idle,
+            (None, WorkloadArg::Writer) => Workload::Writer {
+                working_set_mib: self.working_set_mib,
+                rate_mib_s: (self.write_mib_s > 0).then_some(self.write_mib_s),
+            },
+            (None, WorkloadArg::Verifier) => Workload::Verifier,
+        };
+        let dirty = match self.dirty.as_str() {
+            "auto" => DirtyMode::Auto,
+            "bitmap" => DirtyMode::Bitmap,
+            "ring" => DirtyMode::Ring,
+            other => bail!("Unknown dirty mode {other:?}: auto, bitmap or ring"),
+        };
+        Ok(VmConfig {
+            mem_bytes: self.mem_mib << 20,
+            vcpus: self.vcpus,
+            workload,
+            backing: if self.anonymous {
+                MemBacking::Anonymous
+            } else {
+                MemBacking::Memfd
+            },
+            thp: false,
+            dirty,
+            serial: ferry_kvm::SerialSink::Buffer,
+        })
+    }
+
+    fn workload_name(&self) -> &'static str {
+        if self.kernel.is_some() {
+            return "kernel";
+        }
+        match self.workload {
+            WorkloadArg::Idle => "idle",
+            WorkloadArg::Writer => "writer",
+            WorkloadArg::Verifier => "verifier",
+        }
+    }
+}
+
+/// How to migrate.
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    /// Migration mode.
+    #[arg(long, value_enum, default_value_t = ModeArg::Hybrid)]
+    pub mode: ModeArg,
+    /// Data transport.
+    #[arg(long, value_enum, default_value_t = TransportArg::Uring)]
+    pub transport: TransportArg,
+    /// Parallel bulk streams.
+    #[arg(long, default_value_t = 2)]
+    pub streams: u16,
+    /// Blackout budget in microseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub max_blackout_us: u64,
+    /// Per-page xxh3 checksums on page data.
+    #[arg(long)]
+    pub checksums: bool,
+    /// zstd compression level for page data (used only when it pays); off when absent.
+    #[arg(long)]
+    pub compress: Option<i8>,
+    /// Most pre-copy rounds.
+    #[arg(long, default_value_t = 30)]
+    pub max_rounds: u32,
+}
+
+impl MigrateArgs {
+    fn policy(&self) -> Policy {
+        Policy {
+            mode: self.mode.mode(),
+            max_blackout: Duration::from_micros(self.max_blackout_us),
+            max_rounds: self.max_rounds,
+            checksums: self.checksums,
+            compression: self
+                .compress
+                .map_or(Compression::None, |level| Compression::Zstd { level }),
+            ..Policy::default()
+        }
+    }
+
+    fn transport(&self) -> Result<TransportKind> {
+        match self.transport {
+            TransportArg::Uring => Ok(TransportKind::Uring),
+            TransportArg::Tcp => Ok(TransportKind::Tcp),
+            TransportArg::Rdma => bail!(
+                "The RDMA transport is not wired into live migration yet (ferry_transport::rdma is built and unit-tested; see README's status table), and this machine has no RDMA device"
+            ),
+        }
+    }
+}
+
+/// Authentication.
+#[derive(Debug, Clone, Args)]
+pub struct AuthArgs {
+    /// File holding the pre-shared key (from `ferry keygen`); or set FERRY_KEY.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// Run without authentication: anyone who can connect can send you memory. Benchmarks only.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+}
+
+impl AuthArgs {
+    fn auth(&self) -> Result<Auth> {
+        if self.insecure_no_auth {
+            eprintln!(
+                "ferry: WARNING: --insecure-no-auth: this migration is NOT authenticated; any peer that can connect is trusted"
+            );
+            return Ok(Auth::Insecure);
+        }
+        let text = match (&self.key_file, std::env::var("FERRY_KEY")) {
+            (Some(p), _) => std::fs::read_to_string(p)
+                .with_context(|| format!("Cannot read key file {}", p.display()))?,
+            (None, Ok(k)) => k,
+            (None, Err(_)) => bail!(
+                "No key: give --key-file FILE (make one with `ferry keygen -o FILE`) or FERRY_KEY, or --insecure-no-auth"
+            ),
+        };
+        Ok(Auth::Psk(Psk::from_hex(&text).context("Invalid key")?))
+    }
+}
+
+/// `ferry send`.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// The receiver, HOST:PORT.
+    #[arg(long)]
+    pub to: SocketAddr,
+    /// Seconds to let the guest run before migrating.
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup_s: f64,
+    #[command(flatten)]
+    pub vm: VmArgs,
+    #[command(flatten)]
+    pub migrate: MigrateArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    /// One JSON object with the result on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `ferry recv`.
+#[derive(Debug, Args)]
+pub struct RecvArgs {
+    /// Address to listen on, ADDR:PORT (port 0 picks one; it is printed).
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Seconds to let the guest run on after the migration before checking it.
+    #[arg(long, default_value_t = 1.0)]
+    pub run_after_s: f64,
+    /// Seconds to wait for the sender.
+    #[arg(long, default_value_t = 120)]
+    pub wait_s: u64,
+    #[command(flatten)]
+    pub vm: VmArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    /// Print `LISTENING <addr>` and the result as one JSON line (used by `ferry demo`).
+    #[arg(long, hide = true)]
+    pub machine_output: bool,
+}
+
+/// `ferry demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
+    #[command(flatten)]
+    pub migrate: MigrateArgs,
+    /// Migrations to run.
+    #[arg(long, default_value_t = 1)]
+    pub runs: u32,
+    /// One JSON object per run on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn require_kvm() -> Result<()> {
+    if !ferry_kvm::kvm_available() {
+        bail!("/dev/kvm cannot be opened: this command needs KVM (run as root on a KVM host)");
+    }
+    Ok(())
+}
+
+fn progress_bar(json: bool) -> ProgressBar {
+    let pb = ProgressBar::new(100);
+    if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        pb.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}% {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+/// Runs the source side against `to`; returns the report as JSON (with guest statistics).
+fn run_source(
+    to: SocketAddr,
+    vm_args: &VmArgs,
+    margs: &MigrateArgs,
+    auth: Auth,
+    warmup: Duration,
+    json: bool,
+) -> Result<Value> {
+    require_kvm()?;
+    let cfg = vm_args.config()?;
+    let mut vm = KvmVm::new_source(&cfg).context("Cannot create the source VM")?;
+    vm.start().context("Cannot start the source VM")?;
+    std::thread::sleep(warmup);
+    if let Some(f) = vm.fault() {
+        bail!("The source guest failed before migration: {f}");
+    }
+    let policy = margs.policy();
+    let mem = vm.memory();
+    let layout = Layout::new(&*mem)?;
+    let opts = SessionOptions {
+        transport: margs.transport()?,
+        streams: margs.streams,
+        auth,
+        ..SessionOptions::default()
+    };
+    let (streams, _reg) = connect_source(&Endpoint::Tcp(to), &layout, &policy, &opts)
+        .with_context(|| format!("Cannot open a migration session to {to}"))?;
+    let mut dirty = vm.dirty_tracker();
+    let pb = progress_bar(json);
+    let t0 = Instant::now();
+    let mut on_progress = |p: &Progress| {
+        let pct = (p.pages_done.min(p.total_pages) * 100)
+            .checked_div(p.total_pages)
+            .unwrap_or(0);
+        pb.set_position(pct);
+        let phase = match p.phase {
+            Phase::Round(n) => format!("pre-copy round {n}"),
+            Phase::Switchover => "switchover".into(),
+            Phase::PostCopy => "post-copy".into(),
+            Phase::Verifying => "verifying".into(),
+        };
+        pb.set_message(format!(
+            "{phase}: {:.0} MiB sent, {} pages dirty",
+            p.bytes_sent as f64 / (1 << 20) as f64,
+            p.dirty_pages
+        ));
+    };
+    let result = migrate(
+        SourceVm {
+            memory: &*mem,
+            dirty: &mut dirty,
+            control: &mut vm,
+        },
+        streams,
+        &policy,
+        &mut on_progress,
+    );
+    pb.finish_and_clear();
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let running = vm.is_running();
+            return Err(anyhow!(e)).context(if running {
+                "Migration failed; the VM keeps running on the source"
+            } else {
+                "Migration failed"
+            });
+        }
+    };
+    let _ = t0;
+    let mut v = serde_json::to_value(&report)?;
+    v["vcpus"] = json!(cfg.vcpus);
+    v["workload"] = json!(vm_args.workload_name());
+    v["write_mib_s"] = json!(vm_args.write_mib_s);
+    v["dirty_mode"] = json!(format!("{:?}", vm.dirty_mode()));
+    Ok(v)
+}
+
+/// Runs the destination side on `listener`; returns its report as JSON, after letting the
+/// guest run on and checking it.
+fn run_dest(
+    listener: &SessionListener,
+    mut vm: KvmVm,
+    cfg: &VmConfig,
+    run_after: Duration,
+    wait: Duration,
+) -> Result<Value> {
+    let mem = vm.memory();
+    let layout = Layout::new(&*mem)?;
+    let opts = SessionOptions::default();
+    let (streams, _reg, params) =
+        accept_destination(listener, &layout, &opts, wait).context("No migration arrived")?;
+    let report = receive(
+        DestVm {
+            memory: &*mem,
+            control: &mut vm,
+        },
+        streams,
+        Duration::from_secs(60),
+    )
+    .context("Receiving the VM failed")?;
+    let before = vm.guest_stats();
+    std::thread::sleep(run_after);
+    let fault = vm.fault().map(|f| f.to_string());
+    use ferry_engine::vm::VmControl;
+    vm.pause()
+        .map_err(|e| anyhow!("Cannot pause the migrated VM: {e}"))?;
+    let after = vm.guest_stats();
+    let model = match cfg.workload {
+        Workload::Verifier => Some(
+            vm.verify_memory()
+                .context("Verifier model check failed to run")?,
+        ),
+        _ => None,
+    };
+    let serial = vm.serial_output();
+    Ok(json!({
+        "dest": serde_json::to_value(&report)?,
+        "negotiated_streams": params.streams,
+        "guest_progress_after": after.iterations.saturating_sub(before.iterations),
+        "guest_max_gap_us": after.max_gap_us,
+        "guest_stall_ms": after.stall_us_over_100 as f64 / 1000.0,
+        "guest_fault": fault,
+        "model_pages_checked": model.as_ref().map(|m| m.pages_checked),
+        "model_bad_pages": model.as_ref().map(|m| m.bad_pages),
+        "serial_tail": serial.chars().rev().take(400).collect::<String>().chars().rev().collect::<String>(),
+    }))
+}
+
+/// `ferry send`.
+pub fn send(a: SendArgs) -> Result<()> {
+    let auth = a.auth.auth()?;
+    let v = run_source(
+        a.to,
+        &a.vm,
+        &a.migrate,
+        auth,
+        Duration::from_secs_f64(a.warmup_s),
+        a.json,
+    )?;
+    if a.json {
+        println!("{v}");
+    } else {
+        print_source_summary(&v);
+    }
+    if v["verified"] != json!(true) {
+        bail!("The destination's memory digest does not match the source's");
+    }
+    Ok(())
+}
+
+/// `ferry recv`.
+pub fn recv(a: RecvArgs) -> Result<()> {
+    require_kvm()?;
+    let auth = a.auth.auth()?;
+    let cfg = a.vm.config()?;
+    // The VM exists before the listener, so the handshake insists on its memory map.
+    let vm = KvmVm::new_destination(&cfg).context("Cannot create the destination VM")?;
+    let layout = Layout::new(&*vm.memory())?;
+    let listener = SessionListener::bind(
+        &Endpoint::Tcp(a.listen),
+        server_config(&layout, auth, 16),
+        Duration::from_secs(10),
+    )?;
+    let ep = listener.endpoint()?;
+    if a.machine_output {
+        println!("LISTENING {ep}");
+        std::io::stdout().flush()?;
+    } else {
+        eprintln!("ferry: waiting for a migration on {ep}");
+    }
+    let v = run_dest(
+        &listener,
+        vm,
+        &cfg,
+        Duration::from_secs_f64(a.run_after_s),
+        Duration::from_secs(a.wait_s),
+    )?;
+    for r in listener.refusals() {
+        eprintln!("ferry: {r}");
+    }
+    if a.machine_output {
+        println!("RESULT {v}");
+    } else {
+        println!(
+            "received: verified {} | guest ran on: {} iterations, longest gap {} µs, stalls {:.2} ms{}",
+            v["dest"]["verified"],
+            v["guest_progress_after"],
+            v["guest_max_gap_us"],
+            v["guest_stall_ms"].as_f64().unwrap_or(0.0),
+            match v["model_bad_pages"].as_u64() {
+                Some(0) => format!(
+                    ", verifier model: all {} pages match",
+                    v["model_pages_checked"]
+                ),
+                Some(n) => format!(", verifier model: {n} pages WRONG"),
+                None => String::new(),
+            }
+        );
+    }
+    Ok(())
+}
+
+fn us(v: &Value) -> String {
+    v.as_f64().map_or("-".into(), |x| format!("{x:.0}"))
+}
+
+fn print_source_summary(v: &Value) {
+    let p = &v["blackout_phases_us"];
+    println!(
+        "ferry: {} migration of {} MiB over {} x{}: {}",
+        v["mode"].as_str().unwrap_or("?"),
+        v["mem_bytes"].as_u64().unwrap_or(0) >> 20,
+        v["transport"].as_str().unwrap_or("?"),
+        v["streams"],
+        if v["verified"] == json!(true) {
+            "VERIFIED"
+        } else {
+            "NOT VERIFIED"
+        }
+    );
+    println!(
+        "  blackout {} µs  (pause {} · harvest {} · save {} · send {} | dest apply {} · restore {} · resume {})",
+        us(&v["blackout_us"]),
+        us(&p["pause"]),
+        us(&p["harvest"]),
+        us(&p["save"]),
+        us(&p["send"]),
+        us(&p["apply"]),
+        us(&p["restore"]),
+        us(&p["resume"])
+    );
+    println!(
+        "  switchover {} after {} pre-copy rounds; total {:.1} ms; {:.1} MiB sent ({} data pages, {} zero pages skipped)",
+        v["switchover"].as_str().unwrap_or("?"),
+        v["rounds"],
+        v["total_ms"].as_f64().unwrap_or(0.0),
+        v["bytes_sent"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+        v["data_pages"],
+        v["zero_pages"]
+    );
+    let f = &v["faults"];
+    if f["count"].as_u64().unwrap_or(0) > 0 {
+        println!(
+            "  post-copy: {} stale pages, {} faults: p50 {} µs, p99 {} µs, max {} µs, total stall {:.2} ms",
+            v["stale_pages"],
+            f["count"],
+            f["p50_us"],
+            f["p99_us"],
+            f["max_us"],
+            f["total_stall_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
+}
+
+/// `ferry demo`: the source here, the destination in a child process on loopback.
+pub fn demo(a: DemoArgs) -> Result<()> {
+    require_kvm()?;
+    let key = Psk::generate().context("Cannot generate a session key")?;
+    let exe = std::env::current_exe().context("Cannot find the ferry executable")?;
+    for run in 1..=a.runs {
+        let mut child = Command::new(&exe);
+        child
+            .arg("recv")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--machine-output")
+            .arg("--run-after-s")
+            .arg("0.5")
+            .args(vm_arg_list(&a.vm))
+            .env("FERRY_KEY", key.to_hex())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = child
+            .spawn()
+            .context("Cannot start the destination process")?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("No stdout from the destination"))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let addr: SocketAddr = loop {
+            let line = lines
+                .next()
+                .ok_or_else(|| anyhow!("The destination process exited before listening"))??;
+            if let Some(rest) = line.strip_prefix("LISTENING tcp:") {
+                break rest
+                    .trim()
+                    .parse()
+                    .context("Bad address from the destination")?;
+            }
+        };
+        if !a.json {
+            eprintln!(
+                "ferry demo (run {run}/{}): source VM ({} MiB, {} vCPUs, {} guest) in this process, destination process {} on {addr}",
+                a.runs,
+                a.vm.mem_mib,
+                a.vm.vcpus,
+                a.vm.workload_name(),
+                child.id()
+            );
+        }
+        let source = run_source(
+            addr,
+            &a.vm,
+            &a.migrate,
+            Auth::Psk(key.clone()),
+            Duration::from_millis(500),
+            a.json,
+        );
+        let mut dest_result = None;
+        for line in lines.map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix("RESULT ") {
+                dest_result = Some(serde_json::from_str::<Value>(rest)?);
+            }
+        }
+        let status = child.wait()?;
+        let mut v = source?;
+        let d = dest_result
+            .ok_or_else(|| anyhow!("The destination process gave no result ({status})"))?;
+        for k in [
+            "guest_max_gap_us",
+            "guest_stall_ms",
+            "guest_progress_after",
+            "guest_fault",
+            "model_pages_checked",
+            "model_bad_pages",
+        ] {
+            v[k] = d[k].clone();
+        }
+        v["run"] = json!(run);
+        v["suite"] = json!("demo");
+        let model_ok = d["model_bad_pages"].as_u64().is_none_or(|n| n == 0);
+        let progressed = d["guest_progress_after"].as_u64().unwrap_or(0) > 0
+            || a.vm.workload == WorkloadArg::Idle;
+        v["verified"] =
+            json!(v["verified"] == json!(true) && model_ok && d["guest_fault"].is_null());
+        if a.json {
+            println!("{v}");
+        } else {
+            print_source_summary(&v);
+            println!(
+                "  guest, measured from inside: longest gap {} µs, stalls over 100 µs {:.2} ms; after migration it ran {} more iterations{}",
+                v["guest_max_gap_us"],
+                v["guest_stall_ms"].as_f64().unwrap_or(0.0),
+                v["guest_progress_after"],
+                match d["model_bad_pages"].as_u64() {
+                    Some(0) => format!(
+                        "; verifier model: all {} pages match",
+                        d["model_pages_checked"]
+                    ),
+                    Some(n) => format!("; verifier model: {n} pages WRONG"),
+                    None => String::new(),
+                }
+            );
+        }
+        if v["verified"] != json!(true) || !progressed {
+            bail!("Run {run}: the migrated guest did not check out (see above)");
+        }
+    }
+    Ok(())
+}
+
+fn vm_arg_list(v: &VmArgs) -> Vec<String> {
+    let mut a = vec![
+        "--mem-mib".into(),
+        v.mem_mib.to_string(),
+        "--vcpus".into(),
+        v.vcpus.to_string(),
+        "--workload".into(),
+        v.workload_name().replace("kernel", "verifier"),
+        "--write-mib-s".into(),
+        v.write_mib_s.to_string(),
+        "--working-set-mib".into(),
+        v.working_set_mib.to_string(),
+        "--dirty".into(),
+        v.dirty.clone(),
+    ];
+    if let Some(k) = &v.kernel {
+        a.push("--kernel".into());
+        a.push(k.display().to_string());
+        a.push("--append".into());
+        a.push(v.append.clone());
+    }
+    if v.anonymous {
+        a.push("--anonymous".into());
+    }
+    a
+}
