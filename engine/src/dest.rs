@@ -408,6 +408,7 @@ impl<'s, 'a> DestRun<'s, 'a> {
                             thread::Builder::new()
                                 .name("ferry-faults".into())
                                 .spawn_scoped(s, move || {
+                                    raise_priority();
                                     if let Err(e) = fault_loop(shared, &req_tx) {
                                         let _ = note_tx.send(Note::Failed(e));
                                     }
@@ -417,6 +418,7 @@ impl<'s, 'a> DestRun<'s, 'a> {
                             thread::Builder::new()
                                 .name("ferry-requests".into())
                                 .spawn_scoped(s, move || {
+                                    raise_priority();
                                     if let Err(e) = request_loop(shared, requests, &req_rx) {
                                         let _ = note_tx.send(Note::Failed(e));
                                     }
@@ -426,6 +428,7 @@ impl<'s, 'a> DestRun<'s, 'a> {
                             thread::Builder::new()
                                 .name("ferry-replies".into())
                                 .spawn_scoped(s, move || {
+                                    raise_priority();
                                     if let Err(e) = reply_loop(shared, replies) {
                                         let _ = note_tx.send(Note::Failed(e));
                                     }
@@ -641,6 +644,15 @@ impl Shared<'_> {
 
     fn zero_hash(&self, gpa: u64) -> u64 {
         page_hash(gpa, &self.zero_hash_scratch)
+    }
+}
+
+/// The post-copy fault path (fault reader, requester, reply placer) must not queue behind bulk
+/// receivers or vCPUs for the CPU: raise its threads' priority (needs `CAP_SYS_NICE`).
+fn raise_priority() {
+    use ferry_transport::urgent::{Priority, raise_thread_priority};
+    if let Err(e) = raise_thread_priority(Priority::default()) {
+        debug!(%e, "fault-path thread keeps normal priority");
     }
 }
 

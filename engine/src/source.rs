@@ -174,6 +174,11 @@ pub fn migrate(
                     thread::Builder::new()
                         .name("ferry-src-urgent".into())
                         .spawn_scoped(s, move || {
+                            if let Err(e) = ferry_transport::urgent::raise_thread_priority(
+                                ferry_transport::urgent::Priority::default(),
+                            ) {
+                                debug!(%e, "urgent server keeps normal priority");
+                            }
                             let r = serve_urgent(u, layout, to_send, hint_tx, checksums);
                             if let Err(e) = &r {
                                 warn!(error = %ferry_protocol::handshake::error_chain(e), "urgent server failed");
