@@ -3,9 +3,9 @@
 # Installs what the build and the tests need on a fresh Debian machine, and checks the kernel
 # features the tests use. The default build needs no apt package; the `rdma` feature (sideway ->
 # rdma-mummy-sys) needs cmake and clang/libclang at build time and dlopens libibverbs/librdmacm
-# at run time.
+# at run time; the HTML report test renders in headless chromium.
 set -euo pipefail
-pkgs=(cmake clang libclang-dev libibverbs1 librdmacm1 ibverbs-providers)
+pkgs=(cmake clang libclang-dev libibverbs1 librdmacm1 ibverbs-providers chromium)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -1,0 +1,155 @@
+// SPDX-License-Identifier: Apache-2.0 OR MIT
+//! The `ferry` binary end to end: help, keygen, and a live migration of a real KVM guest
+//! between two processes (skipped without /dev/kvm unless FERRY_REQUIRE_CAPS=1).
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use anyhow::{Context, Result, ensure};
+
+    fn ferry() -> Command {
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+    }
+
+    fn kvm_or_skip() -> bool {
+        if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok() {
+            return true;
+        }
+        assert!(
+            std::env::var("FERRY_REQUIRE_CAPS").as_deref() != Ok("1"),
+            "/dev/kvm required (FERRY_REQUIRE_CAPS=1) but cannot be opened"
+        );
+        eprintln!("SKIP: /dev/kvm cannot be opened");
+        false
+    }
+
+    #[test]
+    fn help_lists_every_subcommand() -> Result<()> {
+        let out = ferry().arg("--help").output()?;
+        ensure!(out.status.success());
+        let text = String::from_utf8(out.stdout)?;
+        for sub in ["demo", "send", "recv", "bench", "report", "keygen"] {
+            ensure!(text.contains(sub), "--help lacks {sub}: {text}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn keygen_writes_a_usable_key() -> Result<()> {
+        let out = ferry().arg("keygen").output()?;
+        ensure!(out.status.success());
+        let key = String::from_utf8(out.stdout)?;
+        ensure!(key.trim().len() == 64 && key.trim().chars().all(|c| c.is_ascii_hexdigit()));
+        ferry_protocol::Psk::from_hex(&key).context("keygen output does not parse")?;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("key");
+        ensure!(ferry().args(["keygen", "-o"]).arg(&path).status()?.success());
+        // Refuses to overwrite.
+        ensure!(!ferry().args(["keygen", "-o"]).arg(&path).status()?.success());
+        Ok(())
+    }
+
+    #[test]
+    fn send_without_key_is_refused_clearly() -> Result<()> {
+        let out = ferry()
+            .args(["send", "--to", "127.0.0.1:9"])
+            .env_remove("FERRY_KEY")
+            .output()?;
+        ensure!(!out.status.success());
+        let err = String::from_utf8(out.stderr)?;
+        ensure!(err.contains("No key"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn demo_migrates_a_kvm_guest_precopy() -> Result<()> {
+        if !kvm_or_skip() {
+            return Ok(());
+        }
+        let out = ferry()
+            .args([
+                // The verifier rewrites all its memory, so pre-copy cannot converge to a small
+                // blackout: a generous budget makes this a stop-and-copy after round 1, which
+                // still checks every page against the guest's memory model.
+                "demo", "--mode", "precopy", "--mem-mib", "64", "--vcpus", "1", "--workload",
+                "verifier", "--json", "--max-blackout-us", "30000000",
+            ])
+            .output()?;
+        let stdout = String::from_utf8(out.stdout)?;
+        let stderr = String::from_utf8(out.stderr)?;
+        ensure!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
+        let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))?;
+        ensure!(v["verified"] == serde_json::json!(true), "{v}");
+        ensure!(v["model_bad_pages"] == serde_json::json!(0), "{v}");
+        ensure!(v["guest_progress_after"].as_u64().unwrap_or(0) > 0, "{v}");
+        for k in ["mode", "mem_bytes", "vcpus", "workload", "transport", "streams", "blackout_us",
+                  "blackout_phases_us", "total_ms", "bytes_sent", "rounds", "faults",
+                  "guest_max_gap_us", "guest_stall_ms"] {
+            ensure!(!v[k].is_null(), "missing {k}: {v}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn demo_over_tcp_with_checksums_in_hybrid() -> Result<()> {
+        if !kvm_or_skip() {
+            return Ok(());
+        }
+        let out = ferry()
+            .args([
+                "demo", "--mode", "hybrid", "--mem-mib", "64", "--vcpus", "1", "--workload",
+                "writer", "--write-mib-s", "20", "--working-set-mib", "8", "--transport", "tcp",
+                "--streams", "4", "--checksums", "--json", "--max-blackout-us", "20000",
+            ])
+            .output()?;
+        let stdout = String::from_utf8(out.stdout)?;
+        ensure!(out.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))?;
+        ensure!(v["verified"] == serde_json::json!(true), "{v}");
+        ensure!(v["streams"] == serde_json::json!(4), "{v}");
+        Ok(())
+    }
+
+    /// A destination that disappears during pre-copy leaves the source VM running.
+    #[test]
+    fn connection_cut_in_precopy_leaves_the_source_running() -> Result<()> {
+        use std::io::{BufRead, BufReader};
+        use std::process::Stdio;
+        use std::time::Duration;
+        if !kvm_or_skip() {
+            return Ok(());
+        }
+        let vm = ["--mem-mib", "64", "--vcpus", "1", "--workload", "verifier"];
+        let mut recv = ferry()
+            .args(["recv", "--listen", "127.0.0.1:0", "--machine-output", "--insecure-no-auth"])
+            .args(vm)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = recv.stdout.take().context("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            let line = lines.next().context("recv exited")??;
+            if let Some(a) = line.strip_prefix("LISTENING tcp:") {
+                break a.trim().to_string();
+            }
+        };
+        let send = ferry()
+            .args(["send", "--to", &addr, "--insecure-no-auth", "--mode", "precopy"])
+            .args(["--max-blackout-us", "1", "--max-rounds", "1000", "--warmup-s", "0.2"])
+            .args(vm)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        // Let a few rounds go, then cut the connection by killing the destination.
+        std::thread::sleep(Duration::from_secs(2));
+        recv.kill()?;
+        let _ = recv.wait();
+        let out = send.wait_with_output()?;
+        let err = String::from_utf8(out.stderr)?;
+        ensure!(!out.status.success(), "send should fail");
+        ensure!(err.contains("the VM keeps running on the source"), "{err}");
+        Ok(())
+    }
+}
