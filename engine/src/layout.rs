@@ -170,7 +170,7 @@ impl Layout {
     }
 }
 
-/// Converts a protocol range to a transport range.
-pub fn tr(r: GpaRange) -> ferry_transport::GpaRange {
-    ferry_transport::GpaRange::new(r.gpa, r.len)
+/// Identity: the transport uses the protocol's range type. (Kept until every caller dropped it.)
+pub(crate) fn tr(r: GpaRange) -> GpaRange {
+    r
 }

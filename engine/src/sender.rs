@@ -13,7 +13,7 @@ use ferry_protocol::{Frame, GpaRange};
 use ferry_transport::DataStream;
 
 use crate::error::MigrateError;
-use crate::layout::{Layout, tr};
+use crate::layout::Layout;
 use crate::pages::{is_zero, page_hash};
 use crate::policy::Compression;
 
@@ -123,9 +123,8 @@ impl Worker<'_> {
 
     /// The stream's counters.
     fn send(&mut self, header: &[u8], ranges: &[GpaRange]) -> Result<(), MigrateError> {
-        let tr_ranges: Vec<_> = ranges.iter().map(|r| tr(*r)).collect();
         self.stream
-            .send_frame(header, &tr_ranges)
+            .send_frame(header, ranges)
             .map_err(|source| MigrateError::Stream {
                 stream: self.index,
                 source,

@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::digest;
 use crate::error::MigrateError;
-use crate::layout::{Layout, tr};
+use crate::layout::Layout;
 use crate::policy::{OnStall, Policy};
 use crate::report::{BlackoutPhases, FaultReport, MigrationReport, RoundStats, StreamReport};
 use crate::sender::{Counters, Done, Work, Worker};
@@ -115,6 +115,9 @@ struct Run<'s, 'a> {
     fault_stats: Option<FaultReport>,
     verified: Option<(bool, [u8; 16])>,
     resumed: Option<ferry_protocol::frame::ResumeTimings>,
+    /// Barrier completions that `check_workers` took off the channel while `barrier` was still
+    /// queueing work; `barrier` counts them first (else it waits for them forever).
+    early_barriers: Vec<u32>,
 }
 
 /// Migrates the VM to the peer at the other end of `streams`. Returns the report; see the
@@ -215,6 +218,7 @@ pub fn migrate(
             fault_stats: None,
             verified: None,
             resumed: None,
+            early_barriers: Vec::new(),
         };
         let r = run.drive(vm, &to_send, &hint_rx);
         if let Err(e) = &r {
@@ -468,8 +472,10 @@ impl Run<'_, '_> {
 
     fn check_workers(&mut self) -> Result<(), MigrateError> {
         while let Ok(d) = self.done.try_recv() {
-            if let Done::Failed { error, .. } = d {
-                return Err(error);
+            match d {
+                Done::Failed { error, .. } => return Err(error),
+                Done::Barrier { round } => self.early_barriers.push(round),
+                Done::Ended => {}
             }
         }
         Ok(())
@@ -480,7 +486,9 @@ impl Run<'_, '_> {
         for s in 0..self.stream_count {
             self.send_work(s, Work::Barrier(round), phase)?;
         }
-        let mut left = self.stream_count;
+        let early = self.early_barriers.iter().filter(|r| **r == round).count();
+        self.early_barriers.retain(|r| *r != round);
+        let mut left = self.stream_count.saturating_sub(early);
         let deadline = Instant::now() + self.policy.timeout;
         while left > 0 {
             match self.done.recv_timeout(Duration::from_millis(20)) {
@@ -939,9 +947,7 @@ fn serve_urgent(
                     range,
                     checksums,
                 };
-                stream
-                    .send_frame(&reply.encode(), &[tr(range)])
-                    .map_err(err)?;
+                stream.send_frame(&reply.encode(), &[range]).map_err(err)?;
                 stream.flush().map_err(err)?;
                 for p in first..first + range.len / ps {
                     to_send.take(p);

@@ -1,346 +1,352 @@
 // SPDX-License-Identifier: Apache-2.0 OR MIT
 //! End-to-end migrations of process memory written by live writer threads, over loopback, in
 //! every mode, verified by the whole-memory digest.
-#![allow(clippy::unwrap_used)]
 
-use std::net::{Ipv4Addr, SocketAddr};
-use std::thread;
-use std::time::Duration;
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
 
-use anyhow::{Context, Result};
-use ferry_engine::dest::{DestVm, receive};
-use ferry_engine::layout::Layout;
-use ferry_engine::memory::MemBacking;
-use ferry_engine::policy::{Mode, Policy};
-use ferry_engine::procmem::{ProcVmConfig, ProcessVm, WritePattern};
-use ferry_engine::session::{SessionOptions, accept_destination, connect_source, server_config};
-use ferry_engine::source::{SourceVm, migrate};
-use ferry_engine::vm::VmControl;
-use ferry_protocol::handshake::{Auth, Psk, TransportKind};
-use ferry_transport::session::SessionListener;
-use ferry_transport::{Endpoint, MemoryRegistration};
+    use std::net::{Ipv4Addr, SocketAddr};
+    use std::thread;
+    use std::time::Duration;
 
-fn uffd_available() -> bool {
-    match ferry_engine::uffd::Uffd::open(false, ferry_engine::uffd::Features::NONE) {
-        Ok(_) => true,
-        Err(e) => {
-            if std::env::var("FERRY_REQUIRE_CAPS").is_ok_and(|v| v == "1") {
-                panic!("userfaultfd required (FERRY_REQUIRE_CAPS=1) but unavailable: {e}");
+    use anyhow::{Context, Result};
+    use ferry_engine::dest::{DestVm, receive};
+    use ferry_engine::layout::Layout;
+    use ferry_engine::memory::MemBacking;
+    use ferry_engine::policy::{Mode, Policy};
+    use ferry_engine::procmem::{ProcVmConfig, ProcessVm, WritePattern};
+    use ferry_engine::session::{
+        SessionOptions, accept_destination, connect_source, server_config,
+    };
+    use ferry_engine::source::{SourceVm, migrate};
+    use ferry_engine::vm::VmControl;
+    use ferry_protocol::handshake::{Auth, Psk, TransportKind};
+    use ferry_transport::session::SessionListener;
+    use ferry_transport::{Endpoint, MemoryRegistration};
+
+    fn uffd_available() -> bool {
+        match ferry_engine::uffd::Uffd::open(false, ferry_engine::uffd::Features::NONE) {
+            Ok(_) => true,
+            Err(e) => {
+                if std::env::var("FERRY_REQUIRE_CAPS").is_ok_and(|v| v == "1") {
+                    panic!("userfaultfd required (FERRY_REQUIRE_CAPS=1) but unavailable: {e}");
+                }
+                eprintln!("SKIP: userfaultfd unavailable: {e}");
+                false
             }
-            eprintln!("SKIP: userfaultfd unavailable: {e}");
-            false
         }
     }
-}
 
-struct Outcome {
-    source: ferry_engine::MigrationReport,
-    dest: ferry_engine::dest::DestReport,
-    dest_writes_after: u64,
-}
+    struct Outcome {
+        source: ferry_engine::MigrationReport,
+        dest: ferry_engine::dest::DestReport,
+        dest_writes_after: u64,
+    }
 
-fn init_log() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
+    fn init_log() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
 
-fn run(
-    mode: Mode,
-    backing: MemBacking,
-    transport: TransportKind,
-    streams: u16,
-    rate: Option<u64>,
-) -> Result<Outcome> {
-    init_log();
-    let cfg = ProcVmConfig {
-        mem_bytes: 32 << 20,
-        regions: 2,
-        backing,
-        writers: 1,
-        write_mib_s: rate,
-        pattern: WritePattern::HotSet,
-        seed: 7,
-        fill_percent: 40,
-        ..ProcVmConfig::default()
-    };
-    let key = Auth::Psk(Psk::from_bytes([3; 32]));
-    let mut src = ProcessVm::new(cfg.clone())?;
-    src.start()?;
-    let mut dst = ProcessVm::new_destination(&cfg)?;
-    let dst_mem = dst.memory();
-    let layout_d = Layout::new(&*dst_mem)?;
-    let listener = SessionListener::bind(
-        &Endpoint::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
-        server_config(&layout_d, key.clone(), 8),
-        Duration::from_secs(10),
-    )?;
-    let ep = listener.endpoint()?;
-    let opts = SessionOptions {
-        transport,
-        streams,
-        auth: key,
-        ..SessionOptions::default()
-    };
-    let policy = Policy {
-        mode,
-        max_blackout: Duration::from_millis(5),
-        max_rounds: 8,
-        checksums: true,
-        timeout: Duration::from_secs(30),
-        ..Policy::default()
-    };
-    let dest_opts = opts.clone();
-    let dest = thread::spawn(move || -> Result<(ferry_engine::dest::DestReport, u64)> {
-        let (streams, reg, _params) =
-            accept_destination(&listener, &layout_d, &dest_opts, Duration::from_secs(20))?;
-        let report = receive(
-            DestVm {
-                memory: &*dst_mem,
-                control: &mut dst,
+    fn run(
+        mode: Mode,
+        backing: MemBacking,
+        transport: TransportKind,
+        streams: u16,
+        rate: Option<u64>,
+    ) -> Result<Outcome> {
+        init_log();
+        let cfg = ProcVmConfig {
+            mem_bytes: 32 << 20,
+            regions: 2,
+            backing,
+            writers: 1,
+            write_mib_s: rate,
+            pattern: WritePattern::HotSet,
+            seed: 7,
+            fill_percent: 40,
+            ..ProcVmConfig::default()
+        };
+        let key = Auth::Psk(Psk::from_bytes([3; 32]));
+        let mut src = ProcessVm::new(cfg.clone())?;
+        src.start()?;
+        let mut dst = ProcessVm::new_destination(&cfg)?;
+        let dst_mem = dst.memory();
+        let layout_d = Layout::new(&*dst_mem)?;
+        let listener = SessionListener::bind(
+            &Endpoint::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
+            server_config(&layout_d, key.clone(), 8),
+            Duration::from_secs(10),
+        )?;
+        let ep = listener.endpoint()?;
+        let opts = SessionOptions {
+            transport,
+            streams,
+            auth: key,
+            ..SessionOptions::default()
+        };
+        let policy = Policy {
+            mode,
+            max_blackout: Duration::from_millis(5),
+            max_rounds: 8,
+            checksums: true,
+            timeout: Duration::from_secs(30),
+            ..Policy::default()
+        };
+        let dest_opts = opts.clone();
+        let dest = thread::spawn(move || -> Result<(ferry_engine::dest::DestReport, u64)> {
+            let (streams, reg, _params) =
+                accept_destination(&listener, &layout_d, &dest_opts, Duration::from_secs(20))?;
+            let report = receive(
+                DestVm {
+                    memory: &*dst_mem,
+                    control: &mut dst,
+                },
+                streams,
+                Duration::from_secs(30),
+            )?;
+            drop(reg);
+            // The writers run on at the destination.
+            thread::sleep(Duration::from_millis(50));
+            let writes = dst.stats().writes;
+            dst.pause().map_err(|e| anyhow::anyhow!("pause: {e}"))?;
+            Ok((report, writes))
+        });
+        let src_mem = src.memory();
+        let layout_s = Layout::new(&*src_mem)?;
+        let (streams, reg): (_, std::sync::Arc<MemoryRegistration>) =
+            connect_source(&ep, &layout_s, &policy, &opts)?;
+        let mut tracker = src.tracker();
+        let source = migrate(
+            SourceVm {
+                memory: &*src_mem,
+                dirty: &mut tracker,
+                control: &mut src,
             },
             streams,
-            Duration::from_secs(30),
+            &policy,
+            &mut |_| {},
         )?;
         drop(reg);
-        // The writers run on at the destination.
-        thread::sleep(Duration::from_millis(50));
-        let writes = dst.stats().writes;
-        dst.pause().map_err(|e| anyhow::anyhow!("pause: {e}"))?;
-        Ok((report, writes))
-    });
-    let src_mem = src.memory();
-    let layout_s = Layout::new(&*src_mem)?;
-    let (streams, reg): (_, std::sync::Arc<MemoryRegistration>) =
-        connect_source(&ep, &layout_s, &policy, &opts)?;
-    let mut tracker = src.tracker();
-    let source = migrate(
-        SourceVm {
-            memory: &*src_mem,
-            dirty: &mut tracker,
-            control: &mut src,
-        },
-        streams,
-        &policy,
-        &mut |_| {},
-    )?;
-    drop(reg);
-    let (dest, dest_writes_after) = dest
-        .join()
-        .map_err(|_| anyhow::anyhow!("destination panicked"))??;
-    Ok(Outcome {
-        source,
-        dest,
-        dest_writes_after,
-    })
-}
-
-fn check(o: &Outcome, switchover: &str) {
-    let r = &o.source;
-    eprintln!(
-        "{} {}: rounds {} blackout {:.0} µs {:?} stale {} faults {} p50 {} µs, bytes {} verified {}",
-        r.mode,
-        r.transport,
-        r.rounds,
-        r.blackout_us,
-        r.blackout_phases_us,
-        r.stale_pages,
-        r.faults.count,
-        r.faults.p50_us,
-        r.bytes_sent,
-        r.verified
-    );
-    assert!(r.verified, "source digest not confirmed");
-    assert!(o.dest.verified, "destination digest mismatch");
-    assert_eq!(r.digest, o.dest.digest);
-    assert_eq!(r.switchover, switchover);
-    assert!(
-        o.dest_writes_after > 0,
-        "writers did not continue at the destination"
-    );
-    assert!(r.zero_pages > 0, "zero pages were not detected");
-}
-
-#[test]
-fn precopy_with_writers_over_uring() -> Result<()> {
-    let o = run(
-        Mode::PreCopy,
-        MemBacking::Anonymous,
-        TransportKind::Uring,
-        2,
-        Some(4),
-    )
-    .context("migration")?;
-    check(&o, "stop-and-copy");
-    assert!(o.source.rounds >= 1);
-    Ok(())
-}
-
-#[test]
-fn precopy_over_tcp_four_streams() -> Result<()> {
-    let o = run(
-        Mode::PreCopy,
-        MemBacking::Memfd,
-        TransportKind::Tcp,
-        4,
-        Some(2),
-    )?;
-    check(&o, "stop-and-copy");
-    Ok(())
-}
-
-#[test]
-fn postcopy_anonymous() -> Result<()> {
-    if !uffd_available() {
-        return Ok(());
+        let (dest, dest_writes_after) = dest
+            .join()
+            .map_err(|_| anyhow::anyhow!("destination panicked"))??;
+        Ok(Outcome {
+            source,
+            dest,
+            dest_writes_after,
+        })
     }
-    let o = run(
-        Mode::PostCopy,
-        MemBacking::Anonymous,
-        TransportKind::Uring,
-        2,
-        None,
-    )?;
-    check(&o, "post-copy");
-    assert_eq!(o.source.rounds, 0);
-    assert_eq!(o.source.stale_pages, (32 << 20) / 4096);
-    Ok(())
-}
 
-#[test]
-fn postcopy_memfd() -> Result<()> {
-    if !uffd_available() {
-        return Ok(());
+    fn check(o: &Outcome, switchover: &str) {
+        let r = &o.source;
+        eprintln!(
+            "{} {}: rounds {} blackout {:.0} µs {:?} stale {} faults {} p50 {} µs, bytes {} verified {}",
+            r.mode,
+            r.transport,
+            r.rounds,
+            r.blackout_us,
+            r.blackout_phases_us,
+            r.stale_pages,
+            r.faults.count,
+            r.faults.p50_us,
+            r.bytes_sent,
+            r.verified
+        );
+        assert!(r.verified, "source digest not confirmed");
+        assert!(o.dest.verified, "destination digest mismatch");
+        assert_eq!(r.digest, o.dest.digest);
+        assert_eq!(r.switchover, switchover);
+        assert!(
+            o.dest_writes_after > 0,
+            "writers did not continue at the destination"
+        );
+        assert!(r.zero_pages > 0, "zero pages were not detected");
     }
-    let o = run(
-        Mode::PostCopy,
-        MemBacking::Memfd,
-        TransportKind::Tcp,
-        2,
-        None,
-    )?;
-    check(&o, "post-copy");
-    Ok(())
-}
 
-#[test]
-fn hybrid_switches_to_postcopy_under_heavy_writes() -> Result<()> {
-    if !uffd_available() {
-        return Ok(());
+    #[test]
+    fn precopy_with_writers_over_uring() -> Result<()> {
+        let o = run(
+            Mode::PreCopy,
+            MemBacking::Anonymous,
+            TransportKind::Uring,
+            2,
+            Some(4),
+        )
+        .context("migration")?;
+        check(&o, "stop-and-copy");
+        assert!(o.source.rounds >= 1);
+        Ok(())
     }
-    // Unlimited writers never converge to a 5 ms blackout: hybrid must switch to post-copy.
-    let o = run(
-        Mode::Hybrid,
-        MemBacking::Memfd,
-        TransportKind::Uring,
-        2,
-        None,
-    )?;
-    check(&o, "post-copy");
-    assert!(o.source.rounds >= 1);
-    Ok(())
-}
 
-/// The destination's memory is byte-identical to the paused source's when the destination
-/// VM is not resumed (its writers would change it): dirty tracking lost nothing.
-#[test]
-fn precopy_copies_memory_byte_exact() -> Result<()> {
-    init_log();
-    let cfg = ProcVmConfig {
-        mem_bytes: 16 << 20,
-        regions: 2,
-        backing: MemBacking::Anonymous,
-        writers: 1,
-        write_mib_s: Some(2),
-        pattern: WritePattern::HotSet,
-        seed: 11,
-        fill_percent: 40,
-        ..ProcVmConfig::default()
-    };
-    let mut src = ProcessVm::new(cfg.clone())?;
-    src.start()?;
-    let mut dst = ProcessVm::new_destination(&cfg)?;
-    let dst_mem = dst.memory();
-    let layout_d = Layout::new(&*dst_mem)?;
-    let listener = SessionListener::bind(
-        &Endpoint::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
-        server_config(&layout_d, Auth::Insecure, 8),
-        Duration::from_secs(10),
-    )?;
-    let ep = listener.endpoint()?;
-    let opts = SessionOptions {
-        transport: TransportKind::Tcp,
-        streams: 4,
-        ..SessionOptions::default()
-    };
-    let policy = Policy {
-        mode: Mode::PreCopy,
-        max_blackout: Duration::from_millis(5),
-        max_rounds: 8,
-        checksums: true,
-        ..Policy::default()
-    };
-    let dest_opts = opts.clone();
-    let dm = dst_mem.clone();
-    let dest = thread::spawn(move || -> Result<()> {
-        let (streams, _reg, _) =
-            accept_destination(&listener, &layout_d, &dest_opts, Duration::from_secs(20))?;
-        /// Restores but never resumes, so the received memory stays as placed.
-        struct NoResume<'a>(&'a mut ProcessVm);
-        impl VmControl for NoResume<'_> {
-            fn pause(&mut self) -> Result<(), ferry_engine::vm::BoxError> {
-                Ok(())
-            }
-            fn save_state(&mut self) -> Result<Vec<u8>, ferry_engine::vm::BoxError> {
-                self.0.save_state()
-            }
-            fn restore_state(&mut self, b: &[u8]) -> Result<(), ferry_engine::vm::BoxError> {
-                self.0.restore_state(b)
-            }
-            fn resume(&mut self) -> Result<(), ferry_engine::vm::BoxError> {
-                Ok(())
-            }
+    #[test]
+    fn precopy_over_tcp_four_streams() -> Result<()> {
+        let o = run(
+            Mode::PreCopy,
+            MemBacking::Memfd,
+            TransportKind::Tcp,
+            4,
+            Some(2),
+        )?;
+        check(&o, "stop-and-copy");
+        Ok(())
+    }
+
+    #[test]
+    fn postcopy_anonymous() -> Result<()> {
+        if !uffd_available() {
+            return Ok(());
         }
-        receive(
-            DestVm {
-                memory: &*dm,
-                control: &mut NoResume(&mut dst),
+        let o = run(
+            Mode::PostCopy,
+            MemBacking::Anonymous,
+            TransportKind::Uring,
+            2,
+            None,
+        )?;
+        check(&o, "post-copy");
+        assert_eq!(o.source.rounds, 0);
+        assert_eq!(o.source.stale_pages, (32 << 20) / 4096);
+        Ok(())
+    }
+
+    #[test]
+    fn postcopy_memfd() -> Result<()> {
+        if !uffd_available() {
+            return Ok(());
+        }
+        let o = run(
+            Mode::PostCopy,
+            MemBacking::Memfd,
+            TransportKind::Tcp,
+            2,
+            None,
+        )?;
+        check(&o, "post-copy");
+        Ok(())
+    }
+
+    #[test]
+    fn hybrid_switches_to_postcopy_under_heavy_writes() -> Result<()> {
+        if !uffd_available() {
+            return Ok(());
+        }
+        // Unlimited writers never converge to a 5 ms blackout: hybrid must switch to post-copy.
+        let o = run(
+            Mode::Hybrid,
+            MemBacking::Memfd,
+            TransportKind::Uring,
+            2,
+            None,
+        )?;
+        check(&o, "post-copy");
+        assert!(o.source.rounds >= 1);
+        Ok(())
+    }
+
+    /// The destination's memory is byte-identical to the paused source's when the destination
+    /// VM is not resumed (its writers would change it): dirty tracking lost nothing.
+    #[test]
+    fn precopy_copies_memory_byte_exact() -> Result<()> {
+        init_log();
+        let cfg = ProcVmConfig {
+            mem_bytes: 16 << 20,
+            regions: 2,
+            backing: MemBacking::Anonymous,
+            writers: 1,
+            write_mib_s: Some(2),
+            pattern: WritePattern::HotSet,
+            seed: 11,
+            fill_percent: 40,
+            ..ProcVmConfig::default()
+        };
+        let mut src = ProcessVm::new(cfg.clone())?;
+        src.start()?;
+        let mut dst = ProcessVm::new_destination(&cfg)?;
+        let dst_mem = dst.memory();
+        let layout_d = Layout::new(&*dst_mem)?;
+        let listener = SessionListener::bind(
+            &Endpoint::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
+            server_config(&layout_d, Auth::Insecure, 8),
+            Duration::from_secs(10),
+        )?;
+        let ep = listener.endpoint()?;
+        let opts = SessionOptions {
+            transport: TransportKind::Tcp,
+            streams: 4,
+            ..SessionOptions::default()
+        };
+        let policy = Policy {
+            mode: Mode::PreCopy,
+            max_blackout: Duration::from_millis(5),
+            max_rounds: 8,
+            checksums: true,
+            ..Policy::default()
+        };
+        let dest_opts = opts.clone();
+        let dm = dst_mem.clone();
+        let dest = thread::spawn(move || -> Result<()> {
+            let (streams, _reg, _) =
+                accept_destination(&listener, &layout_d, &dest_opts, Duration::from_secs(20))?;
+            /// Restores but never resumes, so the received memory stays as placed.
+            struct NoResume<'a>(&'a mut ProcessVm);
+            impl VmControl for NoResume<'_> {
+                fn pause(&mut self) -> Result<(), ferry_engine::vm::BoxError> {
+                    Ok(())
+                }
+                fn save_state(&mut self) -> Result<Vec<u8>, ferry_engine::vm::BoxError> {
+                    self.0.save_state()
+                }
+                fn restore_state(&mut self, b: &[u8]) -> Result<(), ferry_engine::vm::BoxError> {
+                    self.0.restore_state(b)
+                }
+                fn resume(&mut self) -> Result<(), ferry_engine::vm::BoxError> {
+                    Ok(())
+                }
+            }
+            receive(
+                DestVm {
+                    memory: &*dm,
+                    control: &mut NoResume(&mut dst),
+                },
+                streams,
+                Duration::from_secs(30),
+            )?;
+            Ok(())
+        });
+        let src_mem = src.memory();
+        let layout_s = Layout::new(&*src_mem)?;
+        let (streams, _reg) = connect_source(&ep, &layout_s, &policy, &opts)?;
+        let mut tracker = src.tracker();
+        let r = migrate(
+            SourceVm {
+                memory: &*src_mem,
+                dirty: &mut tracker,
+                control: &mut src,
             },
             streams,
-            Duration::from_secs(30),
+            &policy,
+            &mut |_| {},
         )?;
+        dest.join()
+            .map_err(|_| anyhow::anyhow!("destination panicked"))??;
+        assert!(r.verified);
+        assert!(r.rounds >= 2, "writers should force more than one round");
+        let layout_d = Layout::new(&*dst_mem)?;
+        for region in layout_s.regions() {
+            let range = ferry_protocol::GpaRange::new(region.gpa, region.len);
+            let a = layout_s.bytes(range)?;
+            let b = layout_d.bytes(range)?;
+            let differing = a
+                .chunks(4096)
+                .zip(b.chunks(4096))
+                .filter(|(x, y)| x != y)
+                .count();
+            assert_eq!(differing, 0, "pages differ in region {:#x}", region.gpa);
+        }
         Ok(())
-    });
-    let src_mem = src.memory();
-    let layout_s = Layout::new(&*src_mem)?;
-    let (streams, _reg) = connect_source(&ep, &layout_s, &policy, &opts)?;
-    let mut tracker = src.tracker();
-    let r = migrate(
-        SourceVm {
-            memory: &*src_mem,
-            dirty: &mut tracker,
-            control: &mut src,
-        },
-        streams,
-        &policy,
-        &mut |_| {},
-    )?;
-    dest.join()
-        .map_err(|_| anyhow::anyhow!("destination panicked"))??;
-    assert!(r.verified);
-    assert!(r.rounds >= 2, "writers should force more than one round");
-    let layout_d = Layout::new(&*dst_mem)?;
-    for region in layout_s.regions() {
-        let range = ferry_protocol::GpaRange::new(region.gpa, region.len);
-        let a = layout_s.bytes(range)?;
-        let b = layout_d.bytes(range)?;
-        let differing = a
-            .chunks(4096)
-            .zip(b.chunks(4096))
-            .filter(|(x, y)| x != y)
-            .count();
-        assert_eq!(differing, 0, "pages differ in region {:#x}", region.gpa);
     }
-    Ok(())
 }

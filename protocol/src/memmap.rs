@@ -20,8 +20,14 @@ impl GpaRange {
     }
 
     /// One past the last byte, or `None` on overflow.
-    pub fn end(&self) -> Option<u64> {
+    pub const fn end(&self) -> Option<u64> {
         self.gpa.checked_add(self.len)
+    }
+}
+
+impl std::fmt::Display for GpaRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#x}+{:#x}", self.gpa, self.len)
     }
 }
 

@@ -18,7 +18,6 @@
 //! [`UnregisterError::Busy`] with the registration handed back. Safe code therefore cannot free a
 //! buffer the kernel still references.
 
-use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -31,32 +30,9 @@ pub const MAX_SLICE_SIZE: u64 = 1 << 30;
 /// The most fixed buffers one ring can hold (the kernel's table limit).
 pub const MAX_SLICES: usize = 16 * 1024;
 
-/// A guest-physical byte range: `len` bytes starting at guest-physical address `gpa`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct GpaRange {
-    /// Guest-physical start address.
-    pub gpa: u64,
-    /// Length in bytes.
-    pub len: u64,
-}
-
-impl GpaRange {
-    /// A range of `len` bytes at `gpa`.
-    pub const fn new(gpa: u64, len: u64) -> Self {
-        Self { gpa, len }
-    }
-
-    /// One past the last address, or `None` if the range wraps around the address space.
-    pub const fn end(&self) -> Option<u64> {
-        self.gpa.checked_add(self.len)
-    }
-}
-
-impl fmt::Display for GpaRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:#x}+{:#x}", self.gpa, self.len)
-    }
-}
+/// A guest-physical byte range: the protocol's type, so ranges pass between the engine, the
+/// wire and the transport unchanged.
+pub use ferry_protocol::GpaRange;
 
 /// One guest-memory region as the VMM mapped it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
