@@ -182,7 +182,11 @@ pub fn uring_available() -> bool {
     ) {
         Ok(_) => true,
         Err(e) => {
-            eprintln!("skipping: io_uring backend unavailable: {e}");
+            assert!(
+                std::env::var("FERRY_REQUIRE_CAPS").as_deref() != Ok("1"),
+                "io_uring required (FERRY_REQUIRE_CAPS=1) but unavailable: {e}"
+            );
+            eprintln!("SKIP: io_uring backend unavailable: {e}");
             false
         }
     }
