@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR MIT
 //! Criterion micro-benchmarks of ferry's per-page hot paths: dirty bitmap → ranges, zero-page
-//! detection, the xxh3 page checksum, zstd at the levels the engine uses, and `Pages` frame
-//! encode/decode.
+//! detection, the xxh3 page checksum, zstd at the levels the engine uses, `Pages` frame
+//! encode/decode, and userfaultfd page placement (`UFFDIO_COPY` at 4 KiB / 64 KiB / 2 MiB per
+//! call, `UFFDIO_CONTINUE` per 4 KiB page; skipped with a printed reason without userfaultfd).
 //!
 //! Each benchmark measures for 2 s with 20 samples so `cargo bench -p ferry-bench` finishes in
 //! a few minutes on a 2-core machine. The machine is shared and noisy: compare numbers from the
@@ -12,10 +13,12 @@
 #![allow(clippy::cast_possible_truncation)]
 
 use std::hint::black_box;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use ferry_engine::memory::{MemOptions, MemRegion};
 use ferry_engine::pages::{is_zero, page_hash};
+use ferry_engine::uffd::{Features, Fill, PlaceMode, RegisterMode, Uffd};
 use ferry_protocol::frame::decode_buffer;
 use ferry_protocol::memmap::bitmap_to_ranges;
 use ferry_protocol::{Frame, GpaRange};
@@ -257,9 +260,136 @@ fn bench_frame(c: &mut Criterion) {
     g.finish();
 }
 
+/// Size of the registered area the userfaultfd benchmarks place pages into.
+const UFFD_LEN: u64 = 64 << 20;
+
+/// Times `place(offset)` for consecutive chunks of `chunk` bytes over a region of
+/// [`UFFD_LEN`], calling `reset(bytes)` (untimed) whenever the region is used up so the pages
+/// are missing again.
+fn time_placements(
+    iters: u64,
+    chunk: u64,
+    mut place: impl FnMut(u64),
+    mut reset: impl FnMut(u64),
+) -> Duration {
+    let per_fill = UFFD_LEN / chunk;
+    let mut total = Duration::ZERO;
+    let mut done = 0;
+    while done < iters {
+        let n = (iters - done).min(per_fill);
+        let t = Instant::now();
+        for i in 0..n {
+            place(i * chunk);
+        }
+        total += t.elapsed();
+        reset(n * chunk);
+        done += n;
+    }
+    total
+}
+
+fn bench_uffd_copy(c: &mut Criterion) {
+    let uffd = match Uffd::open(false, Features::NONE) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("skipping uffd_copy benchmarks: no userfaultfd: {e}");
+            return;
+        }
+    };
+    let region = MemRegion::anonymous(UFFD_LEN, MemOptions::default()).expect("anonymous region");
+    // SAFETY: `region` is a fresh private mapping owned by this function; nothing reads it
+    // through a Rust reference, it is only filled by UFFDIO_COPY and emptied by `discard`.
+    unsafe { uffd.register(region.addr(), UFFD_LEN, RegisterMode::MISSING) }
+        .expect("register MISSING");
+    let mut rng = Rng(3);
+    let src: Vec<u8> = (0..(2 << 20) / 8)
+        .flat_map(|_| rng.next().to_le_bytes())
+        .collect();
+    let mut g = c.benchmark_group("uffd_copy");
+    for (name, chunk) in [("4KiB", 4u64 << 10), ("64KiB", 64 << 10), ("2MiB", 2 << 20)] {
+        g.throughput(Throughput::Bytes(chunk));
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                time_placements(
+                    iters,
+                    chunk,
+                    |off| {
+                        let r = uffd
+                            .copy(region.addr() + off, &src, chunk, PlaceMode::WAKE)
+                            .expect("UFFDIO_COPY");
+                        assert_eq!(r, Fill::Done);
+                    },
+                    |bytes| region.discard(0, bytes).expect("discard"),
+                )
+            })
+        });
+    }
+    g.finish();
+}
+
+fn bench_uffd_continue(c: &mut Criterion) {
+    let uffd = match Uffd::open(false, Features::MINOR_SHMEM) {
+        Ok(u) if u.features().contains(Features::MINOR_SHMEM) => u,
+        Ok(_) => {
+            eprintln!("skipping uffd_continue benchmark: kernel lacks UFFD_FEATURE_MINOR_SHMEM");
+            return;
+        }
+        Err(e) => {
+            eprintln!("skipping uffd_continue benchmark: no userfaultfd: {e}");
+            return;
+        }
+    };
+    let region = MemRegion::memfd("ferry-bench-minor", UFFD_LEN, MemOptions::default())
+        .expect("memfd region");
+    // Fill the page cache through a second mapping; the region's own mapping stays unpopulated,
+    // so its first touch of each page is a MINOR fault that UFFDIO_CONTINUE resolves.
+    let alias = region.alias().expect("alias mapping");
+    let page: Vec<u8> = (0..PAGE).map(|i| (i % 251) as u8 + 1).collect();
+    for off in (0..UFFD_LEN).step_by(PAGE) {
+        alias.write(off, &page).expect("fill page cache");
+    }
+    // SAFETY: `region` is a fresh shared mapping owned by this function; nothing reads it
+    // through a Rust reference, its page-table entries are only installed by UFFDIO_CONTINUE
+    // and dropped by MADV_DONTNEED below.
+    unsafe { uffd.register(region.addr(), UFFD_LEN, RegisterMode::MINOR) }.expect("register MINOR");
+    let unmap_ptes = |bytes: u64| {
+        let len = usize::try_from(bytes).expect("length fits usize");
+        // SAFETY: `region.as_ptr()..+len` lies inside the region's mapping (len <= UFFD_LEN).
+        // MADV_DONTNEED on a shared memfd mapping only drops this mapping's page-table
+        // entries; the data stays in the page cache, so no memory is freed under anyone.
+        unsafe {
+            rustix::mm::madvise(
+                region.as_ptr().cast(),
+                len,
+                rustix::mm::Advice::LinuxDontNeed,
+            )
+        }
+        .expect("MADV_DONTNEED");
+    };
+    let mut g = c.benchmark_group("uffd_continue");
+    g.throughput(Throughput::Bytes(PAGE_U64));
+    g.bench_function("4KiB", |b| {
+        b.iter_custom(|iters| {
+            time_placements(
+                iters,
+                PAGE_U64,
+                |off| {
+                    let r = uffd
+                        .continue_(region.addr() + off, PAGE_U64, PlaceMode::WAKE)
+                        .expect("UFFDIO_CONTINUE");
+                    assert_eq!(r, Fill::Done);
+                },
+                unmap_ptes,
+            )
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = hot_paths;
     config = config();
-    targets = bench_bitmap, bench_zero, bench_hash, bench_zstd, bench_frame
+    targets = bench_bitmap, bench_zero, bench_hash, bench_zstd, bench_frame, bench_uffd_copy,
+        bench_uffd_continue
 }
 criterion_main!(hot_paths);

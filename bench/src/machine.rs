@@ -2,7 +2,8 @@
 //! The machine a benchmark ran on, recorded in every result.
 //!
 //! [`Machine::detect`] reads `/proc/cpuinfo`, `/proc/meminfo`, `/proc/sys/kernel/*` and
-//! `/sys/module` and, on x86-64, the CPUID hypervisor leaf. It never fails: whatever cannot be
+//! `/sys/module` (falling back to the kernel log when `/dev/kvm` exists but no vendor module is
+//! listed) and, on x86-64, the CPUID hypervisor leaf. It never fails: whatever cannot be
 //! read is `None` (serialised as `null`, shown as "not recorded" by the report).
 //!
 //! The KVM flavour ([`KvmFlavour`]) matters for every KVM figure: under PVM (a software
@@ -81,7 +82,12 @@ impl Machine {
             }),
             mem_bytes: read("/proc/meminfo").as_deref().and_then(mem_total),
             kernel: read("/proc/sys/kernel/osrelease").and_then(non_empty),
-            kvm: kvm_flavour(Path::new("/sys/module"), Path::new("/dev/kvm").exists()),
+            kvm: match kvm_flavour(Path::new("/sys/module"), Path::new("/dev/kvm").exists()) {
+                // Built-in modules without parameters leave no /sys/module entry; the kernel
+                // log still names PVM.
+                KvmFlavour::Unknown if dmesg_mentions_pvm() => KvmFlavour::Pvm,
+                f => f,
+            },
             hypervisor: cpuid_hypervisor(),
         }
     }
@@ -178,6 +184,15 @@ fn kvm_flavour(sys_module: &Path, dev_kvm: bool) -> KvmFlavour {
     } else {
         KvmFlavour::None
     }
+}
+
+/// Whether the kernel log (`dmesg`, readable by root) mentions the `kvm_pvm` module.
+fn dmesg_mentions_pvm() -> bool {
+    std::process::Command::new("dmesg")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("kvm_pvm"))
 }
 
 /// The CPUID hypervisor vendor signature (leaf 0x4000_0000), when CPUID says a hypervisor is

@@ -86,7 +86,9 @@ mod tests {
                 // A few slow faults (queued behind the background push).
                 l *= 2.0 + 6.0 * rng.unit();
             }
-            timeline.push(json!([(t * 100.0).round() / 100.0, l.round()]));
+            // The engine's convention: [ms since the destination resumed, latency µs].
+            let since_resume = t - (blackout_start_ms + 0.742);
+            timeline.push(json!([(since_resume * 100.0).round() / 100.0, l.round()]));
             lat.push(l);
             // Faults thin out as the background push fills memory in.
             t += 0.05 + (t - blackout_start_ms) / 400.0 * rng.unit();

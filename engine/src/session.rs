@@ -186,9 +186,14 @@ pub fn accept_destination(
     let reg = layout.register(Some(&alias_addrs), opts.registration)?;
     // Receivers idle legitimately (a stream with no dirty pages, post-copy waiting for faults):
     // they wait long, and the engine shuts their sockets down when it is done or gives up.
+    // No fixed buffers here: registering guest memory with io_uring pins (so populates) every
+    // page, and userfaultfd never reports a fault on a populated page, so in post-copy the
+    // guest would run on the zero-filled pins instead of faulting. The destination only
+    // receives, and receives into plain addresses; fixed buffers serve only `SEND_ZC`.
     let cfg = StreamConfig {
         backend: backend(session.params.transport),
         timeout: IDLE_TIMEOUT,
+        fixed_buffers: false,
         ..opts.stream
     };
     let mut bulk = Vec::with_capacity(session.bulk.len());

@@ -16,7 +16,7 @@
 //!   before vCPUs exist. A harvest walks each vCPU's ring, marks entries harvested and calls
 //!   `KVM_RESET_DIRTY_RINGS`; cost is per dirty page, not per GiB. A vCPU whose ring fills
 //!   exits with `KVM_EXIT_DIRTY_RING_FULL`; its own thread then harvests its ring into a shared
-//!   atomic bitmap ([`DirtyCore::overflow`]) that the next harvest drains.
+//!   atomic bitmap (`DirtyCore::overflow`) that the next harvest drains.
 //! - Guest page-table pages get accessed/dirty-bit writes and show up as dirty like any page.
 //!
 //! Correctness of "harvest, then copy": a page is re-protected (CLEAR / RESET) before
@@ -64,22 +64,22 @@ const CLEAR_CHUNK_PAGES: u64 = 32768;
 
 /// Dirty-tracking state shared by the VM, its vCPU threads and the tracker.
 #[derive(Debug)]
-pub struct DirtyCore {
+pub(crate) struct DirtyCore {
     /// The mechanism.
-    pub mode: ActiveDirtyMode,
+    pub(crate) mode: ActiveDirtyMode,
     /// One ring per vCPU (ring mode only).
-    pub rings: Vec<Mutex<DirtyRing>>,
+    pub(crate) rings: Vec<Mutex<DirtyRing>>,
     /// Pages harvested from rings but not yet reported: one atomic bitmap per region.
-    pub overflow: Vec<Vec<AtomicU64>>,
+    pub(crate) overflow: Vec<Vec<AtomicU64>>,
     /// Logging is on.
-    pub logging: AtomicBool,
+    pub(crate) logging: AtomicBool,
     /// Ring-full exits taken by vCPUs.
-    pub ring_full_exits: AtomicU64,
+    pub(crate) ring_full_exits: AtomicU64,
 }
 
 impl DirtyCore {
     /// Harvests ring `i` into the overflow bitmap. Returns entries taken.
-    pub fn drain_ring(&self, i: usize) -> u32 {
+    pub(crate) fn drain_ring(&self, i: usize) -> u32 {
         let Some(ring) = self.rings.get(i) else {
             return 0;
         };
@@ -143,15 +143,37 @@ pub enum DirtyError {
     },
 }
 
+/// What the last harvest did and how long its parts took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HarvestStats {
+    /// Dirty pages reported.
+    pub pages: u64,
+    /// Time fetching (`KVM_GET_DIRTY_LOG`, or walking the rings).
+    pub fetch: std::time::Duration,
+    /// Time re-protecting (`KVM_CLEAR_DIRTY_LOG` calls, or `KVM_RESET_DIRTY_RINGS`).
+    pub protect: std::time::Duration,
+    /// `KVM_CLEAR_DIRTY_LOG` calls made (bitmap mode).
+    pub clear_calls: u32,
+}
+
 /// [`DirtyTracker`] for a [`crate::KvmVm`]; made by [`crate::KvmVm::dirty_tracker`].
 #[derive(Debug)]
 pub struct KvmDirtyTracker {
     core: std::sync::Arc<Core>,
+    last: HarvestStats,
 }
 
 impl KvmDirtyTracker {
     pub(crate) fn new(core: std::sync::Arc<Core>) -> Self {
-        Self { core }
+        Self {
+            core,
+            last: HarvestStats::default(),
+        }
+    }
+
+    /// Statistics of the last harvest.
+    pub fn last_harvest(&self) -> HarvestStats {
+        self.last
     }
 
     /// The mechanism in use.
@@ -176,11 +198,13 @@ impl KvmDirtyTracker {
     }
 
     /// Fetches the bitmaps, clears (re-protects) what was set, and ORs into `out` if given.
-    fn harvest_bitmap(&self, mut out: Option<&mut DirtyBitmap>) -> Result<(), DirtyError> {
+    fn harvest_bitmap(&mut self, mut out: Option<&mut DirtyBitmap>) -> Result<(), DirtyError> {
         let manual = self.core.dirty.mode == ActiveDirtyMode::ManualBitmap;
+        let mut st = HarvestStats::default();
         for (i, r) in self.core.memory.regions().iter().enumerate() {
             let slot = u32::try_from(i).unwrap_or(u32::MAX);
             let len = usize::try_from(r.len).unwrap_or(usize::MAX);
+            let t0 = std::time::Instant::now();
             let bm = self
                 .core
                 .vm
@@ -189,6 +213,9 @@ impl KvmDirtyTracker {
                     slot,
                     source: e.into(),
                 })?;
+            let t1 = std::time::Instant::now();
+            st.fetch += t1 - t0;
+            st.pages += bm.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
             if manual {
                 let pages = r.pages();
                 let words_per_chunk = (CLEAR_CHUNK_PAGES / 64) as usize;
@@ -197,6 +224,7 @@ impl KvmDirtyTracker {
                         continue;
                     }
                     let first = c as u64 * CLEAR_CHUNK_PAGES;
+                    st.clear_calls += 1;
                     let num = u32::try_from((pages - first).min(CLEAR_CHUNK_PAGES)).unwrap_or(0);
                     sys::clear_dirty_log(&self.core.vm, slot, first, num, words).map_err(
                         |source| DirtyError::ClearLog {
@@ -208,6 +236,7 @@ impl KvmDirtyTracker {
                     )?;
                 }
             }
+            st.protect += t1.elapsed();
             if let Some(out) = out.as_deref_mut()
                 && let Some(dst) = out.regions.get_mut(i)
             {
@@ -216,23 +245,33 @@ impl KvmDirtyTracker {
                 }
             }
         }
+        self.last = st;
         Ok(())
     }
 
-    fn harvest_rings(&self, out: Option<&mut DirtyBitmap>) -> Result<(), DirtyError> {
+    fn harvest_rings(&mut self, out: Option<&mut DirtyBitmap>) -> Result<(), DirtyError> {
         let d = &self.core.dirty;
         let mut n = 0;
+        let t0 = std::time::Instant::now();
         for i in 0..d.rings.len() {
             n += d.drain_ring(i);
         }
+        let t1 = std::time::Instant::now();
         if n > 0 {
             sys::reset_dirty_rings(&self.core.vm).map_err(DirtyError::ResetRings)?;
         }
+        let mut st = HarvestStats {
+            fetch: t1 - t0,
+            protect: t1.elapsed(),
+            ..HarvestStats::default()
+        };
         match out {
             Some(out) => {
                 for (dst, src) in out.regions.iter_mut().zip(&d.overflow) {
                     for (w, a) in dst.iter_mut().zip(src) {
-                        *w |= a.swap(0, Ordering::Relaxed);
+                        let v = a.swap(0, Ordering::Relaxed);
+                        st.pages += u64::from(v.count_ones());
+                        *w |= v;
                     }
                 }
             }
@@ -242,10 +281,11 @@ impl KvmDirtyTracker {
                 }
             }
         }
+        self.last = st;
         Ok(())
     }
 
-    fn harvest_into(&self, out: Option<&mut DirtyBitmap>) -> Result<(), DirtyError> {
+    fn harvest_into(&mut self, out: Option<&mut DirtyBitmap>) -> Result<(), DirtyError> {
         match self.core.dirty.mode {
             ActiveDirtyMode::Ring { .. } => self.harvest_rings(out),
             _ => self.harvest_bitmap(out),

@@ -28,7 +28,7 @@ pub mod state;
 mod sys;
 pub mod vm;
 
-pub use dirty::{ActiveDirtyMode, DirtyMode, KvmDirtyTracker};
+pub use dirty::{ActiveDirtyMode, DirtyMode, HarvestStats, KvmDirtyTracker};
 pub use guest::{GuestStats, VcpuGuestStats, VerifyReport, Workload};
 pub use memory::{KvmMemory, MemBacking};
 pub use state::VmState;

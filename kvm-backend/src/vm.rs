@@ -396,7 +396,14 @@ impl VcpuCtl {
 struct VcpuCaps {
     msr_list: Vec<u32>,
     /// Extra u32 words of the XSAVE area beyond 4096 bytes (`KVM_CAP_XSAVE2`), if XSAVE2.
-    xsave2_fam: Option<usize>,
+    /// XSAVE support: `None` without `KVM_CAP_XSAVE` (then the FPU state is saved with
+    /// `KVM_GET_FPU`), else the extra u32 words beyond 4096 bytes (`KVM_CAP_XSAVE2`; 0 without).
+    xsave_fam: Option<usize>,
+    /// `KVM_GET_XSAVE2` exists.
+    xsave2: bool,
+    /// `KVM_GET_CLOCK` returns (host TSC, realtime) pairs, which the `KVM_VCPU_TSC_OFFSET`
+    /// algorithm needs; without them the offset is not read at all.
+    clock_pairs: bool,
     tsc_offset_attr: bool,
     tsc_khz: u32,
 }
@@ -671,11 +678,15 @@ impl KvmVm {
         let tsc_khz = vcpu0.get_tsc_khz().map_err(kvm_err("get TSC kHz"))?;
         let caps = VcpuCaps {
             msr_list: usable_msrs(&kvm, vcpu0)?,
-            xsave2_fam: {
+            xsave_fam: vm.check_extension(Cap::Xsave).then(|| {
                 let sz = vm.check_extension_int(Cap::Xsave2);
-                (sz > 0)
-                    .then(|| (usize::try_from(sz).unwrap_or(4096).saturating_sub(4096)).div_ceil(4))
-            },
+                (usize::try_from(sz).unwrap_or(4096).saturating_sub(4096)).div_ceil(4)
+            }),
+            xsave2: vm.check_extension_int(Cap::Xsave2) > 0,
+            clock_pairs: vm.get_clock().is_ok_and(|c| {
+                c.flags & (KVM_CLOCK_HOST_TSC | KVM_CLOCK_REALTIME)
+                    == (KVM_CLOCK_HOST_TSC | KVM_CLOCK_REALTIME)
+            }),
             tsc_offset_attr: sys::vcpu_has_attr(
                 vcpu0,
                 KVM_VCPU_TSC_CTRL,
@@ -838,10 +849,10 @@ impl KvmVm {
         self.caps.tsc_khz
     }
 
-    /// Whether KVM exposes `KVM_VCPU_TSC_OFFSET` (else the TSC is restored through
-    /// `MSR_IA32_TSC`).
+    /// Whether the TSC is saved and restored through `KVM_VCPU_TSC_OFFSET` (KVM exposes it and
+    /// `KVM_GET_CLOCK` gives host TSC/realtime pairs); else through `MSR_IA32_TSC`.
     pub fn has_tsc_offset_control(&self) -> bool {
-        self.caps.tsc_offset_attr
+        self.caps.tsc_offset_attr && self.caps.clock_pairs
     }
 
     /// The configuration the VM was created with.
@@ -1261,10 +1272,12 @@ fn save_vcpu(
             source: e.into(),
         }
     };
+    // Every MSR plus the TSC last, in one KVM_GET_MSRS.
     let mut msrs = Msrs::from_entries(
         &caps
             .msr_list
             .iter()
+            .chain(std::iter::once(&MSR_IA32_TSC))
             .map(|&index| kvm_msr_entry {
                 index,
                 ..Default::default()
@@ -1277,20 +1290,17 @@ fn save_vcpu(
         source: std::io::Error::from_raw_os_error(libc::E2BIG),
     })?;
     let n = v.get_msrs(&mut msrs).map_err(err("MSRs"))?;
-    t.mark("vcpu msrs");
-    let mut tsc = Msrs::from_entries(&[kvm_msr_entry {
-        index: MSR_IA32_TSC,
-        ..Default::default()
-    }])
-    .map_err(|_| SaveStateError::Vcpu {
-        vcpu: id,
-        what: "TSC",
-        source: std::io::Error::from_raw_os_error(libc::E2BIG),
-    })?;
-    v.get_msrs(&mut tsc).map_err(err("TSC"))?;
     let rt = realtime_ns();
-    t.mark("vcpu tsc");
-    let offset = if caps.tsc_offset_attr {
+    if n != caps.msr_list.len() + 1 {
+        let index = msrs.as_slice().get(n).map_or(0, |e| e.index);
+        return Err(SaveStateError::Vcpu {
+            vcpu: id,
+            what: "MSRs",
+            source: std::io::Error::other(format!("KVM_GET_MSRS stopped at MSR {index:#x}")),
+        });
+    }
+    t.mark("vcpu msrs+tsc");
+    let offset = if caps.tsc_offset_attr && caps.clock_pairs {
         Some(
             sys::vcpu_get_attr_u64(v, KVM_VCPU_TSC_CTRL, u64::from(KVM_VCPU_TSC_OFFSET)).map_err(
                 |source| SaveStateError::Vcpu {
@@ -1303,8 +1313,8 @@ fn save_vcpu(
     } else {
         None
     };
-    let xsave = match caps.xsave2_fam {
-        Some(fam) => {
+    let xsave = match caps.xsave_fam {
+        Some(fam) if caps.xsave2 => {
             let x = sys::get_xsave2(v, fam).map_err(|source| SaveStateError::Vcpu {
                 vcpu: id,
                 what: "XSAVE2",
@@ -1314,14 +1324,20 @@ fn save_vcpu(
             b.extend_from_slice(sys::u32s_as_bytes(x.as_slice()));
             b
         }
-        None => sys::u32s_as_bytes(&v.get_xsave().map_err(err("XSAVE"))?.region).to_vec(),
+        Some(_) => sys::u32s_as_bytes(&v.get_xsave().map_err(err("XSAVE"))?.region).to_vec(),
+        None => Vec::new(),
     };
-    t.mark("vcpu xsave");
+    // The XSAVE area's legacy region holds the x87/SSE state: KVM_GET_FPU only without XSAVE.
+    let fpu = if xsave.is_empty() {
+        v.get_fpu().map_err(err("FPU"))?
+    } else {
+        kvm_bindings::kvm_fpu::default()
+    };
+    t.mark("vcpu xsave/fpu");
     let regs = v.get_regs().map_err(err("regs"))?;
     let sregs = v.get_sregs().map_err(err("sregs"))?;
-    let fpu = v.get_fpu().map_err(err("FPU"))?;
     let xcrs = v.get_xcrs().map_err(err("XCRs"))?;
-    t.mark("vcpu regs/sregs/fpu/xcrs");
+    t.mark("vcpu regs/sregs/xcrs");
     let lapic = v.get_lapic().map_err(err("LAPIC"))?;
     t.mark("vcpu lapic");
     let events = v.get_vcpu_events().map_err(err("vCPU events"))?;
@@ -1335,7 +1351,7 @@ fn save_vcpu(
         fpu,
         xsave,
         xcrs,
-        msrs: msrs.as_slice()[..n.min(msrs.as_slice().len())]
+        msrs: msrs.as_slice()[..caps.msr_list.len()]
             .iter()
             .map(|e| (e.index, e.data))
             .collect(),
@@ -1344,7 +1360,7 @@ fn save_vcpu(
         mp_state,
         debugregs,
         tsc: TscState {
-            tsc: tsc.as_slice().first().map_or(0, |e| e.data),
+            tsc: msrs.as_slice().last().map_or(0, |e| e.data),
             realtime_ns: rt,
             offset,
         },
@@ -1377,12 +1393,20 @@ fn restore_vcpu(
     v.set_sregs(&s.sregs).map_err(err("sregs"))?;
     t.mark("vcpu sregs");
     v.set_regs(&s.regs).map_err(err("regs"))?;
-    v.set_fpu(&s.fpu).map_err(err("FPU"))?;
-    let fam = caps.xsave2_fam.unwrap_or(0);
-    let x = sys::xsave_from_bytes(&s.xsave, fam).map_err(io_err("XSAVE size"))?;
-    sys::set_xsave2(v, &x).map_err(io_err("XSAVE"))?;
+    if s.xsave.is_empty() {
+        v.set_fpu(&s.fpu).map_err(err("FPU"))?;
+    } else {
+        // The blob's XSAVE size must be this host's (KVM reads exactly that much).
+        let fam = caps.xsave_fam.ok_or_else(|| {
+            io_err("XSAVE")(std::io::Error::other(
+                "blob has XSAVE state, KVM has no XSAVE",
+            ))
+        })?;
+        let x = sys::xsave_from_bytes(&s.xsave, fam).map_err(io_err("XSAVE size"))?;
+        sys::set_xsave2(v, &x).map_err(io_err("XSAVE"))?;
+    }
     v.set_xcrs(&s.xcrs).map_err(err("XCRs"))?;
-    t.mark("vcpu regs/fpu/xsave/xcrs");
+    t.mark("vcpu regs/xsave/xcrs");
     let msrs = Msrs::from_entries(
         &s.msrs
             .iter()

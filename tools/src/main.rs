@@ -36,10 +36,23 @@ enum Command {
     Send(migrate_cmd::SendArgs),
     /// Receive a live-migrated KVM guest from `ferry send`, run it on and check it.
     Recv(migrate_cmd::RecvArgs),
-    /// Run benchmarks (transport, migrate, kvm) against their same-run floors.
-    Bench,
-    /// Render benchmark results (JSON lines) as a self-contained HTML report.
-    Report,
+    /// Run benchmarks (transport, migrate) against their same-run floors.
+    ///
+    /// `ferry bench transport ...` and `ferry bench migrate ...` run one suite; without a
+    /// suite, the matrix (`--quick` for a small one). `--json` prints one JSON object per
+    /// result; `--out FILE` appends them to FILE for `ferry report`.
+    Bench(ferry_bench::cli::BenchArgs),
+    /// Render benchmark results (JSON lines) as one self-contained HTML file with SVG charts.
+    Report {
+        /// The results file (JSON lines from `ferry bench --out` or `--json`).
+        results: PathBuf,
+        /// Where to write the HTML.
+        #[arg(short, long, default_value = "report.html")]
+        output: PathBuf,
+    },
+    /// The second process of a benchmark (started by `ferry bench`).
+    #[command(name = "__bench-peer", hide = true)]
+    BenchPeer(ferry_bench::cli::PeerArgs),
     /// Generate a pre-shared key for authenticating migrations.
     ///
     /// Give the same key file to both sides (`--key-file`), or its contents in FERRY_KEY.
@@ -64,9 +77,9 @@ fn main() -> ExitCode {
         Command::Demo(a) => migrate_cmd::demo(a),
         Command::Send(a) => migrate_cmd::send(a),
         Command::Recv(a) => migrate_cmd::recv(a),
-        Command::Bench | Command::Report => Err(anyhow::anyhow!(
-            "This subcommand is not built yet in this version of ferry (see README's status table)"
-        )),
+        Command::Bench(a) => ferry_bench::cli::run(a),
+        Command::BenchPeer(a) => ferry_bench::cli::peer_main(a),
+        Command::Report { results, output } => report(&results, &output),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -75,6 +88,15 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn report(results: &std::path::Path, output: &std::path::Path) -> Result<()> {
+    let text = std::fs::read_to_string(results)
+        .with_context(|| format!("Cannot read results {}", results.display()))?;
+    let html = ferry_bench::report::render_html(&text).context("Cannot render the report")?;
+    std::fs::write(output, html).with_context(|| format!("Cannot write {}", output.display()))?;
+    eprintln!("ferry: wrote {}", output.display());
+    Ok(())
 }
 
 fn keygen(output: Option<PathBuf>) -> Result<()> {

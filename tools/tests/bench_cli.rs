@@ -99,7 +99,11 @@ mod tests {
             "floor_sender_cpu_s_per_gib",
             "floor_receiver_cpu_s_per_gib",
         ] {
-            ensure!(v[k].as_f64().is_some_and(|x| x.is_finite() && x >= 0.0), "{k} = {}", v[k]);
+            ensure!(
+                v[k].as_f64().is_some_and(|x| x.is_finite() && x >= 0.0),
+                "{k} = {}",
+                v[k]
+            );
         }
         ensure!(v["zc_sends"].is_u64() && v["zc_copied"].is_u64());
         ensure!(v["verified"] == true, "bytes differ: {v}");
@@ -110,7 +114,14 @@ mod tests {
     #[test]
     fn bench_transport_rdma_says_no_device() -> Result<()> {
         let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["bench", "transport", "--transport", "rdma", "--size-gib", "0.01"])
+            .args([
+                "bench",
+                "transport",
+                "--transport",
+                "rdma",
+                "--size-gib",
+                "0.01",
+            ])
             .output()?;
         let err = String::from_utf8_lossy(&out.stderr);
         if std::fs::read_dir("/sys/class/infiniband").is_ok_and(|mut d| d.next().is_some()) {
@@ -132,7 +143,15 @@ mod tests {
         let file = dir.path().join("results.jsonl");
         let file_s = file.to_str().context("path")?;
         let out = ferry(
-            &["bench", "migrate", "--mem-gib", "0.03", "--json", "--out", file_s],
+            &[
+                "bench",
+                "migrate",
+                "--mem-gib",
+                "0.03",
+                "--json",
+                "--out",
+                file_s,
+            ],
             Duration::from_secs(120),
         )?;
         let lines = json_lines(&out)?;
@@ -144,21 +163,39 @@ mod tests {
         ensure!(v["write_rate"] == "max" && v["write_mib_s"].is_null());
         ensure!(v["mem_bytes"].as_u64().is_some_and(|m| m > 30 << 20));
         ensure!(v["blackout_us"].as_f64().is_some_and(|b| b > 0.0));
-        for p in ["pause", "harvest", "save", "send", "apply", "restore", "resume"] {
+        for p in [
+            "pause", "harvest", "save", "send", "apply", "restore", "resume",
+        ] {
             ensure!(v["blackout_phases_us"][p].is_number(), "phase {p} missing");
         }
-        for k in ["total_ms", "blackout_start_ms", "guest_max_gap_us", "guest_stall_ms"] {
+        for k in [
+            "total_ms",
+            "blackout_start_ms",
+            "guest_max_gap_us",
+            "guest_stall_ms",
+        ] {
             ensure!(v[k].as_f64().is_some_and(|x| x >= 0.0), "{k} = {}", v[k]);
         }
         ensure!(v["bytes_sent"].as_u64().is_some_and(|b| b > 0));
         ensure!(v["rounds"].is_u64() && v["rounds_detail"].is_array());
         ensure!(v["throughput_series"].is_array());
-        for k in ["count", "p50_us", "p90_us", "p99_us", "p999_us", "max_us", "total_stall_ms"] {
+        for k in [
+            "count",
+            "p50_us",
+            "p90_us",
+            "p99_us",
+            "p999_us",
+            "max_us",
+            "total_stall_ms",
+        ] {
             ensure!(v["faults"][k].is_number(), "faults.{k} missing");
         }
         ensure!(v["faults"]["timeline"].is_array() && v["faults"]["histogram"].is_array());
         ensure!(v["fault_floor_us"].as_f64().is_some_and(|f| f > 0.0));
-        ensure!(v["guest_writes"].as_u64().is_some_and(|w| w > 0), "writers did not run");
+        ensure!(
+            v["guest_writes"].as_u64().is_some_and(|w| w > 0),
+            "writers did not run"
+        );
         ensure!(v["machine"].is_object());
         ensure!(v["verified"] == true, "digests differ: {}", v["dest"]);
         // --out appended the same line.

@@ -13,7 +13,12 @@ mod tests {
     }
 
     fn kvm_or_skip() -> bool {
-        if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok() {
+        if std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok()
+        {
             return true;
         }
         assert!(
@@ -44,9 +49,21 @@ mod tests {
         ferry_protocol::Psk::from_hex(&key).context("keygen output does not parse")?;
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("key");
-        ensure!(ferry().args(["keygen", "-o"]).arg(&path).status()?.success());
+        ensure!(
+            ferry()
+                .args(["keygen", "-o"])
+                .arg(&path)
+                .status()?
+                .success()
+        );
         // Refuses to overwrite.
-        ensure!(!ferry().args(["keygen", "-o"]).arg(&path).status()?.success());
+        ensure!(
+            !ferry()
+                .args(["keygen", "-o"])
+                .arg(&path)
+                .status()?
+                .success()
+        );
         Ok(())
     }
 
@@ -72,8 +89,18 @@ mod tests {
                 // The verifier rewrites all its memory, so pre-copy cannot converge to a small
                 // blackout: a generous budget makes this a stop-and-copy after round 1, which
                 // still checks every page against the guest's memory model.
-                "demo", "--mode", "precopy", "--mem-mib", "64", "--vcpus", "1", "--workload",
-                "verifier", "--json", "--max-blackout-us", "30000000",
+                "demo",
+                "--mode",
+                "precopy",
+                "--mem-mib",
+                "64",
+                "--vcpus",
+                "1",
+                "--workload",
+                "verifier",
+                "--json",
+                "--max-blackout-us",
+                "30000000",
             ])
             .output()?;
         let stdout = String::from_utf8(out.stdout)?;
@@ -83,9 +110,22 @@ mod tests {
         ensure!(v["verified"] == serde_json::json!(true), "{v}");
         ensure!(v["model_bad_pages"] == serde_json::json!(0), "{v}");
         ensure!(v["guest_progress_after"].as_u64().unwrap_or(0) > 0, "{v}");
-        for k in ["mode", "mem_bytes", "vcpus", "workload", "transport", "streams", "blackout_us",
-                  "blackout_phases_us", "total_ms", "bytes_sent", "rounds", "faults",
-                  "guest_max_gap_us", "guest_stall_ms"] {
+        for k in [
+            "mode",
+            "mem_bytes",
+            "vcpus",
+            "workload",
+            "transport",
+            "streams",
+            "blackout_us",
+            "blackout_phases_us",
+            "total_ms",
+            "bytes_sent",
+            "rounds",
+            "faults",
+            "guest_max_gap_us",
+            "guest_stall_ms",
+        ] {
             ensure!(!v[k].is_null(), "missing {k}: {v}");
         }
         Ok(())
@@ -98,13 +138,35 @@ mod tests {
         }
         let out = ferry()
             .args([
-                "demo", "--mode", "hybrid", "--mem-mib", "64", "--vcpus", "1", "--workload",
-                "writer", "--write-mib-s", "20", "--working-set-mib", "8", "--transport", "tcp",
-                "--streams", "4", "--checksums", "--json", "--max-blackout-us", "20000",
+                "demo",
+                "--mode",
+                "hybrid",
+                "--mem-mib",
+                "64",
+                "--vcpus",
+                "1",
+                "--workload",
+                "writer",
+                "--write-mib-s",
+                "20",
+                "--working-set-mib",
+                "8",
+                "--transport",
+                "tcp",
+                "--streams",
+                "4",
+                "--checksums",
+                "--json",
+                "--max-blackout-us",
+                "20000",
             ])
             .output()?;
         let stdout = String::from_utf8(out.stdout)?;
-        ensure!(out.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            out.status.success(),
+            "demo failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))?;
         ensure!(v["verified"] == serde_json::json!(true), "{v}");
         ensure!(v["streams"] == serde_json::json!(4), "{v}");
@@ -122,7 +184,13 @@ mod tests {
         }
         let vm = ["--mem-mib", "64", "--vcpus", "1", "--workload", "verifier"];
         let mut recv = ferry()
-            .args(["recv", "--listen", "127.0.0.1:0", "--machine-output", "--insecure-no-auth"])
+            .args([
+                "recv",
+                "--listen",
+                "127.0.0.1:0",
+                "--machine-output",
+                "--insecure-no-auth",
+            ])
             .args(vm)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -136,8 +204,22 @@ mod tests {
             }
         };
         let send = ferry()
-            .args(["send", "--to", &addr, "--insecure-no-auth", "--mode", "precopy"])
-            .args(["--max-blackout-us", "1", "--max-rounds", "1000", "--warmup-s", "0.2"])
+            .args([
+                "send",
+                "--to",
+                &addr,
+                "--insecure-no-auth",
+                "--mode",
+                "precopy",
+            ])
+            .args([
+                "--max-blackout-us",
+                "1",
+                "--max-rounds",
+                "1000",
+                "--warmup-s",
+                "0.2",
+            ])
             .args(vm)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -86,10 +86,9 @@ pub(crate) fn stream_rates(res: &Value) -> BTreeMap<String, Steps> {
             }
             prev = Some(t);
         }
-        let label = if stream.parse::<f64>().is_ok() {
-            format!("stream {stream}")
-        } else {
-            stream
+        let label = match stream.parse::<f64>() {
+            Ok(n) => format!("stream {}", fmt::num(n)),
+            Err(_) => stream,
         };
         out.insert(label, steps);
     }
@@ -124,12 +123,17 @@ fn rounds(res: &Value) -> Vec<RoundBar> {
     out
 }
 
+/// Post-copy faults as (ms since migration start, latency µs). The engine records
+/// `"faults"."timeline"` as `[ms since the destination resumed, latency µs]`, so the samples are
+/// shifted by the end of the blackout (`blackout_start_ms + blackout_us / 1000`) when both are
+/// recorded; without them they are drawn from 0.
 fn faults(res: &Value) -> Vec<(f64, f64)> {
+    let origin = blackout_window(res).map_or(0.0, |(s, us)| s + us / 1e3);
     arr(res, "/faults/timeline")
         .iter()
         .filter_map(|p| {
             let a = p.as_array()?;
-            Some((a.first()?.as_f64()?, a.get(1)?.as_f64()?))
+            Some((origin + a.first()?.as_f64()?, a.get(1)?.as_f64()?))
         })
         .collect()
 }
@@ -495,9 +499,15 @@ pub(crate) fn blackout_phases(res: &Value) -> Option<String> {
         w: WIDE - LEFT - RIGHT,
         h: 40.0,
     };
+    // Long blackouts read better in ms.
+    let (scale, unit) = if total >= 10_000.0 {
+        (1e3, "ms")
+    } else {
+        (1.0, "µs")
+    };
     let p = Plot {
         r,
-        x: Axis::exact(0.0, total),
+        x: Axis::exact(0.0, total / scale),
         y: Axis::nice(0.0, 1.0),
     };
     let mut cursor = 0.0;
@@ -510,8 +520,8 @@ pub(crate) fn blackout_phases(res: &Value) -> Option<String> {
             other += usize::from(!PHASES.contains(&name.as_str()));
             phase_color(name, other)
         };
-        let x0 = p.px(cursor);
-        let x1 = p.px(cursor + us);
+        let x0 = p.px(cursor / scale);
+        let x1 = p.px((cursor + us) / scale);
         let w = (x1 - x0).max(if *us > 0.0 { 1.0 } else { 0.0 });
         let _ = writeln!(
             out,
@@ -522,7 +532,7 @@ pub(crate) fn blackout_phases(res: &Value) -> Option<String> {
             fmt::dur_us(*us),
             n = esc(name),
         );
-        let label = format!("{name} {}", fmt::num(*us));
+        let label = format!("{name} {}", fmt::num(us / scale));
         if w > svg::text_width(&label) + 8.0 {
             svg::text(
                 &mut out,
@@ -572,7 +582,7 @@ pub(crate) fn blackout_phases(res: &Value) -> Option<String> {
         r.y + r.h + 36.0,
         "middle",
         "axis-title",
-        "µs since the source paused its vCPUs",
+        &format!("{unit} since the source paused its vCPUs"),
     );
     svg::legend(&mut out, LEFT, r.y + r.h + 64.0, WIDE - RIGHT, &legend);
     out.push_str("</svg>\n");
@@ -795,7 +805,15 @@ pub(crate) fn matrix(results: &[&Value], xk: MatrixX, yk: MatrixY) -> Option<Str
     };
     let mut pts: Vec<(String, f64, f64)> = Vec::new();
     for r in results {
-        let Some(xv) = num_at(r, xkey) else { continue };
+        // A writer "as fast as it can" records no MiB/s but `"write_rate": "max"`: it goes
+        // right of every number.
+        let xv = match (num_at(r, xkey), xk) {
+            (Some(x), _) => x,
+            (None, MatrixX::WriteRate) if str_at(r, "/write_rate").as_deref() == Some("max") => {
+                f64::INFINITY
+            }
+            _ => continue,
+        };
         let yv = match yk {
             MatrixY::Blackout => num_at(r, "/blackout_us"),
             MatrixY::Throughput => throughput_bps(r),
@@ -872,6 +890,7 @@ pub(crate) fn matrix(results: &[&Value], xk: MatrixX, yk: MatrixY) -> Option<Str
     for &xv in &xs {
         let label = match xk {
             MatrixX::Memory => fmt::bytes(xv),
+            MatrixX::WriteRate if xv.is_infinite() => "max".to_owned(),
             MatrixX::WriteRate => fmt::num(xv),
         };
         svg::text(
@@ -1198,5 +1217,18 @@ mod tests {
         assert!(matrix(&[&r], MatrixX::Memory, MatrixY::Blackout).is_none());
         assert!(transport(&[&r]).is_none());
         assert!(blackout_histogram(&[&r]).is_none());
+    }
+
+    #[test]
+    fn matrix_places_max_rate_last() {
+        let a = json!({"mode": "hybrid", "write_mib_s": 100, "blackout_us": 500});
+        let b = json!({"mode": "hybrid", "write_rate": "max", "blackout_us": 700});
+        let svg = matrix(&[&b, &a], MatrixX::WriteRate, MatrixY::Blackout).unwrap();
+        let (p100, pmax) = (
+            svg.find(">100</text>").unwrap(),
+            svg.find(">max</text>").unwrap(),
+        );
+        assert!(p100 < pmax, "{svg}");
+        assert_eq!(svg.matches("class=\"run\"").count(), 2);
     }
 }

@@ -1,0 +1,189 @@
+// SPDX-License-Identifier: Apache-2.0 OR MIT
+//! End to end through the real engine: a KVM guest migrated over loopback TCP by
+//! `ferry_engine::source::migrate` / `ferry_engine::dest::receive`, in pre-copy, post-copy and
+//! hybrid mode; the destination guest must continue (more iterations, same serial stream) and
+//! pass the engine's digest check and this crate's full-memory model check. Written against the
+//! engine and transport APIs of commit 1ca2e0f. Skips without /dev/kvm (and, for post-copy and
+//! hybrid, without userfaultfd).
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddr};
+    use std::thread;
+    use std::time::Duration;
+
+    use anyhow::{Result, anyhow};
+    use ferry_engine::dest::{DestVm, receive};
+    use ferry_engine::layout::Layout;
+    use ferry_engine::policy::{Mode, Policy};
+    use ferry_engine::session::{
+        SessionOptions, accept_destination, connect_source, server_config,
+    };
+    use ferry_engine::source::{SourceVm, migrate};
+    use ferry_engine::vm::VmControl;
+    use ferry_kvm::{KvmVm, MemBacking, VmConfig, Workload};
+    use ferry_protocol::handshake::{Auth, Psk, TransportKind};
+    use ferry_transport::session::SessionListener;
+    use ferry_transport::{Endpoint, MemoryRegistration};
+
+    fn caps(uffd: bool) -> bool {
+        if !ferry_kvm::kvm_available() {
+            eprintln!("skipping: /dev/kvm cannot be opened");
+            return false;
+        }
+        if uffd
+            && let Err(e) =
+                ferry_engine::uffd::Uffd::open(false, ferry_engine::uffd::Features::NONE)
+        {
+            eprintln!("skipping: userfaultfd unavailable: {e}");
+            return false;
+        }
+        true
+    }
+
+    /// One migration at a time: each spins a vCPU and an engine, and the CI machine has few
+    /// cores (in parallel they starve each other into the engine's timeouts).
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn run(mode: Mode, backing: MemBacking, workload: Workload) -> Result<()> {
+        let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let cfg = VmConfig {
+            mem_bytes: 32 << 20,
+            vcpus: 1,
+            workload,
+            backing,
+            ..Default::default()
+        };
+        let key = Auth::Psk(Psk::from_bytes([5; 32]));
+        let mut src = KvmVm::new_source(&cfg)?;
+        src.start()?;
+        thread::sleep(Duration::from_millis(200));
+        let mut dst = KvmVm::new_destination(&cfg)?;
+        let dst_mem = dst.memory();
+        let layout_d = Layout::new(&*dst_mem)?;
+        let listener = SessionListener::bind(
+            &Endpoint::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
+            server_config(&layout_d, key.clone(), 8),
+            Duration::from_secs(10),
+        )?;
+        let ep = listener.endpoint()?;
+        let opts = SessionOptions {
+            transport: TransportKind::Tcp,
+            streams: 2,
+            auth: key,
+            ..SessionOptions::default()
+        };
+        let policy = Policy {
+            mode,
+            // Generous: these tests check correctness, not blackout (a loaded debug build
+            // under-estimates bandwidth on tiny final rounds).
+            max_blackout: Duration::from_millis(200),
+            max_rounds: 6,
+            checksums: true,
+            timeout: Duration::from_secs(60),
+            ..Policy::default()
+        };
+        let dest_opts = opts.clone();
+        let dest = thread::spawn(move || -> Result<KvmVm> {
+            let (streams, reg, _params) =
+                accept_destination(&listener, &layout_d, &dest_opts, Duration::from_secs(20))?;
+            let report = receive(
+                DestVm {
+                    memory: &*dst_mem,
+                    control: &mut dst,
+                },
+                streams,
+                Duration::from_secs(60),
+            )?;
+            drop(reg);
+            assert!(report.verified, "destination digest mismatch");
+            // The guest runs on at the destination.
+            thread::sleep(Duration::from_millis(300));
+            dst.pause().map_err(|e| anyhow!("pause: {e}"))?;
+            Ok(dst)
+        });
+        let src_mem = src.memory();
+        let layout_s = Layout::new(&*src_mem)?;
+        let (streams, reg): (_, std::sync::Arc<MemoryRegistration>) =
+            connect_source(&ep, &layout_s, &policy, &opts)?;
+        let mut tracker = src.dirty_tracker();
+        let r = migrate(
+            SourceVm {
+                memory: &*src_mem,
+                dirty: &mut tracker,
+                control: &mut src,
+            },
+            streams,
+            &policy,
+            &mut |_| {},
+        )?;
+        drop(reg);
+        eprintln!("last (blackout) harvest: {:?}", tracker.last_harvest());
+        let before = src.guest_stats();
+        let dst = dest.join().map_err(|_| anyhow!("destination panicked"))??;
+        if let Some(f) = dst.fault() {
+            return Err(anyhow!("{f}"));
+        }
+        let after = dst.guest_stats();
+        eprintln!(
+            "{} ({:?}): rounds {} blackout {:.0} µs {:?}, faults {} p50 {} µs; guest max gap {} µs, \
+             stalled {} µs",
+            r.mode,
+            backing,
+            r.rounds,
+            r.blackout_us,
+            r.blackout_phases_us,
+            r.faults.count,
+            r.faults.p50_us,
+            after.max_gap_us,
+            after.stall_us_over_100
+        );
+        assert!(r.verified, "source digest not confirmed");
+        assert!(
+            after.iterations > before.iterations,
+            "guest did not continue: {before:?} -> {after:?}"
+        );
+        let rep = dst.verify_memory()?;
+        assert!(rep.ok(), "{rep:?}");
+        // The destination continues the source's serial stream; it does not boot again.
+        assert!(
+            !dst.serial_output().contains("up"),
+            "{}",
+            dst.serial_output()
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn precopy_rate_limited_writer() -> Result<()> {
+        if !caps(false) {
+            return Ok(());
+        }
+        let w = Workload::Writer {
+            working_set_mib: 8,
+            rate_mib_s: Some(8),
+        };
+        run(Mode::PreCopy, MemBacking::Memfd, w)
+    }
+
+    #[test]
+    fn postcopy_verifier_memfd() -> Result<()> {
+        if !caps(true) {
+            return Ok(());
+        }
+        run(Mode::PostCopy, MemBacking::Memfd, Workload::Verifier)
+    }
+
+    #[test]
+    fn hybrid_verifier_anonymous() -> Result<()> {
+        if !caps(true) {
+            return Ok(());
+        }
+        run(Mode::Hybrid, MemBacking::Anonymous, Workload::Verifier)
+    }
+}
