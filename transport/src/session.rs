@@ -145,28 +145,31 @@ fn read_exact(sock: &Socket, buf: &mut [u8]) -> io::Result<()> {
     }
 }
 
+/// An I/O error on a session socket: end-of-file means the peer closed.
+fn io_error(peer: &str, role: Role, during: &'static str, source: io::Error) -> SessionError {
+    if source.kind() == io::ErrorKind::UnexpectedEof {
+        SessionError::Closed {
+            peer: peer.to_string(),
+            role,
+            during,
+        }
+    } else {
+        SessionError::Io {
+            peer: peer.to_string(),
+            role,
+            during,
+            source,
+        }
+    }
+}
+
 /// Reads one frame's header and metadata (not its payload).
 fn read_frame_meta(
     sock: &Socket,
     role: Role,
     during: &'static str,
 ) -> Result<(FrameHeader, Vec<u8>), SessionError> {
-    let io_err = |source: io::Error| {
-        if source.kind() == io::ErrorKind::UnexpectedEof {
-            SessionError::Closed {
-                peer: sock.peer().to_string(),
-                role,
-                during,
-            }
-        } else {
-            SessionError::Io {
-                peer: sock.peer().to_string(),
-                role,
-                during,
-                source,
-            }
-        }
-    };
+    let io_err = |source: io::Error| io_error(sock.peer(), role, during, source);
     let mut h = [0u8; HEADER_LEN];
     read_exact(sock, &mut h).map_err(io_err)?;
     let header = FrameHeader::decode(&h).map_err(|source| SessionError::Decode {
@@ -554,20 +557,7 @@ impl ControlChannel {
     }
 
     fn io(&self, during: &'static str, source: io::Error) -> SessionError {
-        if source.kind() == io::ErrorKind::UnexpectedEof {
-            SessionError::Closed {
-                peer: self.peer().to_string(),
-                role: self.role,
-                during,
-            }
-        } else {
-            SessionError::Io {
-                peer: self.peer().to_string(),
-                role: self.role,
-                during,
-                source,
-            }
-        }
+        io_error(self.peer(), self.role, during, source)
     }
 
     /// Sends a frame with its payload (empty for frames without one).
