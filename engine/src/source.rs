@@ -33,6 +33,12 @@ use crate::vm::{DirtyBitmap, DirtyTracker, GuestMemory, VmControl};
 pub const SWITCH_ROUND: u32 = u32::MAX;
 /// The barrier round number that ends the post-copy push.
 pub const PUSH_DONE_ROUND: u32 = u32::MAX - 1;
+/// A round must move at least this many data bytes to count as a bandwidth measurement.
+const MIN_MEASURED_BYTES: u64 = 4 << 20;
+/// Link speed assumed until a round measured one: 1 GB/s, below what loopback and any
+/// migration network reach, so the first prediction errs on the long side.
+const ASSUMED_BYTES_PER_US: f64 = 1000.0;
+
 /// Version of the engine's state framing (the blob itself is the VMM's).
 pub const STATE_VERSION: u32 = 1;
 
@@ -574,7 +580,11 @@ impl Run<'_, '_> {
                 self.ctl.send(&Frame::RoundEnd { round }, &[])?;
                 let dur = t0.elapsed();
                 let bytes = self.bytes_sent() - bytes0;
-                if bytes >= 4 << 20 || bw_bytes_per_us == 0.0 {
+                // Only rounds that moved real data measure the link: a round of mostly zero
+                // pages (an idle guest's first pass) or a tiny last round would make the link
+                // look slow and pre-copy never converge. Until one is measured, assume
+                // `ASSUMED_BYTES_PER_US`.
+                if bytes >= MIN_MEASURED_BYTES {
                     let bw = bytes as f64 / dur.as_secs_f64().max(1e-6) / 1e6;
                     if bw > 0.0 {
                         bw_bytes_per_us = bw;
