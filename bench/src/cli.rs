@@ -625,7 +625,7 @@ fn transport_table(rows: &[TransportResult]) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<9} {:>3} {:>9} {:>9} {:>9} {:>7} {:>15} {:>15} {:>9} {:>4}",
+        "{:<9} {:>3} {:>9} {:>9} {:>9} {:>7} {:>15} {:>15} {:>9} {:>9} {:>4}",
         "transport",
         "N",
         "size",
@@ -634,13 +634,14 @@ fn transport_table(rows: &[TransportResult]) -> String {
         "ratio",
         "tx CPU s/GiB",
         "rx CPU s/GiB",
+        "CPU ratio",
         "zc/copied",
         "ok"
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "{:<9} {:>3} {:>9} {:>9.2} {:>9.2} {:>6.2}x {:>6.3} ({:>5.3}) {:>6.3} ({:>5.3}) {:>9} {:>4}",
+            "{:<9} {:>3} {:>9} {:>9.2} {:>9.2} {:>6.2}x {:>6.3} ({:>5.3}) {:>6.3} ({:>5.3}) {:>8.2}x {:>9} {:>4}",
             r.transport,
             r.streams,
             fmt_bytes(r.bytes),
@@ -651,11 +652,16 @@ fn transport_table(rows: &[TransportResult]) -> String {
             r.floor_sender_cpu_s_per_gib,
             r.receiver_cpu_s_per_gib,
             r.floor_receiver_cpu_s_per_gib,
+            r.cpu_ratio_to_floor,
             format!("{}/{}", r.zc_sends, r.zc_copied),
             if r.verified { "yes" } else { "NO" }
         );
     }
-    let _ = writeln!(s, "(CPU: this transport, floor in parentheses)");
+    let _ = writeln!(
+        s,
+        "(CPU: user + system per GiB in each process, the floor's in parentheses; CPU ratio = \
+         (tx + rx) / floor's (tx + rx))"
+    );
     s
 }
 
@@ -1067,5 +1073,181 @@ mod sys {
             user_s: tv(ru.ru_utime),
             sys_s: tv(ru.ru_stime),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Top {
+        #[command(subcommand)]
+        cmd: Cmd,
+    }
+
+    #[derive(Debug, clap::Subcommand)]
+    #[allow(clippy::large_enum_variant)] // Parsed once per test.
+    enum Cmd {
+        Bench(BenchArgs),
+        #[command(name = "__bench-peer", hide = true)]
+        Peer(PeerArgs),
+    }
+
+    fn bench(args: &[&str]) -> BenchArgs {
+        let mut v = vec!["ferry", "bench"];
+        v.extend_from_slice(args);
+        match Top::try_parse_from(v).unwrap().cmd {
+            Cmd::Bench(b) => b,
+            Cmd::Peer(_) => panic!("parsed as the peer"),
+        }
+    }
+
+    #[test]
+    fn output_flags_before_or_after_the_suite() {
+        for args in [
+            &["--json", "transport", "--size-gib", "0.03"][..],
+            &["transport", "--size-gib", "0.03", "--json"][..],
+        ] {
+            let b = bench(args);
+            assert!(b.output.json);
+            match b.suite {
+                Some(SuiteArgs::Transport(t)) => {
+                    assert!((t.size_gib - 0.03).abs() < 1e-12);
+                    assert_eq!(t.transport, TransportChoice::Uring);
+                    assert_eq!(t.streams, 2);
+                }
+                other => panic!("wrong suite {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn migrate_arguments_and_rates() {
+        let b = bench(&[
+            "migrate",
+            "--mode",
+            "postcopy",
+            "--mem-gib",
+            "0.5",
+            "--write-mib-s",
+            "max",
+            "--transport",
+            "unix",
+            "--out",
+            "/tmp/x.jsonl",
+        ]);
+        let Some(SuiteArgs::Migrate(m)) = b.suite else {
+            panic!("not migrate")
+        };
+        assert_eq!(m.mode, ModeArg::Postcopy);
+        assert_eq!(m.write_mib_s, WriteRate::Max);
+        assert_eq!(m.transport, TransportChoice::Unix);
+        assert_eq!(
+            b.output.out.as_deref(),
+            Some(std::path::Path::new("/tmp/x.jsonl"))
+        );
+        assert_eq!("0".parse::<WriteRate>().unwrap(), WriteRate::Idle);
+        assert_eq!("250".parse::<WriteRate>().unwrap(), WriteRate::MibS(250));
+        "fast".parse::<WriteRate>().unwrap_err();
+        let cfg = MigrateBench::from_args(&m).unwrap();
+        assert_eq!(cfg.mem_bytes, 512 << 20);
+    }
+
+    #[test]
+    fn matrix_options_conflict_with_a_suite() {
+        let b = bench(&["--quick", "transport"]);
+        assert!(b.matrix.is_set());
+        let e = run(b).unwrap_err();
+        assert!(format!("{e}").contains("only without a suite"), "{e}");
+    }
+
+    #[test]
+    fn quick_matrix_is_small_and_complete() {
+        let b = bench(&["--quick"]);
+        let jobs = matrix_jobs(&b.matrix).unwrap();
+        let transports: Vec<_> = jobs
+            .iter()
+            .filter_map(|j| match j {
+                Job::Transport(t) => Some((t.transport, t.streams, t.bytes)),
+                Job::Migrate(_) => None,
+            })
+            .collect();
+        assert_eq!(
+            transports,
+            vec![
+                (TransportChoice::Uring, 1, 256 << 20),
+                (TransportChoice::Uring, 2, 256 << 20),
+                (TransportChoice::Tcp, 1, 256 << 20),
+                (TransportChoice::Tcp, 2, 256 << 20),
+            ]
+        );
+        let modes: Vec<_> = jobs
+            .iter()
+            .filter_map(|j| match j {
+                Job::Migrate(m) => Some((m.mode, m.mem_bytes, m.write_rate)),
+                Job::Transport(_) => None,
+            })
+            .collect();
+        assert_eq!(
+            modes,
+            vec![
+                (ModeArg::Precopy, 256 << 20, WriteRate::MibS(256)),
+                (ModeArg::Postcopy, 256 << 20, WriteRate::MibS(256)),
+                (ModeArg::Hybrid, 256 << 20, WriteRate::MibS(256)),
+            ]
+        );
+        // Explicit options override the quick choices; rdma is never a migration.
+        let b = bench(&[
+            "--quick",
+            "--suites",
+            "migrate",
+            "--transports",
+            "tcp,rdma",
+            "--runs",
+            "2",
+            "--modes",
+            "hybrid",
+        ]);
+        let jobs = matrix_jobs(&b.matrix).unwrap();
+        assert_eq!(jobs.len(), 2);
+        assert!(jobs.iter().all(|j| matches!(j, Job::Migrate(m)
+            if m.transport == TransportChoice::Tcp && m.mode == ModeArg::Hybrid)));
+    }
+
+    #[test]
+    fn sizes_round_down_to_alignment() {
+        assert_eq!(gib_to_bytes(0.03, 4096).unwrap(), 32_212_254 / 4096 * 4096);
+        assert_eq!(gib_to_bytes(1e-9, 4096).unwrap(), 4096);
+        gib_to_bytes(0.0, 4096).unwrap_err();
+        gib_to_bytes(f64::NAN, 4096).unwrap_err();
+        assert_eq!(fmt_bytes(256 << 20), "256 MiB");
+        assert_eq!(fmt_bytes(1 << 30), "1.00 GiB");
+    }
+
+    #[test]
+    fn peer_link_reports_peer_errors() {
+        // A peer thread fed a job it cannot parse answers with an error message.
+        let mut link =
+            PeerLink::spawn(&PeerLauncher::Thread, SuiteName::Transport, &"not a job").unwrap();
+        let e = link.recv::<Value>(Duration::from_secs(10)).unwrap_err();
+        assert!(format!("{e}").starts_with("Peer: "), "{e}");
+        link.finish(Duration::from_secs(10)).unwrap_err();
+    }
+
+    #[test]
+    fn cpu_time_advances() {
+        let a = CpuTime::now();
+        let mut x = 0u64;
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_millis(30) {
+            x = x.wrapping_mul(31).wrapping_add(7);
+        }
+        std::hint::black_box(x);
+        let d = CpuTime::now().since(&a);
+        assert!(d.total() > 0.0, "{d:?}");
     }
 }

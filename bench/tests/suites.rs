@@ -235,8 +235,8 @@ mod tests {
 
     #[test]
     fn migrate_postcopy_with_writer() -> Result<()> {
-        // memfd over TCP. (memfd over io_uring currently fails its digest check in post-copy:
-        // an engine issue, reported; the bench reports `verified: false` for it.)
+        // memfd (alias placement, UFFDIO_CONTINUE) over TCP; the other tests cover io_uring
+        // and anonymous memory.
         let Some(v) = migrate(
             ModeArg::Postcopy,
             WriteRate::Max,

@@ -534,7 +534,17 @@ impl<'s, 'a> DestRun<'s, 'a> {
         Ok(self.report.clone())
     }
 
-    /// Marks the stale pages, drops them from guest memory, registers userfaultfd.
+    /// Marks the stale pages, makes sure no page the engine will place is populated, and
+    /// registers userfaultfd.
+    ///
+    /// userfaultfd reports a fault only on a page that is not mapped (MISSING) or, for shared
+    /// memory registered MINOR, not mapped but in the page cache. A page that something else
+    /// populated (a pinning registration, a stray write) never faults: the guest would read
+    /// whatever is there, and placing our data later fails with `EEXIST` (anonymous memory),
+    /// so it never lands. Every page not PRESENT is therefore dropped from the mapping here
+    /// (`MADV_DONTNEED`), just before registering: anonymous pages become missing, shared ones
+    /// stay in the page cache and fault as minor. On memory nobody populated this costs a page
+    /// table walk.
     fn apply_stale(
         &mut self,
         stale: &[GpaRange],
@@ -544,28 +554,55 @@ impl<'s, 'a> DestRun<'s, 'a> {
         let shared = self.shared;
         let layout = shared.layout;
         let ps = layout.page_size();
+        let discard = |gpa: u64, len: u64| -> Result<(), MigrateError> {
+            let addr = layout.host_addr(GpaRange::new(gpa, len))?;
+            // SAFETY: guest memory of a VM that is not running; the engine owns its contents
+            // during the migration and nobody holds references into it.
+            unsafe { sys::discard(addr, len) }.map_err(|source| MigrateError::Place { gpa, source })
+        };
         let mut pages = 0;
-        for r in stale {
-            let (_, _, first) = layout.locate(*r)?;
-            let n = r.len / ps;
-            let mut populated = false;
-            for p in first..first + n {
-                if shared.states[p as usize].swap(STALE, Ordering::AcqRel) == PRESENT {
-                    shared.present.fetch_sub(1, Ordering::AcqRel);
-                    populated = true;
+        if shared.present.load(Ordering::Acquire) == 0 {
+            // Pure post-copy: nothing was received, every page is ABSENT (which claims and the
+            // fault handler treat like STALE); drop each region whole.
+            pages = stale.iter().map(|r| r.len / ps).sum();
+            for r in layout.regions() {
+                discard(r.gpa, r.len)?;
+            }
+        } else {
+            for r in stale {
+                let (_, _, first) = layout.locate(*r)?;
+                let n = r.len / ps;
+                for p in first..first + n {
+                    if shared.states[p as usize].swap(STALE, Ordering::AcqRel) == PRESENT {
+                        shared.present.fetch_sub(1, Ordering::AcqRel);
+                    }
+                }
+                pages += n;
+                discard(r.gpa, r.len)?;
+            }
+            // Pages never received (ABSENT) outside the stale set are missing too; there are
+            // none once a full first round arrived, so walk the states only if some exist.
+            let present = shared.present.load(Ordering::Acquire);
+            if layout.total_pages() - present > pages {
+                for (i, r) in layout.regions().iter().enumerate() {
+                    let first = layout.first_pages()[i];
+                    let mut q = 0;
+                    while q < r.pages() {
+                        if shared.states[(first + q) as usize].load(Ordering::Acquire) != ABSENT {
+                            q += 1;
+                            continue;
+                        }
+                        let start = q;
+                        while q < r.pages()
+                            && shared.states[(first + q) as usize].load(Ordering::Acquire) == ABSENT
+                        {
+                            q += 1;
+                        }
+                        discard(r.gpa + start * ps, (q - start) * ps)?;
+                    }
                 }
             }
-            pages += n;
-            if populated {
-                let addr = layout.host_addr(*r)?;
-                // SAFETY: guest memory of a VM that is not running; the engine owns its
-                // contents during the migration and nobody holds references into it.
-                unsafe { sys::discard(addr, r.len) }
-                    .map_err(|source| MigrateError::Place { gpa: r.gpa, source })?;
-            }
         }
-        // Pages never received (ABSENT) are missing too; claims and the fault handler treat
-        // ABSENT like STALE, so nothing here walks all of guest memory.
         for r in layout.regions() {
             let shared_backing =
                 matches!(r.backing, Backing::Memfd { .. } | Backing::Hugetlbfs { .. });
@@ -923,6 +960,16 @@ fn place_post(
     Ok(())
 }
 
+/// `EEXIST` from a placing ioctl for a page this thread claimed. Only the claimer places a
+/// page, and `apply_stale` dropped every unplaced page before registering, so the page was
+/// mapped by someone else without a fault: the guest may have read it before our data, and
+/// for anonymous memory our data never landed. That is corruption, not a benign race.
+fn populated_behind(gpa: u64) -> MigrateError {
+    MigrateError::Uffd {
+        what: format!("Page {gpa:#x} was mapped before its data was placed (no fault was seen)"),
+    }
+}
+
 /// `UFFDIO_CONTINUE` for a page whose bytes are in the page cache (written via the alias).
 fn map_page(shared: &Shared<'_>, gpa: u64) -> Result<(), MigrateError> {
     let layout = shared.layout;
@@ -934,7 +981,8 @@ fn map_page(shared: &Shared<'_>, gpa: u64) -> Result<(), MigrateError> {
     let addr = layout.host_addr(GpaRange::new(gpa, ps))? as u64;
     loop {
         match post.uffd.continue_(addr, ps, PlaceMode::WAKE) {
-            Ok(Fill::Done | Fill::Exists | Fill::Partial { .. }) => return Ok(()),
+            Ok(Fill::Done | Fill::Partial { .. }) => return Ok(()),
+            Ok(Fill::Exists) => return Err(populated_behind(gpa)),
             Ok(Fill::Again) => thread::yield_now(),
             Err(e) => {
                 return Err(MigrateError::Uffd {
@@ -975,7 +1023,8 @@ fn place_bytes_post(
     let addr = layout.host_addr(GpaRange::new(gpa, ps))? as u64;
     loop {
         match post.uffd.copy(addr, page, ps, PlaceMode::WAKE) {
-            Ok(Fill::Done | Fill::Exists | Fill::Partial { .. }) => return Ok(()),
+            Ok(Fill::Done | Fill::Partial { .. }) => return Ok(()),
+            Ok(Fill::Exists) => return Err(populated_behind(gpa)),
             Ok(Fill::Again) => thread::yield_now(),
             Err(e) => {
                 return Err(MigrateError::Uffd {
@@ -1001,7 +1050,8 @@ fn place_zero_post(shared: &Shared<'_>, p: u64, gpa: u64) -> Result<(), MigrateE
         let addr = layout.host_addr(GpaRange::new(gpa, ps))? as u64;
         loop {
             match post.uffd.zeropage(addr, ps, PlaceMode::WAKE) {
-                Ok(Fill::Done | Fill::Exists | Fill::Partial { .. }) => break,
+                Ok(Fill::Done | Fill::Partial { .. }) => break,
+                Ok(Fill::Exists) => return Err(populated_behind(gpa)),
                 Ok(Fill::Again) => thread::yield_now(),
                 Err(e) => {
                     return Err(MigrateError::Uffd {

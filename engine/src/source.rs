@@ -597,7 +597,7 @@ impl Run<'_, '_> {
                 let bw = if bw_bytes_per_us > 0.0 {
                     bw_bytes_per_us
                 } else {
-                    1000.0
+                    ASSUMED_BYTES_PER_US
                 };
                 let predicted = self.policy.switch_overhead.as_secs_f64() * 1e6
                     + (dirty_pages * ps) as f64 / bw;

@@ -739,6 +739,34 @@ mod tests {
     }
 
     #[test]
+    fn page_tables_map_ram_above_the_hole_contiguously() {
+        // Anonymous + NORESERVE: only the pages written here get memory.
+        let mem = KvmMemory::new((3 << 30) + (64 << 20), MemBacking::Anonymous, false).unwrap();
+        let plan = GuestPlan::new(&Workload::Verifier, 1, mem.size(), 1_000_000).unwrap();
+        write_guest(&mem, &plan).unwrap();
+        let pde = |va: u64| {
+            let pdpt = mem.read_u64(PDPT + (va >> 30) * 8).unwrap();
+            assert_eq!(
+                pdpt & 0x7,
+                0x7,
+                "PDPT entry for {va:#x} not present/user/writable"
+            );
+            let pd = pdpt & !0xfff;
+            mem.read_u64(pd + ((va >> 21) & 511) * 8).unwrap()
+        };
+        // Identity below the hole, shifted by 1 GiB above it; 2 MiB user pages everywhere.
+        assert_eq!(pde(0), PDE_2M);
+        assert_eq!(pde((3 << 30) - (2 << 20)), ((3 << 30) - (2 << 20)) | PDE_2M);
+        assert_eq!(pde(3 << 30), (4 << 30) | PDE_2M);
+        assert_eq!(
+            pde((3 << 30) + (62 << 20)),
+            ((4 << 30) + (62 << 20)) | PDE_2M
+        );
+        // The PML4 points at the PDPT.
+        assert_eq!(mem.read_u64(PML4), Some(PDPT | PTE_PWU));
+    }
+
+    #[test]
     fn writer_rate_is_split_per_vcpu() {
         let w = Workload::Writer {
             working_set_mib: 64,

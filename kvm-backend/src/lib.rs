@@ -13,7 +13,7 @@
 //! - The engine interfaces: [`KvmMemory`] implements `GuestMemory`, [`KvmDirtyTracker`]
 //!   implements `DirtyTracker` (dirty bitmap with manual protection, or dirty ring), and
 //!   [`KvmVm`] implements `VmControl` (pause/resume with immediate_exit + signal, complete
-//!   vCPU and VM state in a versioned blob).
+//!   vCPU and VM state in a versioned blob, throttling for auto-converge).
 //! - Multiboot (v1) kernels ([`Workload::Kernel`], [`multiboot`]) load like QEMU's `-kernel`.
 //!
 //! What it does not own: moving bytes between hosts, convergence policy, userfaultfd (all in

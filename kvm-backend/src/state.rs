@@ -104,9 +104,11 @@ pub struct VcpuState {
     pub regs: kvm_regs,
     /// Segment, control and descriptor-table registers.
     pub sregs: kvm_sregs,
-    /// Legacy FPU/SSE state.
+    /// Legacy FPU/SSE state, saved only when KVM lacks XSAVE (else all zero: the XSAVE
+    /// area's legacy region carries it).
     pub fpu: kvm_fpu,
-    /// XSAVE area bytes (4096-byte region plus the `KVM_CAP_XSAVE2` extension), if XSAVE.
+    /// XSAVE area bytes (4096-byte region plus the `KVM_CAP_XSAVE2` extension); empty
+    /// without XSAVE.
     pub xsave: Vec<u8>,
     /// Extended control registers.
     pub xcrs: kvm_xcrs,

@@ -3,11 +3,11 @@
 //! serial port, pause/resume, and complete state save/restore ([`VmControl`]).
 //!
 //! Threads: every vCPU has its own thread, the only one that ever issues its `KVM_RUN`. While
-//! the VM is paused the threads park and execute jobs (save/restore closures), so several vCPUs
-//! save/restore in parallel; vCPU 0's share runs on the calling thread to skip one thread
-//! wake-up (hundreds of µs on a loaded host). Pause sets a flag, sets
-//! `kvm_run.immediate_exit` and signals the thread (`sys::Kicker`), then waits until every
-//! thread is parked. Throttling (auto-converge) kicks the vCPUs every 10 ms and lets them
+//! the VM is paused the threads park; state save/restore of the first four vCPUs runs on the
+//! calling thread (KVM serialises the other vCPU ioctls itself, and a thread wake-up can cost
+//! milliseconds on a busy host), further vCPUs are handled by their own threads in parallel.
+//! Pause sets a flag, sets `kvm_run.immediate_exit` and signals the thread (`sys::Kicker`),
+//! then waits until every thread is parked. Throttling (auto-converge) kicks the vCPUs every 10 ms and lets them
 //! sleep part of the period.
 //!
 //! Not here: the guest image and model ([`crate::guest`]), dirty tracking ([`crate::dirty`]),
@@ -344,6 +344,9 @@ pub(crate) struct Core {
     /// Share of each throttle period the vCPUs may run, in percent (100 = unthrottled).
     throttle_pct: AtomicU8,
 }
+
+/// vCPUs whose state is saved/restored on the calling thread (see `KvmVm::on_vcpus`).
+const INLINE_VCPUS: usize = 4;
 
 /// Words of the guest identity that must match between source and destination.
 const IDENTITY_LEN: usize = 5;
@@ -981,15 +984,18 @@ impl KvmVm {
         Ok(())
     }
 
-    /// Runs `f` for every (parked) vCPU and collects the results by index: vCPU 0 on the
-    /// calling thread (no hand-off latency), the others on their own threads in parallel.
+    /// Runs `f` for every (parked) vCPU and collects the results by index: the first
+    /// [`INLINE_VCPUS`] on the calling thread, one after the other, the rest on their own
+    /// threads in parallel with them. Waking a parked thread costs ~50 µs on an idle host but
+    /// up to a scheduler period (measured 3-11 ms here) on a busy one, while one vCPU's state
+    /// is ~80 µs of ioctls, so small VMs are faster and more predictable inline.
     fn on_vcpus<R: Send + 'static>(
         &self,
         f: impl Fn(u32, &mut VcpuFd) -> R + Send + Sync + 'static,
     ) -> Result<Vec<R>, VmRunError> {
         let f = Arc::new(f);
         let (tx, rx) = std::sync::mpsc::channel();
-        for c in self.ctls.iter().skip(1) {
+        for c in self.ctls.iter().skip(INLINE_VCPUS) {
             let (f, tx, id) = (Arc::clone(&f), tx.clone(), c.id);
             let mut g = c.lock();
             if g.exit {
@@ -1002,12 +1008,12 @@ impl KvmVm {
         }
         drop(tx);
         let mut out: Vec<Option<R>> = (0..self.ctls.len()).map(|_| None).collect();
-        if let Some(c) = self.ctls.first() {
+        for (slot, c) in out.iter_mut().zip(&self.ctls).take(INLINE_VCPUS) {
             // Parked (the caller checked), so the lock is free or about to be.
             let mut v = c.vcpu.lock().unwrap_or_else(|e| e.into_inner());
-            out[0] = Some(f(c.id, &mut v));
+            *slot = Some(f(c.id, &mut v));
         }
-        for _ in 1..self.ctls.len() {
+        for _ in INLINE_VCPUS.min(self.ctls.len())..self.ctls.len() {
             let (id, r) = rx
                 .recv_timeout(Duration::from_secs(10))
                 .map_err(|_| VmRunError::ThreadGone(0))?;
@@ -1055,7 +1061,7 @@ impl KvmVm {
             }
             vcpus.push(st);
         }
-        t.mark("vcpus (parallel)");
+        t.mark("vcpus");
         let vm = &self.core.vm;
         let vm_err = |what| {
             move |e: kvm_ioctls::Error| SaveStateError::Vm {
@@ -1171,7 +1177,7 @@ impl KvmVm {
             }
             restore_vcpu(id, v, s, &caps, host_pair_src.zip(host_pair_dst)).map(|st| (id, st))
         })?;
-        t.mark("vcpus (parallel)");
+        t.mark("vcpus");
         self.timings.vcpu_restore.clear();
         for r in results {
             let (id, steps) = r?;
@@ -1595,12 +1601,34 @@ fn vcpu_thread(ctl: &VcpuCtl, core: &Core) {
 
 fn run_loop(vcpu: &mut VcpuFd, ctl: &VcpuCtl, core: &Core) -> Stop {
     let c = &core.counters;
+    // The last KVM_RUN returned an exit we handled (I/O, MMIO, ...) rather than EINTR.
+    let mut exit_pending = false;
     loop {
         if ctl.pause_req.load(Ordering::SeqCst) {
+            if exit_pending {
+                // KVM completes a PIO/MMIO exit (e.g. advances RIP past an OUT, stores the
+                // data of an IN) only on the next KVM_RUN, and KVM_GET_* do not show the
+                // pending part: re-enter once with immediate_exit set so the saved state is
+                // consistent and the destination does not repeat the instruction (KVM API
+                // docs, KVM_RUN). It returns EINTR without running the guest.
+                if let Some(k) = ctl.kicker.get() {
+                    k.set_immediate_exit(1);
+                }
+                match vcpu.run() {
+                    Err(e) if e.errno() == libc::EINTR => {}
+                    Err(e) => return Stop::Fault(format!("completing a pending exit: {e}")),
+                    Ok(exit) => tracing::warn!(
+                        "vCPU {}: completing a pending exit returned {exit:?}, not EINTR",
+                        ctl.id
+                    ),
+                }
+            }
             return Stop::Paused;
         }
         c.runs.fetch_add(1, Ordering::Relaxed);
-        match vcpu.run() {
+        let r = vcpu.run();
+        exit_pending = r.is_ok();
+        match r {
             Ok(VcpuExit::IoOut(port, data)) => {
                 if (COM1..COM1 + 8).contains(&port) {
                     let mut s = core.serial.lock().unwrap_or_else(|e| e.into_inner());

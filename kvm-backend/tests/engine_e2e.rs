@@ -4,7 +4,7 @@
 //! hybrid mode; the destination guest must continue (more iterations, same serial stream) and
 //! pass the engine's digest check and this crate's full-memory model check. Written against the
 //! engine and transport APIs of commit 1ca2e0f. Skips without /dev/kvm (and, for post-copy and
-//! hybrid, without userfaultfd).
+//! hybrid, without userfaultfd); fails instead under `FERRY_REQUIRE_CAPS=1`.
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
@@ -27,16 +27,25 @@ mod tests {
     use ferry_transport::session::SessionListener;
     use ferry_transport::{Endpoint, MemoryRegistration};
 
+    /// Reports a missing capability: a skip, or a failure under `FERRY_REQUIRE_CAPS=1`.
+    fn skip(reason: &str) {
+        assert!(
+            std::env::var("FERRY_REQUIRE_CAPS").as_deref() != Ok("1"),
+            "required capability missing (FERRY_REQUIRE_CAPS=1): {reason}"
+        );
+        eprintln!("SKIP: {reason}");
+    }
+
     fn caps(uffd: bool) -> bool {
         if !ferry_kvm::kvm_available() {
-            eprintln!("skipping: /dev/kvm cannot be opened");
+            skip("/dev/kvm cannot be opened");
             return false;
         }
         if uffd
             && let Err(e) =
                 ferry_engine::uffd::Uffd::open(false, ferry_engine::uffd::Features::NONE)
         {
-            eprintln!("skipping: userfaultfd unavailable: {e}");
+            skip(&format!("userfaultfd unavailable: {e}"));
             return false;
         }
         true

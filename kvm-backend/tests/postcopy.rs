@@ -3,7 +3,8 @@
 //! `restore_state` or `resume`, so every page the vCPUs (or KVM on their behalf) touch arrives
 //! through a MISSING fault that a handler thread resolves with `UFFDIO_COPY` from the source's
 //! memory — a minimal in-process post-copy. (The real post-copy machinery is the engine's; this
-//! test only shows the backend fits it.) Skips without /dev/kvm or userfaultfd.
+//! test only shows the backend fits it.) Skips without /dev/kvm or userfaultfd (fails instead
+//! under `FERRY_REQUIRE_CAPS=1`).
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
@@ -57,6 +58,15 @@ mod tests {
         _rest: [u8; 8],
     }
 
+    /// Reports a missing capability: a skip, or a failure under `FERRY_REQUIRE_CAPS=1`.
+    fn skip(reason: &str) {
+        assert!(
+            std::env::var("FERRY_REQUIRE_CAPS").as_deref() != Ok("1"),
+            "required capability missing (FERRY_REQUIRE_CAPS=1): {reason}"
+        );
+        eprintln!("SKIP: {reason}");
+    }
+
     fn userfaultfd() -> Option<i32> {
         // SAFETY: plain syscall; flags only. Not UFFD_USER_MODE_ONLY: KVM touches guest pages
         // from the kernel.
@@ -91,7 +101,7 @@ mod tests {
         let blob = src.save_state().map_err(|e| anyhow!(e))?;
 
         let Some(uffd) = userfaultfd() else {
-            eprintln!("skipping: userfaultfd unavailable");
+            skip("userfaultfd unavailable");
             return Ok(());
         };
         let mut dst = KvmVm::new_destination(&cfg)?;
@@ -209,7 +219,7 @@ mod tests {
     #[test]
     fn destination_runs_under_userfaultfd() -> Result<()> {
         if !ferry_kvm::kvm_available() {
-            eprintln!("skipping: /dev/kvm cannot be opened");
+            skip("/dev/kvm cannot be opened");
             return Ok(());
         }
         run(MemBacking::Memfd)?;
