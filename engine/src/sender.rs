@@ -29,6 +29,9 @@ pub(crate) enum Work {
     },
     /// Send `RoundEnd { round }` after everything before it, wait for completions, report.
     Barrier(u32),
+    /// Send `RoundEnd { round }` after everything before it and carry on: the receiver waits
+    /// for it, nobody here does (the switchover marker, inside the blackout).
+    Marker(u32),
     /// Send `EndOfStream`, flush, exit.
     End,
 }
@@ -96,6 +99,9 @@ impl Worker<'_> {
                 Work::Barrier(round) => self.barrier(round).map(|()| {
                     let _ = done.send(Done::Barrier { round });
                 }),
+                // Flushed by this worker (a queued send may sit in an unsubmitted batch), but
+                // nobody waits for it.
+                Work::Marker(round) => self.barrier(round),
                 Work::End => {
                     let r = self
                         .send(&Frame::EndOfStream.encode(), &[])

@@ -487,6 +487,16 @@ impl Run<'_, '_> {
         Ok(())
     }
 
+    /// Queues the switchover marker on every stream without waiting: the destination waits for
+    /// it on each stream before it resumes, so the source need not wait for send completions
+    /// inside the blackout (a stream error still surfaces through the workers' reports).
+    fn marker(&mut self, round: u32, phase: Phase) -> Result<(), MigrateError> {
+        for s in 0..self.stream_count {
+            self.send_work(s, Work::Marker(round), phase)?;
+        }
+        self.check_workers()
+    }
+
     /// Sends a barrier on every stream and waits for all of them.
     fn barrier(&mut self, round: u32, phase: Phase) -> Result<(), MigrateError> {
         for s in 0..self.stream_count {
@@ -718,7 +728,7 @@ impl Run<'_, '_> {
             )?;
             let stale_pages = final_ranges.iter().map(|r| r.len).sum::<u64>() / ps;
             if post_copy {
-                self.barrier(SWITCH_ROUND, Phase::Switchover)?;
+                self.marker(SWITCH_ROUND, Phase::Switchover)?;
                 for chunk in final_ranges.chunks(MAX_RANGES) {
                     self.ctl.send(
                         &Frame::StaleSet {
@@ -733,7 +743,7 @@ impl Run<'_, '_> {
                 }
             } else {
                 self.dispatch(&final_ranges, true, Phase::Switchover)?;
-                self.barrier(SWITCH_ROUND, Phase::Switchover)?;
+                self.marker(SWITCH_ROUND, Phase::Switchover)?;
             }
             self.ctl.send(
                 &Frame::State {
