@@ -455,16 +455,14 @@ pub fn run(
     let page = layout.page_size();
     let mut on_progress = |p: &Progress| {
         let what = match p.phase {
-            Phase::Round(n) => format!("pre-copy round {n}"),
+            Phase::Round(n) => format!("pre-copy round {n} ({} pages dirty)", p.dirty_pages),
             Phase::Switchover => "switchover".into(),
             Phase::PostCopy => "post-copy".into(),
             Phase::Verifying => "verifying".into(),
         };
-        progress(
-            &what,
-            (p.pages_done * page).min(cfg.mem_bytes),
-            cfg.mem_bytes,
-        );
+        // Pages covered so far, all rounds together (pre-copy covers memory more than once).
+        let done = p.pages_done.saturating_mul(page);
+        progress(&what, done, done.max(cfg.mem_bytes));
     };
     let outcome = migrate(
         SourceVm {
@@ -488,6 +486,7 @@ pub fn run(
         "uffd_error": uffd_error,
         "rtt_p50_us": rtt_p50,
         "rtt_p99_us": rtt_p99,
+        "rtt_min_us": quantile_us(&rtt, 0.0),
         "rtt_samples": rtt.len(),
     });
     let report = match outcome {
