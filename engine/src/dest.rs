@@ -38,6 +38,13 @@ use crate::sys;
 use crate::uffd::{Event, Features, Fill, PlaceMode, RegisterMode, Uffd};
 use crate::vm::{Backing, GuestMemory, VmControl};
 
+/// Hash recorded for a page placed as zeroes: the real hash (xxh3 of 4 KiB of zeroes seeded
+/// by the gpa, ~0.3 µs) is computed only for the final digest, after the VM resumed. Hashing
+/// every zero page as it arrives made the receivers of a mostly-empty guest lag tens of ms
+/// behind the source at the switchover (1 GiB: ~40 ms of blackout). A data page whose real
+/// hash is 0 (probability 2^-64) would fail verification, never pass it wrongly.
+const ZERO_PAGE: u64 = 0;
+
 const ABSENT: u8 = 0;
 const PRESENT: u8 = 1;
 const STALE: u8 = 2;
@@ -357,10 +364,44 @@ impl<'s, 'a> DestRun<'s, 'a> {
         let shared = self.shared;
         let layout = shared.layout;
         let mut uffd = Some(uffd);
-        let mut urgent = urgent;
         let mut aliases = Some(aliases);
         let mut resumed = false;
         let mut post_copy = false;
+        // The fault path's threads exist before the switchover (spawning them inside the
+        // blackout cost ~70-180 µs here) and wait for `fault_path` to start them. If the
+        // migration ends without post-copy, dropping the sender lets them return.
+        let has_urgent = urgent.is_some();
+        let (fault_path, started) = bounded::<()>(2);
+        if let Some((replies, requests)) = urgent {
+            let note_tx = self.note_tx.clone();
+            let go = started.clone();
+            thread::Builder::new()
+                .name("ferry-faults".into())
+                .spawn_scoped(s, move || {
+                    raise_priority();
+                    if go.recv().is_err() {
+                        return;
+                    }
+                    if let Err(e) = fault_loop(shared, &requests) {
+                        let _ = note_tx.send(Note::Failed(e));
+                    }
+                })
+                .map_err(|_| MigrateError::Worker("fault handler"))?;
+            let note_tx = self.note_tx.clone();
+            thread::Builder::new()
+                .name("ferry-replies".into())
+                .spawn_scoped(s, move || {
+                    raise_priority();
+                    if started.recv().is_err() {
+                        return;
+                    }
+                    if let Err(e) = reply_loop(shared, replies) {
+                        let _ = note_tx.send(Note::Failed(e));
+                    }
+                })
+                .map_err(|_| MigrateError::Worker("reply receiver"))?;
+        }
+        let mut pre_discarded = false;
         loop {
             let (frame, _) = match self.next_ctl() {
                 Ok(x) => x,
@@ -376,9 +417,28 @@ impl<'s, 'a> DestRun<'s, 'a> {
                 Frame::Switchover { kind, .. } => {
                     let t_sw = Instant::now();
                     post_copy = kind == SwitchoverKind::PostCopy;
+                    if post_copy && !has_urgent {
+                        return Err(MigrateError::Unexpected {
+                            got: "Switchover(post-copy)",
+                            state: "without an urgent stream",
+                        });
+                    }
+                    if post_copy
+                        && self.report.rounds == 0
+                        && shared.present.load(Ordering::Acquire) == 0
+                    {
+                        // Pure post-copy: no round began, so no page frame was sent and no
+                        // receiver writes guest memory before the switchover is applied; the
+                        // whole-memory discard (see `apply_stale`) can overlap the barrier and
+                        // the state. (With a round begun, a receiver may be writing a page it
+                        // has not counted yet: `apply_stale` discards after the barrier.)
+                        self.discard_all()?;
+                        pre_discarded = true;
+                    }
                     self.wait_until("the bulk streams to reach the switchover", |d| {
                         d.barriers >= d.n
                     })?;
+                    let t_barrier = Instant::now();
                     let mut next = self.next_ctl()?;
                     if post_copy {
                         let mut stale = Vec::new();
@@ -389,6 +449,7 @@ impl<'s, 'a> DestRun<'s, 'a> {
                             stale.extend_from_slice(ranges);
                             next = self.next_ctl()?;
                         }
+                        let t_state = Instant::now();
                         let uffd = match uffd.take() {
                             Some(Ok(u)) => u,
                             Some(Err(e)) => {
@@ -398,48 +459,34 @@ impl<'s, 'a> DestRun<'s, 'a> {
                             }
                             None => return Err(MigrateError::Worker("uffd")),
                         };
-                        self.report.stale_pages =
-                            self.apply_stale(&stale, uffd, aliases.take().unwrap_or_default())?;
+                        self.report.stale_pages = self.apply_stale(
+                            &stale,
+                            uffd,
+                            aliases.take().unwrap_or_default(),
+                            pre_discarded,
+                        )?;
                         post_flag.store(true, Ordering::Release);
+                        let t_applied = Instant::now();
                         // Fault handling and urgent replies.
-                        if let Some((replies, requests)) = urgent.take() {
-                            let (req_tx, req_rx) = unbounded::<u64>();
-                            let note_tx = self.note_tx.clone();
-                            thread::Builder::new()
-                                .name("ferry-faults".into())
-                                .spawn_scoped(s, move || {
-                                    raise_priority();
-                                    if let Err(e) = fault_loop(shared, &req_tx) {
-                                        let _ = note_tx.send(Note::Failed(e));
-                                    }
-                                })
+                        for _ in 0..2 {
+                            fault_path
+                                .send(())
                                 .map_err(|_| MigrateError::Worker("fault handler"))?;
-                            let note_tx = self.note_tx.clone();
-                            thread::Builder::new()
-                                .name("ferry-requests".into())
-                                .spawn_scoped(s, move || {
-                                    raise_priority();
-                                    if let Err(e) = request_loop(shared, requests, &req_rx) {
-                                        let _ = note_tx.send(Note::Failed(e));
-                                    }
-                                })
-                                .map_err(|_| MigrateError::Worker("requester"))?;
-                            let note_tx = self.note_tx.clone();
-                            thread::Builder::new()
-                                .name("ferry-replies".into())
-                                .spawn_scoped(s, move || {
-                                    raise_priority();
-                                    if let Err(e) = reply_loop(shared, replies) {
-                                        let _ = note_tx.send(Note::Failed(e));
-                                    }
-                                })
-                                .map_err(|_| MigrateError::Worker("reply receiver"))?;
-                        } else {
-                            return Err(MigrateError::Unexpected {
-                                got: "Switchover(post-copy)",
-                                state: "without an urgent stream",
-                            });
                         }
+                        debug!(
+                            barrier_us = (t_barrier - t_sw).as_micros() as u64,
+                            stale_and_state_us = (t_state - t_barrier).as_micros() as u64,
+                            apply_us = (t_applied - t_state).as_micros() as u64,
+                            start_us = t_applied.elapsed().as_micros() as u64,
+                            "post-copy switchover"
+                        );
+                    }
+                    if !post_copy {
+                        debug!(
+                            barrier_us = (t_barrier - t_sw).as_micros() as u64,
+                            state_us = t_barrier.elapsed().as_micros() as u64,
+                            "stop-and-copy switchover"
+                        );
                     }
                     for _ in 0..self.n {
                         let _ = self.go.send(());
@@ -485,8 +532,12 @@ impl<'s, 'a> DestRun<'s, 'a> {
                         d.shared.present.load(Ordering::Acquire) >= total
                     })?;
                     shared.done.store(true, Ordering::Release);
-                    let ours =
-                        digest::digest_of(shared.hashes.iter().map(|h| h.load(Ordering::Acquire)));
+                    let ours = digest::digest_of(shared.hashes.iter().enumerate().map(|(p, h)| {
+                        match h.load(Ordering::Acquire) {
+                            ZERO_PAGE => shared.zero_hash(layout.page_gpa(p as u64)),
+                            h => h,
+                        }
+                    }));
                     let ok = ours == theirs;
                     self.report.verified = ok;
                     self.report.digest = digest::hex(&ours);
@@ -534,6 +585,15 @@ impl<'s, 'a> DestRun<'s, 'a> {
         Ok(self.report.clone())
     }
 
+    /// Drops every page of guest memory from its mapping (see [`discard`]).
+    fn discard_all(&self) -> Result<(), MigrateError> {
+        let layout = self.shared.layout;
+        for r in layout.regions() {
+            discard(layout, r.gpa, r.len)?;
+        }
+        Ok(())
+    }
+
     /// Marks the stale pages, makes sure no page the engine will place is populated, and
     /// registers userfaultfd.
     ///
@@ -550,23 +610,19 @@ impl<'s, 'a> DestRun<'s, 'a> {
         stale: &[GpaRange],
         uffd: Uffd,
         aliases: Vec<Option<AliasMapping>>,
+        pre_discarded: bool,
     ) -> Result<u64, MigrateError> {
         let shared = self.shared;
         let layout = shared.layout;
         let ps = layout.page_size();
-        let discard = |gpa: u64, len: u64| -> Result<(), MigrateError> {
-            let addr = layout.host_addr(GpaRange::new(gpa, len))?;
-            // SAFETY: guest memory of a VM that is not running; the engine owns its contents
-            // during the migration and nobody holds references into it.
-            unsafe { sys::discard(addr, len) }.map_err(|source| MigrateError::Place { gpa, source })
-        };
+        let t0 = Instant::now();
         let mut pages = 0;
         if shared.present.load(Ordering::Acquire) == 0 {
             // Pure post-copy: nothing was received, every page is ABSENT (which claims and the
-            // fault handler treat like STALE); drop each region whole.
+            // fault handler treat like STALE); drop each region whole (unless done already).
             pages = stale.iter().map(|r| r.len / ps).sum();
-            for r in layout.regions() {
-                discard(r.gpa, r.len)?;
+            if !pre_discarded {
+                self.discard_all()?;
             }
         } else {
             for r in stale {
@@ -578,7 +634,7 @@ impl<'s, 'a> DestRun<'s, 'a> {
                     }
                 }
                 pages += n;
-                discard(r.gpa, r.len)?;
+                discard(layout, r.gpa, r.len)?;
             }
             // Pages never received (ABSENT) outside the stale set are missing too; there are
             // none once a full first round arrived, so walk the states only if some exist.
@@ -598,11 +654,12 @@ impl<'s, 'a> DestRun<'s, 'a> {
                         {
                             q += 1;
                         }
-                        discard(r.gpa + start * ps, (q - start) * ps)?;
+                        discard(layout, r.gpa + start * ps, (q - start) * ps)?;
                     }
                 }
             }
         }
+        let t_discard = Instant::now();
         for r in layout.regions() {
             let shared_backing =
                 matches!(r.backing, Backing::Memfd { .. } | Backing::Hugetlbfs { .. });
@@ -620,6 +677,13 @@ impl<'s, 'a> DestRun<'s, 'a> {
             })?;
         }
         let _ = shared.post.set(PostCopy { uffd, aliases });
+        debug!(
+            pages,
+            ranges = stale.len(),
+            discard_us = (t_discard - t0).as_micros() as u64,
+            register_us = t_discard.elapsed().as_micros() as u64,
+            "stale set applied"
+        );
         Ok(pages)
     }
 
@@ -649,6 +713,10 @@ impl Shared<'_> {
         self.hashes[p as usize].store(h, Ordering::Release);
         if self.states[p as usize].swap(PRESENT, Ordering::AcqRel) != PRESENT {
             self.present.fetch_add(1, Ordering::AcqRel);
+        }
+        if self.post.get().is_none() {
+            // No faults before post-copy: skip the lock on the pre-copy path.
+            return;
         }
         let waited = self.faults.lock().ok().and_then(|mut f| f.remove(&p));
         if let Some(t0) = waited {
@@ -800,7 +868,7 @@ fn recv_loop(
                             // (pre-copy) and the engine owns the contents during migration.
                             unsafe { std::ptr::write_bytes(addr as *mut u8, 0, ps as usize) };
                         }
-                        shared.placed(p, shared.zero_hash(gpa), true);
+                        shared.placed(p, ZERO_PAGE, true);
                     }
                 }
             }
@@ -833,7 +901,7 @@ fn recv_loop(
                         let p = first + j;
                         if post {
                             if shared.claim(p) {
-                                place_bytes_post(shared, p, gpa, page)?;
+                                place_bytes_post(shared, gpa, page)?;
                                 shared.placed(p, page_hash(gpa, page), true);
                             }
                             continue;
@@ -872,8 +940,9 @@ fn recv_loop(
 
 /// Post-copy placement of a `Pages` frame (bulk push or urgent reply): claims each page;
 /// claimed pages of shared backings are received straight into the alias mapping and mapped
-/// with `UFFDIO_CONTINUE`; anonymous ones go through a staging buffer and `UFFDIO_COPY`;
-/// pages already placed (the other path won the race) are read and dropped.
+/// with `UFFDIO_CONTINUE`; anonymous ones go through a staging buffer and `UFFDIO_COPY`; each
+/// run of consecutive claimed pages is placed with one ioctl. Pages already placed (the other
+/// path won the race) are read and dropped.
 fn place_post(
     i: usize,
     stream: &mut dyn DataStream,
@@ -913,6 +982,7 @@ fn place_post(
                 stream.recv_exact(staging).map_err(stream_err(i))?;
             }
             if c {
+                let mut hashes = Vec::with_capacity((e - j) as usize);
                 for q in j..e {
                     let gpa = r.gpa + q * ps;
                     let page: &[u8] = match alias {
@@ -940,12 +1010,15 @@ fn place_post(
                             got: h,
                         });
                     }
-                    if alias.is_none() {
-                        place_bytes_post(shared, first + q, gpa, page)?;
-                    }
-                    if alias.is_some() {
-                        map_page(shared, gpa)?;
-                    }
+                    hashes.push(h);
+                }
+                let src = if alias.is_some() {
+                    Src::PageCache
+                } else {
+                    Src::Bytes(staging)
+                };
+                fill(shared, run, src)?;
+                for (q, h) in (j..e).zip(hashes) {
                     shared.placed(first + q, h, by_push);
                 }
             } else {
@@ -960,6 +1033,62 @@ fn place_post(
     Ok(())
 }
 
+/// Where [`fill`] takes a range's bytes from.
+enum Src<'b> {
+    /// The page cache (written through the alias mapping): `UFFDIO_CONTINUE`.
+    PageCache,
+    /// These bytes, as long as the range: `UFFDIO_COPY`.
+    Bytes(&'b [u8]),
+    /// Zeroes: `UFFDIO_ZEROPAGE`.
+    Zero,
+}
+
+/// Places `range` (pages this thread claimed) with one placing ioctl, waking the waiters;
+/// continues after partial progress.
+fn fill(shared: &Shared<'_>, range: GpaRange, src: Src<'_>) -> Result<(), MigrateError> {
+    let post = shared
+        .post
+        .get()
+        .ok_or(MigrateError::Worker("post-copy state"))?;
+    let addr = shared.layout.host_addr(range)? as u64;
+    let len = range.len;
+    let mut off = 0u64;
+    while off < len {
+        let r = match src {
+            Src::PageCache => post.uffd.continue_(addr + off, len - off, PlaceMode::WAKE),
+            Src::Bytes(b) => post.uffd.copy(
+                addr + off,
+                b.get(off as usize..).unwrap_or(&[]),
+                len - off,
+                PlaceMode::WAKE,
+            ),
+            Src::Zero => post.uffd.zeropage(addr + off, len - off, PlaceMode::WAKE),
+        };
+        match r {
+            Ok(Fill::Done) => break,
+            Ok(Fill::Partial { bytes }) => off += bytes,
+            Ok(Fill::Exists) => return Err(populated_behind(range.gpa + off)),
+            Ok(Fill::Again) => thread::yield_now(),
+            Err(e) => {
+                return Err(MigrateError::Uffd {
+                    what: ferry_protocol::handshake::error_chain(&e),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Drops `gpa..gpa+len` of guest memory from its mapping (`MADV_DONTNEED`): anonymous pages
+/// become missing, shared ones stay in the page cache and fault as minor once registered.
+/// Only while the VM is not running on this side.
+fn discard(layout: &Layout, gpa: u64, len: u64) -> Result<(), MigrateError> {
+    let addr = layout.host_addr(GpaRange::new(gpa, len))?;
+    // SAFETY: guest memory of a VM that is not running here; the engine owns its contents
+    // during the migration and nobody holds references into it.
+    unsafe { sys::discard(addr, len) }.map_err(|source| MigrateError::Place { gpa, source })
+}
+
 /// `EEXIST` from a placing ioctl for a page this thread claimed. Only the claimer places a
 /// page, and `apply_stale` dropped every unplaced page before registering, so the page was
 /// mapped by someone else without a fault: the guest may have read it before our data, and
@@ -970,44 +1099,17 @@ fn populated_behind(gpa: u64) -> MigrateError {
     }
 }
 
-/// `UFFDIO_CONTINUE` for a page whose bytes are in the page cache (written via the alias).
-fn map_page(shared: &Shared<'_>, gpa: u64) -> Result<(), MigrateError> {
+/// Places one claimed page's bytes (anonymous: `UFFDIO_COPY`; shared: alias write +
+/// `UFFDIO_CONTINUE`).
+fn place_bytes_post(shared: &Shared<'_>, gpa: u64, page: &[u8]) -> Result<(), MigrateError> {
     let layout = shared.layout;
     let ps = layout.page_size();
     let post = shared
         .post
         .get()
         .ok_or(MigrateError::Worker("post-copy state"))?;
-    let addr = layout.host_addr(GpaRange::new(gpa, ps))? as u64;
-    loop {
-        match post.uffd.continue_(addr, ps, PlaceMode::WAKE) {
-            Ok(Fill::Done | Fill::Partial { .. }) => return Ok(()),
-            Ok(Fill::Exists) => return Err(populated_behind(gpa)),
-            Ok(Fill::Again) => thread::yield_now(),
-            Err(e) => {
-                return Err(MigrateError::Uffd {
-                    what: ferry_protocol::handshake::error_chain(&e),
-                });
-            }
-        }
-    }
-}
-
-/// Places one page's bytes (anonymous: `UFFDIO_COPY`; shared: alias write + continue).
-fn place_bytes_post(
-    shared: &Shared<'_>,
-    p: u64,
-    gpa: u64,
-    page: &[u8],
-) -> Result<(), MigrateError> {
-    let layout = shared.layout;
-    let ps = layout.page_size();
-    let post = shared
-        .post
-        .get()
-        .ok_or(MigrateError::Worker("post-copy state"))?;
-    let (region, off, _) = layout.locate(GpaRange::new(gpa, ps))?;
-    let _ = p;
+    let one = GpaRange::new(gpa, ps);
+    let (region, off, _) = layout.locate(one)?;
     if let Some(a) = post.aliases.get(region).and_then(Option::as_ref) {
         // SAFETY: the alias maps the whole region; `off` is a checked page offset; the page is
         // claimed (FILLING) by this thread, and `page` is a separate buffer of one page.
@@ -1018,23 +1120,13 @@ fn place_bytes_post(
                 ps as usize,
             )
         };
-        return map_page(shared, gpa);
+        return fill(shared, one, Src::PageCache);
     }
-    let addr = layout.host_addr(GpaRange::new(gpa, ps))? as u64;
-    loop {
-        match post.uffd.copy(addr, page, ps, PlaceMode::WAKE) {
-            Ok(Fill::Done | Fill::Partial { .. }) => return Ok(()),
-            Ok(Fill::Exists) => return Err(populated_behind(gpa)),
-            Ok(Fill::Again) => thread::yield_now(),
-            Err(e) => {
-                return Err(MigrateError::Uffd {
-                    what: ferry_protocol::handshake::error_chain(&e),
-                });
-            }
-        }
-    }
+    fill(shared, one, Src::Bytes(page))
 }
 
+/// Places one claimed zero page (anonymous: `UFFDIO_ZEROPAGE`; shared: zeroes written through
+/// the alias, since the page cache may hold an older version of the page).
 fn place_zero_post(shared: &Shared<'_>, p: u64, gpa: u64) -> Result<(), MigrateError> {
     let layout = shared.layout;
     let ps = layout.page_size();
@@ -1044,37 +1136,36 @@ fn place_zero_post(shared: &Shared<'_>, p: u64, gpa: u64) -> Result<(), MigrateE
         .ok_or(MigrateError::Worker("post-copy state"))?;
     let (region, _, _) = layout.locate(GpaRange::new(gpa, ps))?;
     if post.aliases.get(region).and_then(Option::as_ref).is_some() {
-        let zero = vec![0u8; ps as usize];
-        place_bytes_post(shared, p, gpa, &zero)?;
+        place_bytes_post(shared, gpa, &shared.zero_hash_scratch)?;
     } else {
-        let addr = layout.host_addr(GpaRange::new(gpa, ps))? as u64;
-        loop {
-            match post.uffd.zeropage(addr, ps, PlaceMode::WAKE) {
-                Ok(Fill::Done | Fill::Partial { .. }) => break,
-                Ok(Fill::Exists) => return Err(populated_behind(gpa)),
-                Ok(Fill::Again) => thread::yield_now(),
-                Err(e) => {
-                    return Err(MigrateError::Uffd {
-                        what: ferry_protocol::handshake::error_chain(&e),
-                    });
-                }
-            }
-        }
+        fill(shared, GpaRange::new(gpa, ps), Src::Zero)?;
     }
-    shared.placed(p, shared.zero_hash(gpa), true);
+    shared.placed(p, ZERO_PAGE, true);
     Ok(())
 }
 
-/// Reads userfaultfd events; each fault on a missing page becomes one urgent request.
-fn fault_loop(shared: &Shared<'_>, requests: &Sender<u64>) -> Result<(), MigrateError> {
+/// Reads userfaultfd events; each fault on a missing page becomes one urgent request, written
+/// on the urgent stream by this thread at once (the faults of one read go out in one write),
+/// so a fault costs no thread hand-off before its request leaves. Ends with `EndOfStream` once
+/// every page is here or the migration is over.
+fn fault_loop(shared: &Shared<'_>, socket: &Socket) -> Result<(), MigrateError> {
+    use std::io::Write;
     let layout = shared.layout;
     let ps = layout.page_size();
     let post = shared
         .post
         .get()
         .ok_or(MigrateError::Worker("post-copy state"))?;
+    let write = |buf: &[u8]| -> std::io::Result<()> {
+        match socket {
+            Socket::Tcp(s, _) => (&*s).write_all(buf),
+            Socket::Unix(s, _) => (&*s).write_all(buf),
+        }
+    };
     let mut events = Vec::with_capacity(64);
     let mut requested = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    let mut id = 0u64;
     let total = layout.total_pages();
     while !shared.done.load(Ordering::Acquire) && shared.present.load(Ordering::Acquire) < total {
         let ready = post
@@ -1092,6 +1183,8 @@ fn fault_loop(shared: &Shared<'_>, requests: &Sender<u64>) -> Result<(), Migrate
             .map_err(|e| MigrateError::Uffd {
                 what: ferry_protocol::handshake::error_chain(&e),
             })?;
+        out.clear();
+        let mut first_gpa = None;
         for ev in events.drain(..) {
             let Event::PageFault { addr, .. } = ev else {
                 debug!(?ev, "userfaultfd event");
@@ -1121,10 +1214,22 @@ fn fault_loop(shared: &Shared<'_>, requests: &Sender<u64>) -> Result<(), Migrate
                 continue;
             }
             if requested.insert(p) {
-                let _ = requests.send(gpa);
+                id += 1;
+                first_gpa.get_or_insert(gpa);
+                out.extend_from_slice(
+                    &Frame::PageRequest {
+                        id,
+                        range: GpaRange::new(gpa, ps),
+                    }
+                    .encode(),
+                );
             }
         }
+        if let Some(gpa) = first_gpa {
+            write(&out).map_err(|source| MigrateError::Place { gpa, source })?;
+        }
     }
+    let _ = write(&Frame::EndOfStream.encode());
     Ok(())
 }
 
@@ -1138,43 +1243,6 @@ fn host_to_page(layout: &Layout, addr: u64) -> Option<(u64, u64)> {
         }
     }
     None
-}
-
-/// Writes page requests on the urgent stream.
-fn request_loop(
-    shared: &Shared<'_>,
-    socket: Socket,
-    requests: &Receiver<u64>,
-) -> Result<(), MigrateError> {
-    use std::io::Write;
-    let ps = shared.layout.page_size();
-    let mut id = 0u64;
-    let write = |buf: &[u8]| -> std::io::Result<()> {
-        match &socket {
-            Socket::Tcp(s, _) => (&*s).write_all(buf),
-            Socket::Unix(s, _) => (&*s).write_all(buf),
-        }
-    };
-    loop {
-        match requests.recv_timeout(Duration::from_millis(20)) {
-            Ok(gpa) => {
-                id += 1;
-                let f = Frame::PageRequest {
-                    id,
-                    range: GpaRange::new(gpa, ps),
-                };
-                write(&f.encode()).map_err(|source| MigrateError::Place { gpa, source })?;
-            }
-            Err(RecvTimeoutError::Timeout) => {
-                if shared.done.load(Ordering::Acquire) {
-                    break;
-                }
-            }
-            Err(RecvTimeoutError::Disconnected) => break,
-        }
-    }
-    let _ = write(&Frame::EndOfStream.encode());
-    Ok(())
 }
 
 /// Receives page replies on the urgent stream and places them.
