@@ -704,6 +704,11 @@ impl Run<'_, '_> {
         control.pause().map_err(MigrateError::vm("pause"))?;
         let t_pause = Instant::now();
         let switched = (|| -> Result<(Instant, Instant, Instant, u64), MigrateError> {
+            // Post-copy: the switchover marker needs nothing from the harvest, so it leaves
+            // first and reaches the destination's receivers while we harvest and save.
+            if post_copy {
+                self.marker(SWITCH_ROUND, Phase::Switchover)?;
+            }
             // The pages harvested after the last round were not sent yet: they join the
             // final set (pre-copy) or the stale set (post-copy), with what was written since.
             let final_ranges = if round == 0 {
@@ -715,10 +720,16 @@ impl Run<'_, '_> {
                 merge_ranges(r)
             };
             let t_harvest = Instant::now();
+            // Stop-and-copy: the final pages (then the marker) go out while the state is saved.
+            if !post_copy {
+                self.dispatch(&final_ranges, true, Phase::Switchover)?;
+                self.marker(SWITCH_ROUND, Phase::Switchover)?;
+            }
+            let t_dispatched = Instant::now();
             let blob = control
                 .save_state()
                 .map_err(MigrateError::vm("save state"))?;
-            let t_save = Instant::now();
+            let t_save_done = Instant::now();
             self.ctl.send(
                 &Frame::Switchover {
                     kind,
@@ -728,7 +739,6 @@ impl Run<'_, '_> {
             )?;
             let stale_pages = final_ranges.iter().map(|r| r.len).sum::<u64>() / ps;
             if post_copy {
-                self.marker(SWITCH_ROUND, Phase::Switchover)?;
                 for chunk in final_ranges.chunks(MAX_RANGES) {
                     self.ctl.send(
                         &Frame::StaleSet {
@@ -741,9 +751,6 @@ impl Run<'_, '_> {
                     let (_, _, first) = self.layout.locate(*r)?;
                     to_send.set_range(first, r.len / ps);
                 }
-            } else {
-                self.dispatch(&final_ranges, true, Phase::Switchover)?;
-                self.marker(SWITCH_ROUND, Phase::Switchover)?;
             }
             self.ctl.send(
                 &Frame::State {
@@ -753,6 +760,8 @@ impl Run<'_, '_> {
                 },
                 &blob,
             )?;
+            // Report dispatching the final pages as part of `send`, not of `save`.
+            let t_save = t_harvest + (t_save_done - t_dispatched);
             let t_send = Instant::now();
             self.wait_ctl(
                 "the destination to resume",
