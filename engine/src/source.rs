@@ -747,10 +747,6 @@ impl Run<'_, '_> {
                         &[],
                     )?;
                 }
-                for r in &final_ranges {
-                    let (_, _, first) = self.layout.locate(*r)?;
-                    to_send.set_range(first, r.len / ps);
-                }
             }
             self.ctl.send(
                 &Frame::State {
@@ -760,6 +756,14 @@ impl Run<'_, '_> {
                 },
                 &blob,
             )?;
+            // The push list is built while the destination restores (the urgent server
+            // answers requests whether or not a page is on it).
+            if post_copy {
+                for r in &final_ranges {
+                    let (_, _, first) = self.layout.locate(*r)?;
+                    to_send.set_range(first, r.len / ps);
+                }
+            }
             // Report dispatching the final pages as part of `send`, not of `save`.
             let t_save = t_harvest + (t_save_done - t_dispatched);
             let t_send = Instant::now();
@@ -1007,9 +1011,20 @@ impl AtomicBitmap {
         }
     }
 
+    /// Sets bits `first .. first + n`, a word at a time.
     pub fn set_range(&self, first: u64, n: u64) {
-        for p in first..first + n {
-            self.words[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::Relaxed);
+        let end = first + n;
+        let mut p = first;
+        while p < end {
+            let bit = p % 64;
+            let take = (64 - bit).min(end - p);
+            let mask = if take == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << take) - 1) << bit
+            };
+            self.words[(p / 64) as usize].fetch_or(mask, Ordering::Relaxed);
+            p += take;
         }
     }
 
@@ -1024,5 +1039,35 @@ impl AtomicBitmap {
             .iter()
             .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AtomicBitmap;
+
+    #[test]
+    fn set_range_sets_exactly_the_range() {
+        for (first, n) in [
+            (0, 0),
+            (0, 1),
+            (3, 61),
+            (3, 62),
+            (63, 2),
+            (64, 64),
+            (10, 300),
+            (0, 640),
+        ] {
+            let b = AtomicBitmap::new(640);
+            b.set_range(first, n);
+            assert_eq!(b.count(), n, "{first}+{n}");
+            for p in 0..640 {
+                assert_eq!(
+                    b.take(p),
+                    (first..first + n).contains(&p),
+                    "{first}+{n} bit {p}"
+                );
+            }
+        }
     }
 }
