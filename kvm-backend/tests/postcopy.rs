@@ -14,49 +14,9 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use anyhow::{Result, anyhow, bail};
+    use ferry_engine::uffd::{Event, Features, Fill, PlaceMode, RegisterMode, Uffd};
     use ferry_engine::vm::{GuestMemory, VmControl};
     use ferry_kvm::{KvmVm, MemBacking, VmConfig, Workload};
-
-    const UFFD_API: u64 = 0xAA;
-    const fn iowr(nr: u64, size: u64) -> u64 {
-        (3 << 30) | (size << 16) | (0xAA << 8) | nr
-    }
-    const UFFDIO_API: u64 = iowr(0x3F, 24);
-    const UFFDIO_REGISTER: u64 = iowr(0x00, 32);
-    const UFFDIO_COPY: u64 = iowr(0x03, 40);
-    const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
-    const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-
-    #[repr(C)]
-    struct UffdioApi {
-        api: u64,
-        features: u64,
-        ioctls: u64,
-    }
-    #[repr(C)]
-    struct UffdioRegister {
-        start: u64,
-        len: u64,
-        mode: u64,
-        ioctls: u64,
-    }
-    #[repr(C)]
-    struct UffdioCopy {
-        dst: u64,
-        src: u64,
-        len: u64,
-        mode: u64,
-        copy: i64,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct UffdMsg {
-        event: u8,
-        _r: [u8; 7],
-        flags: u64,
-        address: u64,
-        _rest: [u8; 8],
-    }
 
     /// Reports a missing capability: a skip, or a failure under `FERRY_REQUIRE_CAPS=1`.
     fn skip(reason: &str) {
@@ -65,24 +25,6 @@ mod tests {
             "required capability missing (FERRY_REQUIRE_CAPS=1): {reason}"
         );
         eprintln!("SKIP: {reason}");
-    }
-
-    fn userfaultfd() -> Option<i32> {
-        // SAFETY: plain syscall; flags only. Not UFFD_USER_MODE_ONLY: KVM touches guest pages
-        // from the kernel.
-        let fd =
-            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-        let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features: 0,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_API with a valid struct on our fd.
-        if unsafe { libc::ioctl(fd, UFFDIO_API, &mut api) } != 0 {
-            return None;
-        }
-        Some(fd)
     }
 
     fn run(backing: MemBacking) -> Result<()> {
@@ -100,23 +42,20 @@ mod tests {
         let before = src.guest_stats();
         let blob = src.save_state().map_err(|e| anyhow!(e))?;
 
-        let Some(uffd) = userfaultfd() else {
-            skip("userfaultfd unavailable");
-            return Ok(());
+        // Not user-mode-only: KVM touches guest pages from the kernel.
+        let uffd = match Uffd::open(false, Features::NONE) {
+            Ok(u) => Arc::new(u),
+            Err(e) => {
+                skip(&format!("userfaultfd unavailable: {e}"));
+                return Ok(());
+            }
         };
         let mut dst = KvmVm::new_destination(&cfg)?;
         let (smem, dmem) = (src.memory(), dst.memory());
         for r in dmem.regions() {
-            let mut reg = UffdioRegister {
-                start: r.host_addr as u64,
-                len: r.len,
-                mode: UFFDIO_REGISTER_MODE_MISSING,
-                ioctls: 0,
-            };
-            // SAFETY: registers a live mapping owned by `dst` on our uffd.
-            if unsafe { libc::ioctl(uffd, UFFDIO_REGISTER, &mut reg) } != 0 {
-                bail!("UFFDIO_REGISTER: {}", std::io::Error::last_os_error());
-            }
+            // SAFETY: guest RAM owned by `dst`, which nothing in this test holds references
+            // into; the VM has not run.
+            unsafe { uffd.register(r.host_addr as u64, r.len, RegisterMode::MISSING) }?;
         }
         let stop = Arc::new(AtomicBool::new(false));
         let faults = Arc::new(AtomicU64::new(0));
@@ -129,49 +68,35 @@ mod tests {
             .collect();
         let handler = {
             let (stop, faults) = (Arc::clone(&stop), Arc::clone(&faults));
+            let uffd = Arc::clone(&uffd);
             std::thread::spawn(move || -> Result<()> {
-                let mut pfd = libc::pollfd {
-                    fd: uffd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
+                let mut events = Vec::new();
                 while !stop.load(Ordering::SeqCst) {
-                    // SAFETY: one valid pollfd.
-                    if unsafe { libc::poll(&mut pfd, 1, 10) } <= 0 {
+                    if !uffd.poll(Some(Duration::from_millis(10)))? {
                         continue;
                     }
-                    let mut msg = std::mem::MaybeUninit::<UffdMsg>::uninit();
-                    // SAFETY: reads at most one 32-byte message into `msg`.
-                    let n = unsafe { libc::read(uffd, msg.as_mut_ptr().cast(), 32) };
-                    if n != 32 {
-                        continue;
+                    events.clear();
+                    uffd.read_events(&mut events, 16)?;
+                    for ev in events.drain(..) {
+                        let Event::PageFault { addr, .. } = ev else {
+                            continue;
+                        };
+                        let page = addr & !4095;
+                        let Some(&(d, s, _)) =
+                            map.iter().find(|(d, _, l)| page >= *d && page < d + l)
+                        else {
+                            bail!("fault outside guest RAM at {page:#x}");
+                        };
+                        let src_addr = usize::try_from(s + (page - d))?;
+                        // SAFETY: the source VM is paused and its RAM stays mapped while
+                        // `smem` lives (the test holds it until the handler is joined).
+                        let src =
+                            unsafe { std::slice::from_raw_parts(src_addr as *const u8, 4096) };
+                        match uffd.copy(page, src, 4096, PlaceMode::WAKE)? {
+                            Fill::Done | Fill::Exists | Fill::Partial { .. } | Fill::Again => {}
+                        }
+                        faults.fetch_add(1, Ordering::Relaxed);
                     }
-                    // SAFETY: the kernel filled all 32 bytes.
-                    let msg = unsafe { msg.assume_init() };
-                    if msg.event != UFFD_EVENT_PAGEFAULT {
-                        continue;
-                    }
-                    let page = msg.address & !4095;
-                    let Some(&(d, s, _)) = map.iter().find(|(d, _, l)| page >= *d && page < d + l)
-                    else {
-                        bail!("fault outside guest RAM at {page:#x}");
-                    };
-                    let mut c = UffdioCopy {
-                        dst: page,
-                        src: s + (page - d),
-                        len: 4096,
-                        mode: 0,
-                        copy: 0,
-                    };
-                    // SAFETY: copies one page from the (paused) source's live mapping into the
-                    // registered destination page.
-                    let r = unsafe { libc::ioctl(uffd, UFFDIO_COPY, &mut c) };
-                    if r != 0
-                        && std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST)
-                    {
-                        bail!("UFFDIO_COPY: {}", std::io::Error::last_os_error());
-                    }
-                    faults.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(())
             })
@@ -194,8 +119,6 @@ mod tests {
         let rep = dst.verify_memory()?;
         stop.store(true, Ordering::SeqCst);
         handler.join().map_err(|_| anyhow!("handler panicked"))??;
-        // SAFETY: closing our own fd after the handler stopped.
-        unsafe { libc::close(uffd) };
         eprintln!(
             "{backing:?}: {during} faults while running {:?}, guest max gap {} us, stalled {} us",
             t.elapsed(),
