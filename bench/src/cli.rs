@@ -62,6 +62,41 @@ pub enum SuiteArgs {
     Transport(TransportArgs),
     /// Migrate a process VM with live writers to a second process.
     Migrate(MigrateArgs),
+    /// Live-migrate a real KVM guest to a second process (`ferry demo --json`), with the
+    /// guest's own measurement of its stalls.
+    Kvm(KvmArgs),
+}
+
+/// `ferry bench kvm`: the options of `ferry demo` that matter for a benchmark.
+#[derive(Debug, Clone, Args)]
+pub struct KvmArgs {
+    /// Migration mode.
+    #[arg(long, value_enum, default_value_t = ModeArg::Hybrid)]
+    pub mode: ModeArg,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub mem_mib: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: u32,
+    /// Built-in guest: idle, writer or verifier.
+    #[arg(long, default_value = "verifier")]
+    pub workload: String,
+    /// Writer guest: MiB/s (0 = as fast as it can).
+    #[arg(long, default_value_t = 0)]
+    pub write_mib_s: u64,
+    /// Transport: uring or tcp.
+    #[arg(long, default_value = "uring")]
+    pub transport: String,
+    /// Bulk streams.
+    #[arg(long, default_value_t = 2)]
+    pub streams: u16,
+    /// Blackout budget in µs.
+    #[arg(long, default_value_t = 1000)]
+    pub max_blackout_us: u64,
+    /// Runs (one result each).
+    #[arg(long, default_value_t = 1)]
+    pub runs: u32,
 }
 
 /// Output options (accepted before or after the suite name).
@@ -212,6 +247,75 @@ impl MatrixArgs {
     }
 }
 
+/// Runs `ferry demo --json` (two processes: the source here, `ferry recv` as its child) and
+/// re-emits each run as a `kvm` result with the machine description.
+fn run_kvm(k: &KvmArgs, peer: &PeerLauncher, out: &mut Output) -> Result<()> {
+    let PeerLauncher::Process(exe) = peer else {
+        bail!("The kvm suite needs the ferry binary (it runs `ferry demo`)");
+    };
+    let mode = match k.mode {
+        ModeArg::Precopy => "precopy",
+        ModeArg::Postcopy => "postcopy",
+        ModeArg::Hybrid => "hybrid",
+    };
+    let output = std::process::Command::new(exe)
+        .args(["demo", "--json", "--mode", mode, "--workload", &k.workload])
+        .args([
+            "--mem-mib",
+            &k.mem_mib.to_string(),
+            "--vcpus",
+            &k.vcpus.to_string(),
+        ])
+        .args([
+            "--write-mib-s",
+            &k.write_mib_s.to_string(),
+            "--transport",
+            &k.transport,
+        ])
+        .args([
+            "--streams",
+            &k.streams.to_string(),
+            "--runs",
+            &k.runs.to_string(),
+        ])
+        .args(["--max-blackout-us", &k.max_blackout_us.to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("Cannot run ferry demo")?;
+    let machine = crate::machine::Machine::detect();
+    let mut rows = 0;
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Ok(mut v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        v["suite"] = serde_json::json!("kvm");
+        v["machine"] = serde_json::to_value(&machine)?;
+        out.emit(&v)?;
+        rows += 1;
+        if !out.json {
+            println!(
+                "kvm {mode} {} MiB x{} vCPU: blackout {:.0} µs, faults {} (p50 {} µs, p99 {} µs), guest longest gap {} µs, verified {}",
+                k.mem_mib,
+                k.vcpus,
+                v["blackout_us"].as_f64().unwrap_or(f64::NAN),
+                v["faults"]["count"],
+                v["faults"]["p50_us"],
+                v["faults"]["p99_us"],
+                v["guest_max_gap_us"],
+                v["verified"]
+            );
+        }
+    }
+    if !output.status.success() || rows < k.runs {
+        bail!(
+            "ferry demo failed ({}), {rows} of {} runs reported",
+            output.status,
+            k.runs
+        );
+    }
+    Ok(())
+}
+
 /// `ferry __bench-peer` (hidden): the second process of a suite. Reads its job from standard
 /// input; not for direct use.
 #[derive(Debug, Clone, Args)]
@@ -250,6 +354,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 out.migrate(&r)?;
             }
         }
+        Some(SuiteArgs::Kvm(k)) => return run_kvm(&k, &peer, &mut out),
         None => {
             run_matrix(&args.matrix, &peer, &mut out)?;
             out.summary();

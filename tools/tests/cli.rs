@@ -234,4 +234,36 @@ mod tests {
         ensure!(err.contains("the VM keeps running on the source"), "{err}");
         Ok(())
     }
+
+    #[test]
+    fn bench_kvm_suite_reports_a_postcopy_migration() -> Result<()> {
+        if !kvm_or_skip() {
+            return Ok(());
+        }
+        let out = ferry()
+            .args([
+                "bench",
+                "kvm",
+                "--mode",
+                "postcopy",
+                "--mem-mib",
+                "64",
+                "--vcpus",
+                "1",
+                "--json",
+            ])
+            .output()?;
+        let stdout = String::from_utf8(out.stdout)?;
+        ensure!(
+            out.status.success(),
+            "bench kvm failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))?;
+        ensure!(v["suite"] == serde_json::json!("kvm"), "{v}");
+        ensure!(v["verified"] == serde_json::json!(true), "{v}");
+        ensure!(!v["machine"]["kernel"].is_null(), "{v}");
+        ensure!(v["faults"]["count"].as_u64().unwrap_or(0) > 0, "{v}");
+        Ok(())
+    }
 }
