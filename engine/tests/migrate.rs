@@ -2,9 +2,12 @@
 //! End-to-end migrations of process memory written by live writer threads, over loopback, in
 //! every mode, verified by the whole-memory digest.
 
+mod common;
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use super::common::{NoResume, uffd_available};
 
     use std::net::{Ipv4Addr, SocketAddr};
     use std::thread;
@@ -24,19 +27,6 @@ mod tests {
     use ferry_protocol::handshake::{Auth, Psk, TransportKind};
     use ferry_transport::session::SessionListener;
     use ferry_transport::{Endpoint, MemoryRegistration};
-
-    fn uffd_available() -> bool {
-        match ferry_engine::uffd::Uffd::open(false, ferry_engine::uffd::Features::NONE) {
-            Ok(_) => true,
-            Err(e) => {
-                if std::env::var("FERRY_REQUIRE_CAPS").is_ok_and(|v| v == "1") {
-                    panic!("userfaultfd required (FERRY_REQUIRE_CAPS=1) but unavailable: {e}");
-                }
-                eprintln!("SKIP: userfaultfd unavailable: {e}");
-                false
-            }
-        }
-    }
 
     struct Outcome {
         source: ferry_engine::MigrationReport,
@@ -291,22 +281,6 @@ mod tests {
         let dest = thread::spawn(move || -> Result<()> {
             let (streams, _reg, _) =
                 accept_destination(&listener, &layout_d, &dest_opts, Duration::from_secs(20))?;
-            /// Restores but never resumes, so the received memory stays as placed.
-            struct NoResume<'a>(&'a mut ProcessVm);
-            impl VmControl for NoResume<'_> {
-                fn pause(&mut self) -> Result<(), ferry_engine::vm::BoxError> {
-                    Ok(())
-                }
-                fn save_state(&mut self) -> Result<Vec<u8>, ferry_engine::vm::BoxError> {
-                    self.0.save_state()
-                }
-                fn restore_state(&mut self, b: &[u8]) -> Result<(), ferry_engine::vm::BoxError> {
-                    self.0.restore_state(b)
-                }
-                fn resume(&mut self) -> Result<(), ferry_engine::vm::BoxError> {
-                    Ok(())
-                }
-            }
             receive(
                 DestVm {
                     memory: &*dm,

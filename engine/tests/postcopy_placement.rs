@@ -7,9 +7,12 @@
 //! restored but never resumed, so after the migration its memory must equal the paused
 //! source's byte for byte.
 
+mod common;
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use super::common::{NoResume, uffd_available};
     use std::net::{Ipv4Addr, SocketAddr};
     use std::thread;
     use std::time::Duration;
@@ -24,41 +27,10 @@ mod tests {
         SessionOptions, accept_destination, connect_source, server_config,
     };
     use ferry_engine::source::{SourceVm, migrate};
-    use ferry_engine::vm::{BoxError, GuestMemory, VmControl};
+    use ferry_engine::vm::GuestMemory;
     use ferry_protocol::handshake::{Auth, TransportKind};
     use ferry_transport::Endpoint;
     use ferry_transport::session::SessionListener;
-
-    fn uffd_available() -> bool {
-        match ferry_engine::uffd::Uffd::open(false, ferry_engine::uffd::Features::NONE) {
-            Ok(_) => true,
-            Err(e) => {
-                assert!(
-                    std::env::var("FERRY_REQUIRE_CAPS").as_deref() != Ok("1"),
-                    "userfaultfd required (FERRY_REQUIRE_CAPS=1) but unavailable: {e}"
-                );
-                eprintln!("SKIP: userfaultfd unavailable: {e}");
-                false
-            }
-        }
-    }
-
-    /// Restores but never resumes, so the placed memory stays as placed.
-    struct NoResume<'a>(&'a mut ProcessVm);
-    impl VmControl for NoResume<'_> {
-        fn pause(&mut self) -> Result<(), BoxError> {
-            Ok(())
-        }
-        fn save_state(&mut self) -> Result<Vec<u8>, BoxError> {
-            self.0.save_state()
-        }
-        fn restore_state(&mut self, b: &[u8]) -> Result<(), BoxError> {
-            self.0.restore_state(b)
-        }
-        fn resume(&mut self) -> Result<(), BoxError> {
-            Ok(())
-        }
-    }
 
     fn run(backing: MemBacking, transport: TransportKind) -> Result<()> {
         let cfg = ProcVmConfig {
