@@ -414,7 +414,12 @@ impl<'s, 'a> DestRun<'s, 'a> {
                 })
                 .map_err(|_| MigrateError::Worker("reply receiver"))?;
         }
-        let mut pre_discarded = false;
+        // Make sure no page is populated before anything arrives (see `apply_stale`), here
+        // rather than inside the blackout: on untouched memory this is a page-table walk whose
+        // cost grows with guest size. Only pure post-copy relies on it (nothing is written to
+        // guest memory before its switchover); after pre-copy rounds `apply_stale` drops what
+        // is needed again.
+        self.discard_all()?;
         loop {
             let (frame, _) = match self.next_ctl() {
                 Ok(x) => x,
@@ -459,18 +464,6 @@ impl<'s, 'a> DestRun<'s, 'a> {
                             state: "without an urgent stream",
                         });
                     }
-                    if post_copy
-                        && self.report.rounds == 0
-                        && shared.present.load(Ordering::Acquire) == 0
-                    {
-                        // Pure post-copy: no round began, so no page frame was sent and no
-                        // receiver writes guest memory before the switchover is applied; the
-                        // whole-memory discard (see `apply_stale`) can overlap the barrier and
-                        // the state. (With a round begun, a receiver may be writing a page it
-                        // has not counted yet: `apply_stale` discards after the barrier.)
-                        self.discard_all()?;
-                        pre_discarded = true;
-                    }
                     self.wait_until("the bulk streams to reach the switchover", |d| {
                         d.barriers >= d.n
                     })?;
@@ -495,12 +488,8 @@ impl<'s, 'a> DestRun<'s, 'a> {
                             }
                             None => return Err(MigrateError::Worker("uffd")),
                         };
-                        self.report.stale_pages = self.apply_stale(
-                            &stale,
-                            uffd,
-                            aliases.take().unwrap_or_default(),
-                            pre_discarded,
-                        )?;
+                        self.report.stale_pages =
+                            self.apply_stale(&stale, uffd, aliases.take().unwrap_or_default())?;
                         post_flag.store(true, Ordering::Release);
                         let t_applied = Instant::now();
                         // Fault handling and urgent replies.
@@ -630,17 +619,6 @@ impl<'s, 'a> DestRun<'s, 'a> {
         Ok(())
     }
 
-    /// Marks the stale pages, makes sure no page the engine will place is populated, and
-    /// registers userfaultfd.
-    ///
-    /// userfaultfd reports a fault only on a page that is not mapped (MISSING) or, for shared
-    /// memory registered MINOR, not mapped but in the page cache. A page that something else
-    /// populated (a pinning registration, a stray write) never faults: the guest would read
-    /// whatever is there, and placing our data later fails with `EEXIST` (anonymous memory),
-    /// so it never lands. Every page not PRESENT is therefore dropped from the mapping here
-    /// (`MADV_DONTNEED`), just before registering: anonymous pages become missing, shared ones
-    /// stay in the page cache and fault as minor. On memory nobody populated this costs a page
-    /// table walk.
     /// Marks `ranges` stale and drops their pages from guest memory; returns the page count.
     fn invalidate(&mut self, ranges: &[GpaRange]) -> Result<u64, MigrateError> {
         let shared = self.shared;
@@ -678,12 +656,22 @@ impl<'s, 'a> DestRun<'s, 'a> {
         Ok(pages)
     }
 
+    /// Marks the stale pages, makes sure no page the engine will place is populated, and
+    /// registers userfaultfd.
+    ///
+    /// userfaultfd reports a fault only on a page that is not mapped (MISSING) or, for shared
+    /// memory registered MINOR, not mapped but in the page cache. A page that something else
+    /// populated (a pinning registration, a stray write) never faults: the guest would read
+    /// whatever is there, and placing our data later fails with `EEXIST` (anonymous memory),
+    /// so it never lands. Every page not PRESENT is therefore dropped from the mapping here
+    /// (`MADV_DONTNEED`), just before registering: anonymous pages become missing, shared ones
+    /// stay in the page cache and fault as minor. On memory nobody populated this costs a page
+    /// table walk.
     fn apply_stale(
         &mut self,
         stale: &[GpaRange],
         uffd: Uffd,
         aliases: Vec<Option<AliasMapping>>,
-        pre_discarded: bool,
     ) -> Result<u64, MigrateError> {
         let shared = self.shared;
         let layout = shared.layout;
@@ -692,11 +680,9 @@ impl<'s, 'a> DestRun<'s, 'a> {
         let pages;
         if shared.present.load(Ordering::Acquire) == 0 {
             // Pure post-copy: nothing was received, every page is ABSENT (which claims and the
-            // fault handler treat like STALE); drop each region whole (unless done already).
+            // fault handler treat like STALE), and `drive` dropped every region whole before
+            // anything arrived.
             pages = stale.iter().map(|r| r.len / ps).sum();
-            if !pre_discarded {
-                self.discard_all()?;
-            }
         } else {
             pages = self.invalidate(stale)?;
             // Pages never received (ABSENT) outside the stale set are missing too; there are
