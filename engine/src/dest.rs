@@ -30,7 +30,7 @@ use tracing::{debug, info, warn};
 
 use crate::digest;
 use crate::error::MigrateError;
-use crate::layout::{Layout, tr};
+use crate::layout::Layout;
 use crate::memory::AliasMapping;
 use crate::pages::page_hash;
 use crate::source::{PRE_STALE_ROUND, SWITCH_ROUND};
@@ -866,9 +866,8 @@ fn recv_loop(
                     )?;
                     continue;
                 }
-                let tr_ranges: Vec<_> = ranges.iter().map(|r| tr(*r)).collect();
                 stream
-                    .recv_into(&tr_ranges, Target::Guest)
+                    .recv_into(&ranges, Target::Guest)
                     .map_err(stream_err(i))?;
                 let mut k = 0usize;
                 let mut resend = Vec::new();
@@ -1024,7 +1023,7 @@ fn place_post(
             let run = GpaRange::new(r.gpa + j * ps, (e - j) * ps);
             if c && alias.is_some() {
                 stream
-                    .recv_into(&[tr(run)], Target::Alias)
+                    .recv_into(&[run], Target::Alias)
                     .map_err(stream_err(i))?;
             } else {
                 staging.resize(run.len as usize, 0);

@@ -169,8 +169,3 @@ impl Layout {
         Ok(unsafe { MemoryRegistration::new(&regions, config)? })
     }
 }
-
-/// Identity: the transport uses the protocol's range type. (Kept until every caller dropped it.)
-pub(crate) fn tr(r: GpaRange) -> GpaRange {
-    r
-}
