@@ -62,6 +62,9 @@ pub struct FaultReport {
     pub total_stall_ms: f64,
     /// Faults resolved by the background push before their reply came.
     pub resolved_by_push: u64,
+    /// Faults resolved locally, with no request: the page had arrived but was not mapped yet
+    /// (pre-copy data in the page cache, or a zero page). Not in `count` or the latencies.
+    pub local: u64,
     /// Samples `[ms since resume, latency µs]`.
     pub timeline: Vec<[u32; 2]>,
 }
@@ -77,6 +80,7 @@ impl From<&FaultSummary> for FaultReport {
             max_us: f.max_us,
             total_stall_ms: f.total_stall_us as f64 / 1000.0,
             resolved_by_push: f.resolved_by_push,
+            local: f.local,
             timeline: f.points.iter().map(|(t, l)| [*t, *l]).collect(),
         }
     }

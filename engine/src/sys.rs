@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR MIT
-//! The engine's raw memory operation on VMM-owned guest memory: discarding stale pages.
+//! The engine's raw memory operations on VMM-owned guest memory: discarding stale pages and
+//! clearing shared memory.
 //! (Alias mappings live in [`crate::memory::AliasMapping`].)
 
 use std::io;
@@ -18,5 +19,19 @@ pub unsafe fn discard(addr: usize, len: u64) -> io::Result<()> {
     let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: the caller guarantees the range is guest memory nobody holds references into.
     unsafe { rustix::mm::madvise(addr as *mut c_void, len, Advice::LinuxDontNeed) }?;
+    Ok(())
+}
+
+/// Frees the backing of `addr..addr+len` of a shared mapping (`MADV_REMOVE`: a hole is punched
+/// in the file, so every mapping of it reads zeroes there and the page cache holds nothing).
+///
+/// # Safety
+///
+/// As for [`discard`]; the mapping must be a shared one (memfd, shmem, hugetlbfs).
+pub unsafe fn remove(addr: usize, len: u64) -> io::Result<()> {
+    let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: the caller guarantees the range is shared guest memory nobody holds references
+    // into.
+    unsafe { rustix::mm::madvise(addr as *mut c_void, len, Advice::LinuxRemove) }?;
     Ok(())
 }

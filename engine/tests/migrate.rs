@@ -241,11 +241,22 @@ mod tests {
     /// VM is not resumed (its writers would change it): dirty tracking lost nothing.
     #[test]
     fn precopy_copies_memory_byte_exact() -> Result<()> {
+        byte_exact(MemBacking::Anonymous)
+    }
+
+    /// Memfd regions are received through their alias mapping into the page cache only; the
+    /// guest mapping must still read exactly the source's bytes.
+    #[test]
+    fn precopy_copies_memfd_memory_byte_exact() -> Result<()> {
+        byte_exact(MemBacking::Memfd)
+    }
+
+    fn byte_exact(backing: MemBacking) -> Result<()> {
         init_log();
         let cfg = ProcVmConfig {
             mem_bytes: 16 << 20,
             regions: 2,
-            backing: MemBacking::Anonymous,
+            backing,
             writers: 1,
             write_mib_s: Some(2),
             pattern: WritePattern::HotSet,
@@ -319,7 +330,11 @@ mod tests {
                 .zip(b.chunks(4096))
                 .filter(|(x, y)| x != y)
                 .count();
-            assert_eq!(differing, 0, "pages differ in region {:#x}", region.gpa);
+            assert_eq!(
+                differing, 0,
+                "{backing:?}: pages differ in region {:#x}",
+                region.gpa
+            );
         }
         Ok(())
     }

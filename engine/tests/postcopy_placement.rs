@@ -6,6 +6,11 @@
 //! the digest (computed from the received bytes) still matches. The destination here is
 //! restored but never resumed, so after the migration its memory must equal the paused
 //! source's byte for byte.
+//!
+//! The hybrid variants also read every destination page while post-copy is under way (from
+//! `resume`): pages that arrived in pre-copy but are not mapped (page-cache data of a memfd,
+//! zero pages never written) must be resolved locally, not left waiting until the migration
+//! ends.
 
 mod common;
 
@@ -14,6 +19,7 @@ mod common;
 mod tests {
     use super::common::{NoResume, uffd_available};
     use std::net::{Ipv4Addr, SocketAddr};
+    use std::sync::mpsc;
     use std::thread;
     use std::time::Duration;
 
@@ -27,18 +33,67 @@ mod tests {
         SessionOptions, accept_destination, connect_source, server_config,
     };
     use ferry_engine::source::{SourceVm, migrate};
-    use ferry_engine::vm::GuestMemory;
+    use ferry_engine::vm::{BoxError, GuestMemory, VmControl};
     use ferry_protocol::handshake::{Auth, TransportKind};
     use ferry_transport::Endpoint;
     use ferry_transport::session::SessionListener;
 
+    /// A destination control that restores, never runs its writers, and on `resume` reads one
+    /// byte of every guest page from another thread, waiting (bounded) until all reads are done.
+    struct TouchOnResume<'a> {
+        vm: &'a mut ProcessVm,
+        regions: Vec<(usize, usize)>,
+    }
+
+    impl VmControl for TouchOnResume<'_> {
+        fn pause(&mut self) -> Result<(), BoxError> {
+            Ok(())
+        }
+        fn save_state(&mut self) -> Result<Vec<u8>, BoxError> {
+            self.vm.save_state()
+        }
+        fn restore_state(&mut self, b: &[u8]) -> Result<(), BoxError> {
+            self.vm.restore_state(b)
+        }
+        fn resume(&mut self) -> Result<(), BoxError> {
+            let regions = self.regions.clone();
+            let (tx, rx) = mpsc::channel();
+            thread::spawn(move || {
+                let mut sum = 0u64;
+                for (addr, len) in regions {
+                    for off in (0..len).step_by(4096) {
+                        // SAFETY: a live guest-memory mapping of `len` bytes owned by the
+                        // destination VM, which outlives the migration; reading faults the page
+                        // in through userfaultfd.
+                        sum += u64::from(unsafe {
+                            std::ptr::read_volatile((addr + off) as *const u8)
+                        });
+                    }
+                }
+                let _ = tx.send(sum);
+            });
+            rx.recv_timeout(Duration::from_secs(20))
+                .map(|_| ())
+                .map_err(|_| "reading guest memory after resume did not finish in 20 s".into())
+        }
+    }
+
     fn run(backing: MemBacking, transport: TransportKind) -> Result<()> {
+        run_mode(backing, transport, Mode::PostCopy)
+    }
+
+    fn run_mode(backing: MemBacking, transport: TransportKind, mode: Mode) -> Result<()> {
+        let hybrid = mode == Mode::Hybrid;
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let cfg = ProcVmConfig {
             mem_bytes: 8 << 20,
             regions: 2,
             backing,
             writers: 1,
-            write_mib_s: Some(2),
+            write_mib_s: Some(if hybrid { 20 } else { 2 }),
             pattern: WritePattern::HotSet,
             seed: 5,
             fill_percent: 50,
@@ -68,25 +123,43 @@ mod tests {
             ..SessionOptions::default()
         };
         let policy = Policy {
-            mode: Mode::PostCopy,
+            mode,
+            // Hybrid must switch to post-copy (with some pages stale and most arrived): no
+            // stop-and-copy fits 1 µs.
+            max_blackout: if hybrid {
+                Duration::from_micros(1)
+            } else {
+                Policy::default().max_blackout
+            },
             checksums: true,
             timeout: Duration::from_secs(30),
             ..Policy::default()
         };
         let dest_opts = opts.clone();
         let dm = dst_mem.clone();
-        let dest = thread::spawn(move || -> Result<bool> {
+        let regions: Vec<(usize, usize)> = dst_mem
+            .regions()
+            .iter()
+            .map(|r| (r.host_addr, usize::try_from(r.len).unwrap_or(0)))
+            .collect();
+        let dest = thread::spawn(move || -> Result<(bool, u64)> {
             let (streams, _reg, _) =
                 accept_destination(&listener, &layout_d, &dest_opts, Duration::from_secs(20))?;
+            let mut touch = TouchOnResume {
+                vm: &mut dst,
+                regions,
+            };
+            let mut still = NoResume(touch.vm);
+            let control: &mut dyn VmControl = if hybrid { &mut touch } else { &mut still };
             let rep = receive(
                 DestVm {
                     memory: &*dm,
-                    control: &mut NoResume(&mut dst),
+                    control,
                 },
                 streams,
                 Duration::from_secs(30),
             )?;
-            Ok(rep.verified)
+            Ok((rep.verified, rep.faults.local))
         });
         let src_mem = src.memory();
         let layout_s = Layout::new(&*src_mem)?;
@@ -102,10 +175,26 @@ mod tests {
             &policy,
             &mut |_| {},
         )?;
-        let dest_verified = dest
+        let (dest_verified, local) = dest
             .join()
             .map_err(|_| anyhow::anyhow!("destination panicked"))??;
         assert_eq!(r.switchover, "post-copy");
+        if hybrid {
+            assert!(r.rounds >= 1, "hybrid switched before any pre-copy round");
+            assert!(
+                local > 0,
+                "no page that arrived in pre-copy was resolved locally ({} rounds, {} stale \
+                 pages, {} faults, {} zero pages)",
+                r.rounds,
+                r.stale_pages,
+                r.faults.count,
+                r.zero_pages
+            );
+            eprintln!(
+                "{backing:?} hybrid: {} stale pages, {} faults, {local} resolved locally",
+                r.stale_pages, r.faults.count
+            );
+        }
         assert!(r.verified && dest_verified, "digest mismatch");
         assert!(
             r.zero_pages > 0,
@@ -146,5 +235,21 @@ mod tests {
         }
         run(MemBacking::Memfd, TransportKind::Tcp)?;
         run(MemBacking::Memfd, TransportKind::Uring)
+    }
+
+    #[test]
+    fn hybrid_resolves_arrived_pages_locally_anonymous() -> Result<()> {
+        if !uffd_available() {
+            return Ok(());
+        }
+        run_mode(MemBacking::Anonymous, TransportKind::Uring, Mode::Hybrid)
+    }
+
+    #[test]
+    fn hybrid_resolves_arrived_pages_locally_memfd() -> Result<()> {
+        if !uffd_available() {
+            return Ok(());
+        }
+        run_mode(MemBacking::Memfd, TransportKind::Uring, Mode::Hybrid)
     }
 }

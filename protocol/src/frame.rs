@@ -252,6 +252,9 @@ pub struct FaultSummary {
     pub total_stall_us: u64,
     /// Faults whose page arrived by the background push before the reply.
     pub resolved_by_push: u64,
+    /// Faults resolved locally, without a request: the page had arrived (in pre-copy or by
+    /// the push) but was not mapped yet. Not part of `count` or the latencies.
+    pub local: u64,
     /// Up to [`MAX_FAULT_POINTS`] samples `(ms since resume, latency µs)` for timelines.
     pub points: Vec<(u32, u32)>,
 }
@@ -545,7 +548,8 @@ impl Frame {
                     .u64(f.p999_us)
                     .u64(f.max_us)
                     .u64(f.total_stall_us)
-                    .u64(f.resolved_by_push);
+                    .u64(f.resolved_by_push)
+                    .u64(f.local);
                 let n = f.points.len().min(MAX_FAULT_POINTS);
                 w.count(n);
                 for (t, l) in &f.points[..n] {
@@ -733,6 +737,7 @@ impl Frame {
                     max_us: r.u64("max")?,
                     total_stall_us: r.u64("total stall")?,
                     resolved_by_push: r.u64("resolved by push")?,
+                    local: r.u64("local faults")?,
                     points: Vec::new(),
                 };
                 let n = r.count("fault points", MAX_FAULT_POINTS, 8)?;
@@ -947,7 +952,7 @@ mod tests {
                 }),
             Just(Frame::EndOfStream),
             (
-                any::<[u64; 8]>(),
+                any::<[u64; 9]>(),
                 proptest::collection::vec(any::<(u32, u32)>(), 0..50)
             )
                 .prop_map(|(v, points)| {
@@ -960,6 +965,7 @@ mod tests {
                         max_us: v[5],
                         total_stall_us: v[6],
                         resolved_by_push: v[7],
+                        local: v[8],
                         points,
                     })
                 }),

@@ -38,9 +38,12 @@ use crate::memmap::{GpaRange, MAX_REGIONS, MemoryMap, MemoryMapError};
 /// The eight bytes every `ClientHello` starts with.
 pub const MAGIC: [u8; 8] = *b"FERRYMIG";
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
-/// The oldest protocol version this build speaks.
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+///
+/// History: 1, the first; 2, `FaultStats` carries the count of locally resolved faults.
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The oldest protocol version this build speaks (2: a version-1 peer would misread
+/// `FaultStats`).
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 /// Most parallel bulk streams in one session.
 pub const MAX_STREAMS: u16 = 64;
 const MAC_CONTEXT: &str = "ferry 2026-11-25 handshake MAC key v1";
@@ -1265,8 +1268,8 @@ mod tests {
             HandshakeError::Decode(DecodeError::UnsupportedVersion {
                 peer_min: 9,
                 peer_max: 9,
-                our_min: 1,
-                our_max: 1
+                our_min: MIN_PROTOCOL_VERSION,
+                our_max: PROTOCOL_VERSION
             })
         );
         assert_eq!(e.refusal_code(), 1);
