@@ -853,6 +853,13 @@ impl Shared<'_> {
         page_hash(gpa, &self.zero_hash_scratch)
     }
 
+    /// The post-copy state (userfaultfd), set at a post-copy switchover.
+    fn post(&self) -> Result<&PostCopy, MigrateError> {
+        self.post
+            .get()
+            .ok_or(MigrateError::Worker("post-copy state"))
+    }
+
     /// The alias mapping of region `region`, if it has one.
     fn alias(&self, region: usize) -> Option<&AliasMapping> {
         self.aliases.get(region).and_then(Option::as_ref)
@@ -1098,10 +1105,7 @@ fn place_post(
 ) -> Result<(), MigrateError> {
     let layout = shared.layout;
     let ps = layout.page_size();
-    let post = shared
-        .post
-        .get()
-        .ok_or(MigrateError::Worker("post-copy state"))?;
+    let post = shared.post()?;
     let mut k = 0usize;
     for r in ranges {
         let (region, _, first) = layout.locate(*r)?;
@@ -1190,10 +1194,7 @@ enum Src<'b> {
 /// Places `range` (pages this thread claimed) with one placing ioctl, waking the waiters;
 /// continues after partial progress.
 fn fill(shared: &Shared<'_>, range: GpaRange, src: Src<'_>) -> Result<(), MigrateError> {
-    let post = shared
-        .post
-        .get()
-        .ok_or(MigrateError::Worker("post-copy state"))?;
+    let post = shared.post()?;
     let addr = shared.layout.host_addr(range)? as u64;
     let len = range.len;
     let mut off = 0u64;
@@ -1288,10 +1289,7 @@ fn fault_loop(shared: &Shared<'_>, socket: &Socket) -> Result<(), MigrateError> 
     use std::io::Write;
     let layout = shared.layout;
     let ps = layout.page_size();
-    let post = shared
-        .post
-        .get()
-        .ok_or(MigrateError::Worker("post-copy state"))?;
+    let post = shared.post()?;
     let write = |buf: &[u8]| -> std::io::Result<()> {
         match socket {
             Socket::Tcp(s, _) => (&*s).write_all(buf),
@@ -1390,10 +1388,7 @@ fn fault_loop(shared: &Shared<'_>, socket: &Socket) -> Result<(), MigrateError> 
 fn map_arrived(shared: &Shared<'_>, p: u64, gpa: u64) -> Result<(), MigrateError> {
     let layout = shared.layout;
     let ps = layout.page_size();
-    let post = shared
-        .post
-        .get()
-        .ok_or(MigrateError::Worker("post-copy state"))?;
+    let post = shared.post()?;
     let range = GpaRange::new(gpa, ps);
     let (region, _, _) = layout.locate(range)?;
     let addr = layout.host_addr(range)? as u64;
@@ -1436,10 +1431,7 @@ fn map_arrived(shared: &Shared<'_>, p: u64, gpa: u64) -> Result<(), MigrateError
 fn sweep(shared: &Shared<'_>) -> Result<u64, MigrateError> {
     let layout = shared.layout;
     let ps = layout.page_size();
-    let post = shared
-        .post
-        .get()
-        .ok_or(MigrateError::Worker("post-copy state"))?;
+    let post = shared.post()?;
     let ready = |p: u64| {
         shared.states[p as usize].load(Ordering::Acquire) == PRESENT
             && shared.hashes[p as usize].load(Ordering::Acquire) != ZERO_PAGE
