@@ -11,12 +11,13 @@ use ferry_transport::memory::RegistrationConfig;
 use ferry_transport::session::{ConnectConfig, SessionListener};
 use ferry_transport::{Backend, Endpoint, MemoryRegistration, StreamConfig, open_stream};
 
-use crate::dest::DestStreams;
+use crate::dest::{DestReport, DestStreams, DestVm, receive};
 use crate::error::MigrateError;
 use crate::layout::Layout;
 use crate::memory::AliasMapping;
 use crate::policy::Policy;
-use crate::source::SourceStreams;
+use crate::report::MigrationReport;
+use crate::source::{Progress, SourceStreams, SourceVm, migrate};
 use crate::vm::Backing;
 
 /// How long a receiving stream may sit idle; the engine ends idle streams itself by
@@ -239,4 +240,68 @@ pub fn accept_destination(
         reg,
         session.params,
     ))
+}
+
+/// Both ends' reports of a [`migrate_local`] migration.
+#[derive(Debug, Clone)]
+pub struct LocalMigration {
+    /// The source's report (blackout, phases, rounds, bytes, faults).
+    pub source: MigrationReport,
+    /// The destination's report.
+    pub dest: DestReport,
+}
+
+/// Migrates `src` into `dst`, both in this process, over a loopback TCP session: the
+/// destination listens on 127.0.0.1 (an ephemeral port) and receives on its own thread, the
+/// source connects and migrates on the calling thread. Both VMs are given back to the caller
+/// when both sides are done (the destination running unless its control says otherwise).
+/// Errors from the source come first; the destination's are returned when the source
+/// succeeded. For tests, benchmarks and VMMs that move a VM between two local instances.
+pub fn migrate_local(
+    src: SourceVm<'_>,
+    dst: DestVm<'_>,
+    policy: &Policy,
+    opts: &SessionOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<LocalMigration, MigrateError> {
+    let layout_d = Layout::new(dst.memory)?;
+    let layout_s = Layout::new(src.memory)?;
+    let listener = SessionListener::bind(
+        &Endpoint::Tcp(std::net::SocketAddr::from((
+            std::net::Ipv4Addr::LOCALHOST,
+            0,
+        ))),
+        server_config(
+            &layout_d,
+            opts.auth.clone(),
+            ferry_protocol::handshake::MAX_STREAMS,
+        ),
+        opts.timeout,
+    )?;
+    let endpoint = listener.endpoint()?;
+    std::thread::scope(|s| {
+        let dest = std::thread::Builder::new()
+            .name("ferry-local-dest".into())
+            .spawn_scoped(s, || -> Result<DestReport, MigrateError> {
+                let (streams, reg, _) =
+                    accept_destination(&listener, &layout_d, opts, policy.timeout)?;
+                let report = receive(dst, streams, policy.timeout);
+                drop(reg);
+                report
+            })
+            .map_err(|_| MigrateError::Worker("local destination"))?;
+        let source =
+            connect_source(&endpoint, &layout_s, policy, opts).and_then(|(streams, reg)| {
+                let r = migrate(src, streams, policy, progress);
+                drop(reg);
+                r
+            });
+        let dest = dest
+            .join()
+            .map_err(|_| MigrateError::Worker("local destination"))?;
+        Ok(LocalMigration {
+            source: source?,
+            dest: dest?,
+        })
+    })
 }

@@ -9,24 +9,19 @@ mod common;
 mod tests {
     use super::common::{NoResume, uffd_available};
 
-    use std::net::{Ipv4Addr, SocketAddr};
     use std::thread;
     use std::time::Duration;
 
     use anyhow::{Context, Result};
-    use ferry_engine::dest::{DestVm, receive};
+    use ferry_engine::dest::DestVm;
     use ferry_engine::layout::Layout;
     use ferry_engine::memory::MemBacking;
     use ferry_engine::policy::{Mode, Policy};
     use ferry_engine::procmem::{ProcVmConfig, ProcessVm, WritePattern};
-    use ferry_engine::session::{
-        SessionOptions, accept_destination, connect_source, server_config,
-    };
-    use ferry_engine::source::{SourceVm, migrate};
+    use ferry_engine::session::{SessionOptions, migrate_local};
+    use ferry_engine::source::SourceVm;
     use ferry_engine::vm::VmControl;
     use ferry_protocol::handshake::{Auth, Psk, TransportKind};
-    use ferry_transport::session::SessionListener;
-    use ferry_transport::{Endpoint, MemoryRegistration};
 
     struct Outcome {
         source: ferry_engine::MigrationReport,
@@ -65,13 +60,6 @@ mod tests {
         src.start()?;
         let mut dst = ProcessVm::new_destination(&cfg)?;
         let dst_mem = dst.memory();
-        let layout_d = Layout::new(&*dst_mem)?;
-        let listener = SessionListener::bind(
-            &Endpoint::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
-            server_config(&layout_d, key.clone(), 8),
-            Duration::from_secs(10),
-        )?;
-        let ep = listener.endpoint()?;
         let opts = SessionOptions {
             transport,
             streams,
@@ -86,47 +74,29 @@ mod tests {
             timeout: Duration::from_secs(30),
             ..Policy::default()
         };
-        let dest_opts = opts.clone();
-        let dest = thread::spawn(move || -> Result<(ferry_engine::dest::DestReport, u64)> {
-            let (streams, reg, _params) =
-                accept_destination(&listener, &layout_d, &dest_opts, Duration::from_secs(20))?;
-            let report = receive(
-                DestVm {
-                    memory: &*dst_mem,
-                    control: &mut dst,
-                },
-                streams,
-                Duration::from_secs(30),
-            )?;
-            drop(reg);
-            // The writers run on at the destination.
-            thread::sleep(Duration::from_millis(50));
-            let writes = dst.stats().writes;
-            dst.pause().map_err(|e| anyhow::anyhow!("pause: {e}"))?;
-            Ok((report, writes))
-        });
         let src_mem = src.memory();
-        let layout_s = Layout::new(&*src_mem)?;
-        let (streams, reg): (_, std::sync::Arc<MemoryRegistration>) =
-            connect_source(&ep, &layout_s, &policy, &opts)?;
         let mut tracker = src.tracker();
-        let source = migrate(
+        let done = migrate_local(
             SourceVm {
                 memory: &*src_mem,
                 dirty: &mut tracker,
                 control: &mut src,
             },
-            streams,
+            DestVm {
+                memory: &*dst_mem,
+                control: &mut dst,
+            },
             &policy,
+            &opts,
             &mut |_| {},
         )?;
-        drop(reg);
-        let (dest, dest_writes_after) = dest
-            .join()
-            .map_err(|_| anyhow::anyhow!("destination panicked"))??;
+        // The writers run on at the destination.
+        thread::sleep(Duration::from_millis(50));
+        let dest_writes_after = dst.stats().writes;
+        dst.pause().map_err(|e| anyhow::anyhow!("pause: {e}"))?;
         Ok(Outcome {
-            source,
-            dest,
+            source: done.source,
+            dest: done.dest,
             dest_writes_after,
         })
     }
@@ -268,13 +238,6 @@ mod tests {
         src.start()?;
         let mut dst = ProcessVm::new_destination(&cfg)?;
         let dst_mem = dst.memory();
-        let layout_d = Layout::new(&*dst_mem)?;
-        let listener = SessionListener::bind(
-            &Endpoint::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
-            server_config(&layout_d, Auth::Insecure, 8),
-            Duration::from_secs(10),
-        )?;
-        let ep = listener.endpoint()?;
         let opts = SessionOptions {
             transport: TransportKind::Tcp,
             streams: 4,
@@ -287,37 +250,24 @@ mod tests {
             checksums: true,
             ..Policy::default()
         };
-        let dest_opts = opts.clone();
-        let dm = dst_mem.clone();
-        let dest = thread::spawn(move || -> Result<()> {
-            let (streams, _reg, _) =
-                accept_destination(&listener, &layout_d, &dest_opts, Duration::from_secs(20))?;
-            receive(
-                DestVm {
-                    memory: &*dm,
-                    control: &mut NoResume(&mut dst),
-                },
-                streams,
-                Duration::from_secs(30),
-            )?;
-            Ok(())
-        });
         let src_mem = src.memory();
         let layout_s = Layout::new(&*src_mem)?;
-        let (streams, _reg) = connect_source(&ep, &layout_s, &policy, &opts)?;
         let mut tracker = src.tracker();
-        let r = migrate(
+        let r = migrate_local(
             SourceVm {
                 memory: &*src_mem,
                 dirty: &mut tracker,
                 control: &mut src,
             },
-            streams,
+            DestVm {
+                memory: &*dst_mem,
+                control: &mut NoResume(&mut dst),
+            },
             &policy,
+            &opts,
             &mut |_| {},
-        )?;
-        dest.join()
-            .map_err(|_| anyhow::anyhow!("destination panicked"))??;
+        )?
+        .source;
         assert!(r.verified);
         assert!(r.rounds >= 1);
         let layout_d = Layout::new(&*dst_mem)?;

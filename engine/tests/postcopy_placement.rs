@@ -18,25 +18,20 @@ mod common;
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::common::{NoResume, uffd_available};
-    use std::net::{Ipv4Addr, SocketAddr};
     use std::sync::mpsc;
     use std::thread;
     use std::time::Duration;
 
     use anyhow::Result;
-    use ferry_engine::dest::{DestVm, receive};
+    use ferry_engine::dest::DestVm;
     use ferry_engine::layout::Layout;
     use ferry_engine::memory::MemBacking;
     use ferry_engine::policy::{Mode, Policy};
     use ferry_engine::procmem::{ProcVmConfig, ProcessVm, WritePattern};
-    use ferry_engine::session::{
-        SessionOptions, accept_destination, connect_source, server_config,
-    };
-    use ferry_engine::source::{SourceVm, migrate};
+    use ferry_engine::session::{SessionOptions, migrate_local};
+    use ferry_engine::source::SourceVm;
     use ferry_engine::vm::{BoxError, GuestMemory, VmControl};
-    use ferry_protocol::handshake::{Auth, TransportKind};
-    use ferry_transport::Endpoint;
-    use ferry_transport::session::SessionListener;
+    use ferry_protocol::handshake::TransportKind;
 
     /// A destination control that restores, never runs its writers, and on `resume` reads one
     /// byte of every guest page from another thread, waiting (bounded) until all reads are done.
@@ -110,13 +105,6 @@ mod tests {
             // which nobody else touches before the migration starts.
             unsafe { std::ptr::write_bytes(r.host_addr as *mut u8, 0xA5, len) };
         }
-        let layout_d = Layout::new(&*dst_mem)?;
-        let listener = SessionListener::bind(
-            &Endpoint::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
-            server_config(&layout_d, Auth::Insecure, 8),
-            Duration::from_secs(10),
-        )?;
-        let ep = listener.endpoint()?;
         let opts = SessionOptions {
             transport,
             streams: 2,
@@ -135,49 +123,41 @@ mod tests {
             timeout: Duration::from_secs(30),
             ..Policy::default()
         };
-        let dest_opts = opts.clone();
-        let dm = dst_mem.clone();
         let regions: Vec<(usize, usize)> = dst_mem
             .regions()
             .iter()
             .map(|r| (r.host_addr, usize::try_from(r.len).unwrap_or(0)))
             .collect();
-        let dest = thread::spawn(move || -> Result<(bool, u64)> {
-            let (streams, _reg, _) =
-                accept_destination(&listener, &layout_d, &dest_opts, Duration::from_secs(20))?;
-            let mut touch = TouchOnResume {
+        let mut touch;
+        let mut still;
+        let control: &mut dyn VmControl = if hybrid {
+            touch = TouchOnResume {
                 vm: &mut dst,
                 regions,
             };
-            let mut still = NoResume(touch.vm);
-            let control: &mut dyn VmControl = if hybrid { &mut touch } else { &mut still };
-            let rep = receive(
-                DestVm {
-                    memory: &*dm,
-                    control,
-                },
-                streams,
-                Duration::from_secs(30),
-            )?;
-            Ok((rep.verified, rep.faults.local))
-        });
+            &mut touch
+        } else {
+            still = NoResume(&mut dst);
+            &mut still
+        };
         let src_mem = src.memory();
         let layout_s = Layout::new(&*src_mem)?;
-        let (streams, _reg) = connect_source(&ep, &layout_s, &policy, &opts)?;
         let mut tracker = src.tracker();
-        let r = migrate(
+        let done = migrate_local(
             SourceVm {
                 memory: &*src_mem,
                 dirty: &mut tracker,
                 control: &mut src,
             },
-            streams,
+            DestVm {
+                memory: &*dst_mem,
+                control,
+            },
             &policy,
+            &opts,
             &mut |_| {},
         )?;
-        let (dest_verified, local) = dest
-            .join()
-            .map_err(|_| anyhow::anyhow!("destination panicked"))??;
+        let (r, dest_verified, local) = (done.source, done.dest.verified, done.dest.faults.local);
         assert_eq!(r.switchover, "post-copy");
         if hybrid {
             assert!(r.rounds >= 1, "hybrid switched before any pre-copy round");

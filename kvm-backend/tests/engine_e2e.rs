@@ -1,31 +1,25 @@
 // SPDX-License-Identifier: Apache-2.0 OR MIT
 //! End to end through the real engine: a KVM guest migrated over loopback TCP by
-//! `ferry_engine::source::migrate` / `ferry_engine::dest::receive`, in pre-copy, post-copy and
-//! hybrid mode; the destination guest must continue (more iterations, same serial stream) and
-//! pass the engine's digest check and this crate's full-memory model check. Written against the
-//! engine and transport APIs of commit 1ca2e0f. Skips without /dev/kvm (and, for post-copy and
-//! hybrid, without userfaultfd); fails instead under `FERRY_REQUIRE_CAPS=1`.
+//! `ferry_engine::session::migrate_local` (the engine's source and destination, in one
+//! process), in pre-copy, post-copy and hybrid mode; the destination guest must continue (more
+//! iterations, same serial stream) and pass the engine's digest check and this crate's
+//! full-memory model check. Skips without /dev/kvm (and, for post-copy and hybrid, without
+//! userfaultfd); fails instead under `FERRY_REQUIRE_CAPS=1`.
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::net::{Ipv4Addr, SocketAddr};
     use std::thread;
     use std::time::Duration;
 
     use anyhow::{Result, anyhow};
-    use ferry_engine::dest::{DestVm, receive};
-    use ferry_engine::layout::Layout;
+    use ferry_engine::dest::DestVm;
     use ferry_engine::policy::{Mode, Policy};
-    use ferry_engine::session::{
-        SessionOptions, accept_destination, connect_source, server_config,
-    };
-    use ferry_engine::source::{SourceVm, migrate};
+    use ferry_engine::session::{SessionOptions, migrate_local};
+    use ferry_engine::source::SourceVm;
     use ferry_engine::vm::VmControl;
     use ferry_kvm::{KvmVm, MemBacking, VmConfig, Workload};
     use ferry_protocol::handshake::{Auth, Psk, TransportKind};
-    use ferry_transport::session::SessionListener;
-    use ferry_transport::{Endpoint, MemoryRegistration};
 
     /// Reports a missing capability: a skip, or a failure under `FERRY_REQUIRE_CAPS=1`.
     fn skip(reason: &str) {
@@ -74,13 +68,6 @@ mod tests {
         thread::sleep(Duration::from_millis(200));
         let mut dst = KvmVm::new_destination(&cfg)?;
         let dst_mem = dst.memory();
-        let layout_d = Layout::new(&*dst_mem)?;
-        let listener = SessionListener::bind(
-            &Endpoint::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
-            server_config(&layout_d, key.clone(), 8),
-            Duration::from_secs(10),
-        )?;
-        let ep = listener.endpoint()?;
         let opts = SessionOptions {
             transport: TransportKind::Tcp,
             streams: 2,
@@ -97,44 +84,29 @@ mod tests {
             timeout: Duration::from_secs(60),
             ..Policy::default()
         };
-        let dest_opts = opts.clone();
-        let dest = thread::spawn(move || -> Result<KvmVm> {
-            let (streams, reg, _params) =
-                accept_destination(&listener, &layout_d, &dest_opts, Duration::from_secs(20))?;
-            let report = receive(
-                DestVm {
-                    memory: &*dst_mem,
-                    control: &mut dst,
-                },
-                streams,
-                Duration::from_secs(60),
-            )?;
-            drop(reg);
-            assert!(report.verified, "destination digest mismatch");
-            // The guest runs on at the destination.
-            thread::sleep(Duration::from_millis(300));
-            dst.pause().map_err(|e| anyhow!("pause: {e}"))?;
-            Ok(dst)
-        });
         let src_mem = src.memory();
-        let layout_s = Layout::new(&*src_mem)?;
-        let (streams, reg): (_, std::sync::Arc<MemoryRegistration>) =
-            connect_source(&ep, &layout_s, &policy, &opts)?;
         let mut tracker = src.dirty_tracker();
-        let r = migrate(
+        let done = migrate_local(
             SourceVm {
                 memory: &*src_mem,
                 dirty: &mut tracker,
                 control: &mut src,
             },
-            streams,
+            DestVm {
+                memory: &*dst_mem,
+                control: &mut dst,
+            },
             &policy,
+            &opts,
             &mut |_| {},
         )?;
-        drop(reg);
+        let r = done.source;
+        assert!(done.dest.verified, "destination digest mismatch");
+        // The guest runs on at the destination.
+        thread::sleep(Duration::from_millis(300));
+        dst.pause().map_err(|e| anyhow!("pause: {e}"))?;
         eprintln!("last (blackout) harvest: {:?}", tracker.last_harvest());
         let before = src.guest_stats();
-        let dst = dest.join().map_err(|_| anyhow!("destination panicked"))??;
         if let Some(f) = dst.fault() {
             return Err(anyhow!("{f}"));
         }
