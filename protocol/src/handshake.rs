@@ -187,41 +187,57 @@ impl SessionId {
     }
 }
 
-/// What a stream carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Role {
-    /// The session's control stream: opens the session, carries control frames and state.
-    Control = 1,
-    /// A bulk page-data stream.
-    Bulk = 2,
-    /// The urgent stream for post-copy page requests and replies.
-    Urgent = 3,
-}
-
-/// Migration modes, also used as a bit set in negotiation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Mode {
-    /// Iterative pre-copy, then stop-and-copy.
-    PreCopy = 1,
-    /// Switch over at once; demand-fetch and push the rest.
-    PostCopy = 2,
-    /// Pre-copy while it converges, then post-copy.
-    Hybrid = 4,
-}
-
-impl Mode {
-    fn from_wire(v: u8) -> Result<Self, DecodeError> {
-        match v {
-            1 => Ok(Mode::PreCopy),
-            2 => Ok(Mode::PostCopy),
-            4 => Ok(Mode::Hybrid),
-            _ => Err(DecodeError::InvalidValue {
-                field: "mode",
-                value: u64::from(v),
-            }),
+/// Defines a one-byte wire enum (`#[repr(u8)]`, explicit values) with `from_wire`, which
+/// decodes exactly those values and names `$field` in the error for any other.
+macro_rules! wire_enum {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident ($field:literal) {
+            $($(#[$vmeta:meta])* $variant:ident = $value:literal,)+
         }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(u8)]
+        $vis enum $name {
+            $($(#[$vmeta])* $variant = $value,)+
+        }
+
+        impl $name {
+            fn from_wire(v: u8) -> Result<Self, DecodeError> {
+                match v {
+                    $($value => Ok(Self::$variant),)+
+                    _ => Err(DecodeError::InvalidValue {
+                        field: $field,
+                        value: u64::from(v),
+                    }),
+                }
+            }
+        }
+    };
+}
+
+wire_enum! {
+    /// What a stream carries.
+    pub enum Role ("role") {
+        /// The session's control stream: opens the session, carries control frames and state.
+        Control = 1,
+        /// A bulk page-data stream.
+        Bulk = 2,
+        /// The urgent stream for post-copy page requests and replies.
+        Urgent = 3,
+    }
+}
+
+wire_enum! {
+    /// Migration modes, also used as a bit set in negotiation.
+    pub enum Mode ("mode") {
+        /// Iterative pre-copy, then stop-and-copy.
+        PreCopy = 1,
+        /// Switch over at once; demand-fetch and push the rest.
+        PostCopy = 2,
+        /// Pre-copy while it converges, then post-copy.
+        Hybrid = 4,
     }
 }
 
@@ -237,32 +253,17 @@ pub enum Compression {
     },
 }
 
-/// The kind of data transport the streams use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum TransportKind {
-    /// Plain blocking TCP sockets.
-    Tcp = 1,
-    /// Plain blocking Unix-domain sockets.
-    Unix = 2,
-    /// io_uring over TCP (fixed buffers, SEND_ZC).
-    Uring = 3,
-    /// RDMA verbs (RC queue pairs).
-    Rdma = 4,
-}
-
-impl TransportKind {
-    fn from_wire(v: u8) -> Result<Self, DecodeError> {
-        match v {
-            1 => Ok(TransportKind::Tcp),
-            2 => Ok(TransportKind::Unix),
-            3 => Ok(TransportKind::Uring),
-            4 => Ok(TransportKind::Rdma),
-            _ => Err(DecodeError::InvalidValue {
-                field: "transport",
-                value: u64::from(v),
-            }),
-        }
+wire_enum! {
+    /// The kind of data transport the streams use.
+    pub enum TransportKind ("transport") {
+        /// Plain blocking TCP sockets.
+        Tcp = 1,
+        /// Plain blocking Unix-domain sockets.
+        Unix = 2,
+        /// io_uring over TCP (fixed buffers, SEND_ZC).
+        Uring = 3,
+        /// RDMA verbs (RC queue pairs).
+        Rdma = 4,
     }
 }
 
@@ -868,18 +869,7 @@ impl ServerHandshake {
             .into());
         }
         let _client_nonce = r.array::<32>("client nonce")?;
-        let role = match r.u8("role")? {
-            1 => Role::Control,
-            2 => Role::Bulk,
-            3 => Role::Urgent,
-            v => {
-                return Err(DecodeError::InvalidValue {
-                    field: "role",
-                    value: u64::from(v),
-                }
-                .into());
-            }
-        };
+        let role = Role::from_wire(r.u8("role")?)?;
         let stream_index = r.u16("stream index")?;
         let requested = SessionId(r.array("session id")?);
         let client_auth = r.u8("auth")?;
