@@ -22,6 +22,7 @@
 
 pub mod dirty;
 pub mod guest;
+pub mod hot;
 pub mod memory;
 pub mod multiboot;
 pub mod state;
