@@ -159,4 +159,12 @@ pub trait VmControl: Send {
         let _ = percent;
         Ok(false)
     }
+    /// Guest-physical addresses of the pages the vCPUs will touch first when they run again
+    /// (their code, stack, page tables, data their registers point at), most urgent first.
+    /// Called with the VM paused, after `save_state`. In post-copy the engine sends those
+    /// pages inside the blackout, so the guest's first steps at the destination do not wait
+    /// for one fault round trip after another. A hint: the default names none.
+    fn first_touch_pages(&mut self) -> Vec<u64> {
+        Vec::new()
+    }
 }
