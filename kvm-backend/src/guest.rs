@@ -42,18 +42,34 @@ pub const DATA_BASE: u64 = 0x100000;
 pub const MAX_VCPUS: u32 = 64;
 /// Most RAM the layout has page directories for.
 pub const MAX_MEM: u64 = 128 << 30;
-/// Entries in each vCPU's gap-log ring (writer and verifier): every gap over the stall
-/// threshold is appended as (TSC at its end, length in TSC ticks), 16 bytes. 16384 entries
-/// (256 KiB per vCPU) hold the newest ~1.6 s of gaps even if the guest stalls all the time,
-/// and all of a demo run's post-switchover part.
-pub const GAP_LOG_ENTRIES: u64 = 16384;
+/// Fewest entries in a vCPU's gap-log ring (writer and verifier): every gap over the stall
+/// threshold is appended as (TSC at its end, length in TSC ticks), 16 bytes. The rings of all
+/// vCPUs together take 1/[`GAP_LOG_RAM_SHARE`] of RAM, as a power of two per vCPU between
+/// this and [`GAP_LOG_MAX_ENTRIES`] ([`gap_log_entries_for`]): post-copy stalls grow with
+/// the memory still to fetch (a 1 GiB post-copy demo logged up to ~10k after the switchover
+/// on one vCPU; its 2 vCPUs get 131072 entries each).
+pub const GAP_LOG_MIN_ENTRIES: u64 = 4096;
+/// Most entries in a vCPU's gap-log ring (4 MiB).
+pub const GAP_LOG_MAX_ENTRIES: u64 = 262_144;
+/// RAM bytes per gap-log byte (all vCPUs' rings together).
+pub const GAP_LOG_RAM_SHARE: u64 = 256;
 /// Bytes of one gap-log entry.
 pub const GAP_LOG_ENTRY_BYTES: u64 = 16;
-/// Bytes of one vCPU's gap-log ring; the rings sit at the top of the mapped RAM
-/// ([`GuestPlan::gap_log_base`]), vCPU `i`'s at `gap_log_base + i * GAP_LOG_BYTES`.
-pub const GAP_LOG_BYTES: u64 = GAP_LOG_ENTRIES * GAP_LOG_ENTRY_BYTES;
 // The guest indexes the ring with `count & (entries - 1)`.
-const _: () = assert!(GAP_LOG_ENTRIES.is_power_of_two());
+const _: () =
+    assert!(GAP_LOG_MIN_ENTRIES.is_power_of_two() && GAP_LOG_MAX_ENTRIES.is_power_of_two());
+
+/// Entries per vCPU ring for a writer or verifier guest of `mem_bytes` on `vcpus` vCPUs: a
+/// power of two (see [`GAP_LOG_MIN_ENTRIES`]).
+pub fn gap_log_entries_for(mem_bytes: u64, vcpus: u32) -> u64 {
+    let per = mem_bytes / GAP_LOG_RAM_SHARE / u64::from(vcpus.max(1)) / GAP_LOG_ENTRY_BYTES;
+    let pow2 = if per == 0 {
+        1
+    } else {
+        1 << (63 - per.leading_zeros())
+    };
+    pow2.clamp(GAP_LOG_MIN_ENTRIES, GAP_LOG_MAX_ENTRIES)
+}
 
 /// Port the idle guest writes to ask the host to sleep the vCPU thread briefly.
 pub const SLEEP_PORT: u16 = 0xF1;
@@ -90,7 +106,7 @@ mod stat {
     pub const STALL_TICKS: u64 = 0x10;
     pub const STALLS: u64 = 0x18;
     pub const LAST_TSC: u64 = 0x20;
-    /// Gap-log entries appended so far (the ring keeps the last [`super::GAP_LOG_ENTRIES`]).
+    /// Gap-log entries appended so far (the ring keeps the newest `GuestPlan::gap_log_entries`).
     pub const LOG_COUNT: u64 = 0x28;
     /// Guest address of this vCPU's ring (written by the host at setup).
     pub const LOG_BASE: u64 = 0x30;
@@ -355,7 +371,7 @@ pub struct GuestPlan {
     /// Guest address (= RAM offset) of vCPU 0's gap-log ring; the rings of all vCPUs follow
     /// it and end at or below the top of RAM. The data partitions end here.
     pub gap_log_base: u64,
-    /// Entries per vCPU ring: [`GAP_LOG_ENTRIES`] for the writer and verifier, 0 for the
+    /// Entries per vCPU ring ([`gap_log_entries_for`]) for the writer and verifier, 0 for the
     /// workloads that do not log gaps (then `gap_log_base` is the top of the data area).
     pub gap_log_entries: u64,
 }
@@ -376,7 +392,11 @@ impl GuestPlan {
         }
         let v = u64::from(vcpus);
         let logs = matches!(workload, Workload::Writer { .. } | Workload::Verifier);
-        let gap_log_entries = if logs { GAP_LOG_ENTRIES } else { 0 };
+        let gap_log_entries = if logs {
+            gap_log_entries_for(mem_bytes, vcpus)
+        } else {
+            0
+        };
         let log_bytes = v * gap_log_entries * GAP_LOG_ENTRY_BYTES;
         // The rings sit at the top of the RAM the 2 MiB page tables map.
         let mapped_top = if logs {
@@ -670,6 +690,11 @@ pub struct VcpuGapSplit {
     /// The gap that spans the pause point: the switchover as the guest saw it. `None` when no
     /// logged gap spans it (below the threshold, or lost when not `complete`).
     pub switch_gap_us: Option<u64>,
+    /// The switchover gap in two parts: from the guest's last progress point to the pause
+    /// point (the source stopping it and saving its state), and from the pause point to its
+    /// first progress point after (sending, restoring, resuming, and in post-copy the faults
+    /// before its first iteration completes).
+    pub switch_parts_us: Option<(u64, u64)>,
     /// Gaps that started after the pause point (post-copy and after).
     pub after: GapSummary,
     /// Entries the ring overwrote before they were read.
@@ -689,6 +714,8 @@ pub struct GapSplit {
     pub pre: GapSummary,
     /// The longest gap spanning the pause of any vCPU (the guest-visible blackout).
     pub switch_gap_us: Option<u64>,
+    /// That vCPU's [`VcpuGapSplit::switch_parts_us`].
+    pub switch_parts_us: Option<(u64, u64)>,
     /// Gaps after the switchover.
     pub after: GapSummary,
     /// Entries lost to ring overflow, summed over vCPUs.
@@ -751,6 +778,11 @@ impl GapLog {
                 max_us: big(&|s| s.pre.max_us),
             },
             switch_gap_us: per_vcpu.iter().filter_map(|s| s.switch_gap_us).max(),
+            switch_parts_us: per_vcpu
+                .iter()
+                .filter(|s| s.switch_gap_us.is_some())
+                .max_by_key(|s| s.switch_gap_us)
+                .and_then(|s| s.switch_parts_us),
             after: GapSummary {
                 count: big(&|s| s.after.count),
                 sum_us: big(&|s| s.after.sum_us),
@@ -773,7 +805,7 @@ impl GapLog {
                 pre_sum = pre_sum.saturating_add(e.ticks);
                 pre_max = pre_max.max(e.ticks);
             } else if e.start_tsc() <= pause {
-                switch = Some(e.ticks);
+                switch = Some(*e);
             } else {
                 aft_n += 1;
                 aft_sum = aft_sum.saturating_add(e.ticks);
@@ -787,7 +819,7 @@ impl GapLog {
         let mut pre_max_exact = lost == 0;
         if lost > 0 && complete {
             // The lost entries were all pre-copy: the whole-run counters minus the rest.
-            let s = switch.unwrap_or(0);
+            let s = switch.map_or(0, |e| e.ticks);
             pre_n = v.stalls.saturating_sub(aft_n + u64::from(switch.is_some()));
             pre_sum = v.stall_ticks.saturating_sub(aft_sum.saturating_add(s));
             if v.max_gap_ticks > aft_max.max(s) {
@@ -804,11 +836,10 @@ impl GapLog {
         VcpuGapSplit {
             pause_tsc: pause,
             pre,
-            switch_gap_us: if complete {
-                switch.map(|t| self.us(t))
-            } else {
-                None
-            },
+            switch_gap_us: switch.filter(|_| complete).map(|e| self.us(e.ticks)),
+            switch_parts_us: switch
+                .filter(|_| complete)
+                .map(|e| (self.us(pause - e.start_tsc()), self.us(e.end_tsc - pause))),
             after: self.summary(aft_n, aft_sum, aft_max),
             lost,
             complete,
@@ -837,7 +868,7 @@ pub fn read_gap_log(mem: &KvmMemory, plan: &GuestPlan) -> GapLog {
         if written > 0 && mem.read_u64s(plan.gap_log_addr(i), &mut ring).is_some() {
             entries.reserve(usize::try_from(written.min(cap)).unwrap_or(0));
             for k in written.saturating_sub(cap)..written {
-                // cap is a power of two (GAP_LOG_ENTRIES); the guest indexes with the mask.
+                // cap is a power of two (gap_log_entries_for); the guest indexes with the mask.
                 let j = usize::try_from((k & (cap - 1)) * 2).unwrap_or(0);
                 entries.push(GapEntry {
                     end_tsc: ring[j],
@@ -1123,6 +1154,8 @@ mod tests {
             }
         );
         assert_eq!(v0.switch_gap_us, Some(2500));
+        // It started at 9500: 500 µs before the pause point, 2000 after.
+        assert_eq!(v0.switch_parts_us, Some((500, 2000)));
         assert_eq!(
             v0.after,
             GapSummary {
@@ -1142,9 +1175,11 @@ mod tests {
             }
         );
         assert_eq!(v1.switch_gap_us, Some(1000));
+        assert_eq!(v1.switch_parts_us, Some((50, 950)));
         assert_eq!(v1.after, GapSummary::default());
         // Aggregates: longest switchover gap, largest per-vCPU count and sum.
         assert_eq!(sp.switch_gap_us, Some(2500));
+        assert_eq!(sp.switch_parts_us, Some((500, 2000)));
         assert_eq!(
             sp.pre,
             GapSummary {
@@ -1219,6 +1254,7 @@ mod tests {
         assert_eq!(sp.lost, 2);
         assert!(!sp.complete && !sp.pre_max_exact);
         assert_eq!(sp.switch_gap_us, None);
+        assert_eq!(sp.switch_parts_us, None);
         assert_eq!(sp.pre, GapSummary::default());
         assert_eq!(sp.after.count, cap);
     }
@@ -1227,7 +1263,12 @@ mod tests {
     fn gap_log_rings_sit_at_the_top_of_mapped_ram() {
         let plan = GuestPlan::new(&Workload::Verifier, 2, 64 << 20, 1_000_000).unwrap();
         assert_eq!(plan.gap_log_end(), 64 << 20);
-        assert_eq!(plan.gap_log_base, (64 << 20) - 2 * GAP_LOG_BYTES);
+        // 64 MiB / 256 = 256 KiB for both vCPUs: 8192 entries each.
+        assert_eq!(plan.gap_log_entries, 8192);
+        assert_eq!(
+            plan.gap_log_base,
+            (64 << 20) - 2 * 8192 * GAP_LOG_ENTRY_BYTES
+        );
         assert_eq!(
             DATA_BASE + 2 * plan.pages_per_vcpu * PAGE_SIZE,
             plan.gap_log_base
@@ -1235,13 +1276,19 @@ mod tests {
         // Not a multiple of 2 MiB: the rings end at the last mapped 2 MiB page.
         let plan = GuestPlan::new(&Workload::Verifier, 1, (64 << 20) + 4096, 1_000_000).unwrap();
         assert_eq!(plan.gap_log_end(), 64 << 20);
+        // Scaled with RAM per vCPU, within bounds, always a power of two.
+        assert_eq!(gap_log_entries_for(1 << 30, 2), 131_072);
+        assert_eq!(gap_log_entries_for(3 << 30, 2), 262_144);
+        assert_eq!(gap_log_entries_for(96 << 20, 2), 8192);
+        assert_eq!(gap_log_entries_for(4 << 20, 2), GAP_LOG_MIN_ENTRIES);
+        assert_eq!(gap_log_entries_for(128 << 30, 1), GAP_LOG_MAX_ENTRIES);
         // The idle guest logs nothing and keeps all its RAM.
         let plan = GuestPlan::new(&Workload::Idle, 2, 64 << 20, 1_000_000).unwrap();
         assert_eq!(plan.gap_log_entries, 0);
         assert_eq!(plan.gap_log_base, 64 << 20);
         // Too small for the rings.
         assert!(matches!(
-            GuestPlan::new(&Workload::Verifier, 8, 2 << 20, 1_000_000),
+            GuestPlan::new(&Workload::Verifier, 32, 2 << 20, 1_000_000),
             Err(GuestSetupError::TooSmall { .. })
         ));
     }

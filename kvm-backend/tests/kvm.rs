@@ -413,6 +413,12 @@ mod tests {
                 "vCPU {i}: gap across a 20 ms pause was {us} µs"
             );
             assert_eq!(us, span[0].ticks * 1000 / log.tsc_khz);
+            // Most of it after the pause point: the 20 ms hold came after the save.
+            let (to, from) = sp.per_vcpu[i].switch_parts_us.unwrap_or((0, 0));
+            assert!(
+                from >= 20_000 && to + from <= us + 1,
+                "vCPU {i}: {to} + {from}"
+            );
             // The whole-run counters agree with the log.
             assert_eq!(v.stalls, v.written);
             assert_eq!(

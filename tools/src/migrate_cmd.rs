@@ -449,6 +449,14 @@ fn gap_split_json(vm: &KvmVm) -> Vec<(&'static str, Value)> {
     let known = |x: Value| if sp.complete { x } else { Value::Null };
     vec![
         ("guest_switch_gap_us", known(json!(sp.switch_gap_us))),
+        (
+            "guest_switch_gap_src_us",
+            known(json!(sp.switch_parts_us.map(|p| p.0))),
+        ),
+        (
+            "guest_switch_gap_dst_us",
+            known(json!(sp.switch_parts_us.map(|p| p.1))),
+        ),
         ("guest_pre_max_gap_us", known(json!(sp.pre.max_us))),
         ("guest_pre_stall_ms", known(json!(ms(sp.pre.sum_us)))),
         ("guest_pre_stalls", known(json!(sp.pre.count))),
@@ -462,11 +470,15 @@ fn gap_split_json(vm: &KvmVm) -> Vec<(&'static str, Value)> {
 
 /// The JSON fields of [`gap_split_json`]: `guest_switch_gap_us` is the longest gap any vCPU
 /// saw across the pause point (the blackout as the guest saw it; null if below the 100 µs
-/// threshold); `guest_{pre,after}_*` the longest gap, the summed stalls over 100 µs and their
+/// threshold), split at the source's saved TSC into `_src_us` (the guest's last progress on
+/// the source until then) and `_dst_us` (from then until its first progress on the
+/// destination); `guest_{pre,after}_*` the longest gap, the summed stalls over 100 µs and their
 /// count before the pause and after the switchover (sums and counts of the most-affected
 /// vCPU, like `guest_stall_ms`); `guest_gap_log_lost` entries overwritten in the rings.
-const GAP_SPLIT_KEYS: [&str; 9] = [
+const GAP_SPLIT_KEYS: [&str; 11] = [
     "guest_switch_gap_us",
+    "guest_switch_gap_src_us",
+    "guest_switch_gap_dst_us",
     "guest_pre_max_gap_us",
     "guest_pre_stall_ms",
     "guest_pre_stalls",
@@ -498,7 +510,11 @@ fn gap_split_line(v: &Value) -> String {
         v["guest_pre_stall_ms"].as_f64().unwrap_or(f64::NAN),
         or_dash(&v["guest_pre_stalls"]),
         match v["guest_switch_gap_us"].as_u64() {
-            Some(us) => format!("{us} µs"),
+            Some(us) => format!(
+                "{us} µs ({} to the source's save, {} more to the first step on the destination)",
+                or_dash(&v["guest_switch_gap_src_us"]),
+                or_dash(&v["guest_switch_gap_dst_us"])
+            ),
             None if v["guest_gap_split_complete"] == json!(true) => "< 100 µs".into(),
             None => "unknown (lost)".into(),
         },
