@@ -436,6 +436,59 @@ mod tests {
         Ok(())
     }
 
+    /// Enough short host pauses to wrap the smallest gap-log ring: the guest's own index
+    /// arithmetic wraps (entries stay in TSC order, nothing lands outside the ring), and the
+    /// host reports the overwritten entries.
+    #[test]
+    fn gap_log_ring_wraps_in_the_guest() -> Result<()> {
+        if !kvm() {
+            return Ok(());
+        }
+        let mut vm = KvmVm::new_source(&cfg(Workload::Verifier, 1, 16))?;
+        let cap = vm.plan().gap_log_entries;
+        assert_eq!(cap, ferry_kvm::guest::GAP_LOG_MIN_ENTRIES);
+        vm.start()?;
+        std::thread::sleep(Duration::from_millis(50));
+        let t = Instant::now();
+        let mut written = 0;
+        while written < cap + 100 {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "only {written} gaps logged in 60 s"
+            );
+            pause(&mut vm)?;
+            written = vm.guest_gap_log().vcpus[0].written;
+            // Hold > 100 µs (a logged gap), then let the guest make progress.
+            std::thread::sleep(Duration::from_micros(300));
+            vm.resume().map_err(|e| anyhow!(e))?;
+            std::thread::sleep(Duration::from_micros(300));
+        }
+        pause(&mut vm)?;
+        vm.save()?;
+        let log = vm.guest_gap_log();
+        let v = &log.vcpus[0];
+        eprintln!(
+            "{} gaps in {:?}, ring {cap}, lost {}",
+            v.written,
+            t.elapsed(),
+            v.lost()
+        );
+        assert_eq!(v.lost(), v.written - cap);
+        assert_eq!(v.entries.len() as u64, cap);
+        assert_eq!(v.stalls, v.written);
+        assert!(
+            v.entries.windows(2).all(|w| w[0].end_tsc < w[1].end_tsc),
+            "ring entries out of order after wrapping"
+        );
+        assert!(v.entries.iter().all(|e| e.ticks > 0 && e.end_tsc > e.ticks));
+        let sp = vm.guest_gap_split()?;
+        assert_eq!(sp.lost, v.lost());
+        assert!(sp.complete, "only the oldest entries were lost: {sp:?}");
+        assert_eq!(sp.pre.count, v.written);
+        assert!(vm.verify_memory()?.ok());
+        Ok(())
+    }
+
     #[test]
     fn pause_resume_latency_measured() -> Result<()> {
         if !kvm() {
