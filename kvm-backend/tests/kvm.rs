@@ -436,6 +436,51 @@ mod tests {
         Ok(())
     }
 
+    /// The guest TSC carries over a save/restore into a second VM: a 50 ms hold between the
+    /// restore and the resume shows up after the split point, in the gap across it.
+    #[test]
+    fn gap_split_across_a_restore_sees_the_hold() -> Result<()> {
+        if !kvm() {
+            return Ok(());
+        }
+        let c = cfg(Workload::Verifier, 1, 16);
+        let mut src = KvmVm::new_source(&c)?;
+        src.start()?;
+        std::thread::sleep(Duration::from_millis(200));
+        let t0 = Instant::now();
+        pause(&mut src)?;
+        let blob = src.save_state().map_err(|e| anyhow!(e))?;
+        let mut dst = KvmVm::new_destination(&c)?;
+        assert!(dst.memory().copy_from(&src.memory()), "layouts differ");
+        dst.restore_state(&blob).map_err(|e| anyhow!(e))?;
+        std::thread::sleep(Duration::from_millis(50));
+        let n0 = dst.guest_stats().iterations;
+        dst.resume().map_err(|e| anyhow!(e))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while dst.guest_stats().iterations == n0 {
+            assert!(Instant::now() < deadline, "no progress after resume");
+            std::thread::yield_now();
+        }
+        let wall = t0.elapsed();
+        std::thread::sleep(Duration::from_millis(20));
+        pause(&mut dst)?;
+        let sp = dst.guest_gap_split()?;
+        let (to, from) = sp.switch_parts_us.unwrap_or((0, 0));
+        eprintln!(
+            "pause to first step {wall:?}; guest gap {:?} µs = {to} + {from}",
+            sp.switch_gap_us
+        );
+        assert!(sp.complete, "{sp:?}");
+        assert!(from >= 50_000, "the hold after restore not seen: {sp:?}");
+        let gap = sp.switch_gap_us.unwrap_or(0);
+        let wall_us = u64::try_from(wall.as_micros())?;
+        assert!(
+            gap >= 50_000 && gap <= wall_us + 1_000_000,
+            "gap {gap} µs, wall {wall_us} µs"
+        );
+        Ok(())
+    }
+
     /// Enough short host pauses to wrap the smallest gap-log ring: the guest's own index
     /// arithmetic wraps (entries stay in TSC order, nothing lands outside the ring), and the
     /// host reports the overwritten entries.
