@@ -438,8 +438,9 @@ fn run_dest(
 
 /// The guest-measured gaps, split at the switchover, as JSON fields (see [`GAP_SPLIT_KEYS`]).
 /// The split point is each vCPU's guest TSC in the state the source saved at the pause (this
-/// VM restored it). Fields are null for guests without a gap log, and the pre-copy ones and
-/// the switchover gap are null when ring overflow lost entries from the switchover on.
+/// VM restored it). Fields are null for guests without a gap log, the pre-copy ones and the
+/// switchover gap are null when ring overflow lost entries from the switchover on, and the
+/// pre-copy longest gap is null when overflow lost it (the whole-run longest still stands).
 fn gap_split_json(vm: &KvmVm) -> Vec<(&'static str, Value)> {
     let ms = |us: u64| us as f64 / 1000.0;
     let sp = match vm.guest_gap_split() {
@@ -457,7 +458,10 @@ fn gap_split_json(vm: &KvmVm) -> Vec<(&'static str, Value)> {
             "guest_switch_gap_dst_us",
             known(json!(sp.switch_parts_us.map(|p| p.1))),
         ),
-        ("guest_pre_max_gap_us", known(json!(sp.pre.max_us))),
+        (
+            "guest_pre_max_gap_us",
+            known(json!(sp.pre_max_exact.then_some(sp.pre.max_us))),
+        ),
         ("guest_pre_stall_ms", known(json!(ms(sp.pre.sum_us)))),
         ("guest_pre_stalls", known(json!(sp.pre.count))),
         ("guest_after_max_gap_us", json!(sp.after.max_us)),
