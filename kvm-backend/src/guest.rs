@@ -865,7 +865,15 @@ pub fn read_gap_log(mem: &KvmMemory, plan: &GuestPlan) -> GapLog {
         let s = STATS + i * PAGE_SIZE;
         let written = if cap > 0 { rd(s + stat::LOG_COUNT) } else { 0 };
         let mut entries = Vec::new();
-        if written > 0 && mem.read_u64s(plan.gap_log_addr(i), &mut ring).is_some() {
+        // Page by page: a ring may straddle the RAM regions around the 32-bit hole.
+        let base = plan.gap_log_addr(i);
+        let readable = ring
+            .chunks_mut(512)
+            .zip((base..).step_by(4096))
+            .all(|(c, off)| mem.read_u64s(off, c).is_some());
+        // An unreadable ring (a layout bug) counts as all entries lost, never as no gaps.
+        let capacity = if readable { cap } else { 0 };
+        if written > 0 && readable {
             entries.reserve(usize::try_from(written.min(cap)).unwrap_or(0));
             for k in written.saturating_sub(cap)..written {
                 // cap is a power of two (gap_log_entries_for); the guest indexes with the mask.
@@ -878,7 +886,7 @@ pub fn read_gap_log(mem: &KvmMemory, plan: &GuestPlan) -> GapLog {
         }
         log.vcpus.push(VcpuGapLog {
             written,
-            capacity: cap,
+            capacity,
             entries,
             stalls: rd(s + stat::STALLS),
             stall_ticks: rd(s + stat::STALL_TICKS),
@@ -1257,6 +1265,35 @@ mod tests {
         assert_eq!(sp.switch_parts_us, None);
         assert_eq!(sp.pre, GapSummary::default());
         assert_eq!(sp.after.count, cap);
+    }
+
+    #[test]
+    fn gap_log_ring_across_the_32_bit_hole_reads_whole() {
+        // 3 GiB + 2 MiB, 2 vCPUs: 4 MiB rings from 3 GiB - 6 MiB; vCPU 1's straddles the hole.
+        let mem = KvmMemory::new((3 << 30) + (2 << 20), MemBacking::Anonymous, false).unwrap();
+        let plan = GuestPlan::new(&Workload::Verifier, 2, mem.size(), 1000).unwrap();
+        assert_eq!(plan.gap_log_entries, GAP_LOG_MAX_ENTRIES);
+        let ring = plan.gap_log_addr(1);
+        assert!(ring < 3 << 30 && ring + GAP_LOG_MAX_ENTRIES * GAP_LOG_ENTRY_BYTES > 3 << 30);
+        write_guest(&mem, &plan).unwrap();
+        let cap = plan.gap_log_entries;
+        for k in 0..cap {
+            let e = ring + k * GAP_LOG_ENTRY_BYTES;
+            mem.write(e, &((k + 1) * 1000).to_le_bytes()).unwrap();
+            mem.write(e + 8, &500u64.to_le_bytes()).unwrap();
+        }
+        let s = STATS + PAGE_SIZE;
+        mem.write(s + stat::LOG_COUNT, &cap.to_le_bytes()).unwrap();
+        let log = read_gap_log(&mem, &plan);
+        let v = &log.vcpus[1];
+        assert_eq!((v.written, v.lost()), (cap, 0));
+        assert_eq!(v.entries.len(), usize::try_from(cap).unwrap());
+        assert!(
+            v.entries
+                .iter()
+                .zip(1..)
+                .all(|(e, k)| e.end_tsc == k * 1000 && e.ticks == 500)
+        );
     }
 
     #[test]
