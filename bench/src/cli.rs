@@ -294,7 +294,7 @@ fn run_kvm(k: &KvmArgs, peer: &PeerLauncher, out: &mut Output) -> Result<()> {
         rows += 1;
         if !out.json {
             println!(
-                "kvm {mode} {} MiB x{} vCPU: blackout {:.0} µs, faults {} (p50 {} µs, p99 {} µs), guest longest gap {} µs, verified {}",
+                "kvm {mode} {} MiB x{} vCPU: blackout {:.0} µs, faults {} (p50 {} µs, p99 {} µs), guest longest gap {} µs (before the switchover {} µs, across it {} µs, after it {} µs, stalls after {:.1} ms), verified {}",
                 k.mem_mib,
                 k.vcpus,
                 v["blackout_us"].as_f64().unwrap_or(f64::NAN),
@@ -302,6 +302,10 @@ fn run_kvm(k: &KvmArgs, peer: &PeerLauncher, out: &mut Output) -> Result<()> {
                 v["faults"]["p50_us"],
                 v["faults"]["p99_us"],
                 v["guest_max_gap_us"],
+                v["guest_pre_max_gap_us"],
+                v["guest_switch_gap_us"],
+                v["guest_after_max_gap_us"],
+                v["guest_after_stall_ms"].as_f64().unwrap_or(f64::NAN),
                 v["verified"]
             );
         }

@@ -42,6 +42,34 @@ pub const DATA_BASE: u64 = 0x100000;
 pub const MAX_VCPUS: u32 = 64;
 /// Most RAM the layout has page directories for.
 pub const MAX_MEM: u64 = 128 << 30;
+/// Fewest entries in a vCPU's gap-log ring (writer and verifier): every gap over the stall
+/// threshold is appended as (TSC at its end, length in TSC ticks), 16 bytes. The rings of all
+/// vCPUs together take 1/[`GAP_LOG_RAM_SHARE`] of RAM, as a power of two per vCPU between
+/// this and [`GAP_LOG_MAX_ENTRIES`] ([`gap_log_entries_for`]): post-copy stalls grow with
+/// the memory still to fetch (1 GiB post-copy demos logged 0.9k–6k gaps after the switchover
+/// on one vCPU, 16k under heavy host load; its 2 vCPUs get 131072 entries each).
+pub const GAP_LOG_MIN_ENTRIES: u64 = 4096;
+/// Most entries in a vCPU's gap-log ring (4 MiB).
+pub const GAP_LOG_MAX_ENTRIES: u64 = 262_144;
+/// RAM bytes per gap-log byte (all vCPUs' rings together).
+pub const GAP_LOG_RAM_SHARE: u64 = 256;
+/// Bytes of one gap-log entry.
+pub const GAP_LOG_ENTRY_BYTES: u64 = 16;
+// The guest indexes the ring with `count & (entries - 1)`.
+const _: () =
+    assert!(GAP_LOG_MIN_ENTRIES.is_power_of_two() && GAP_LOG_MAX_ENTRIES.is_power_of_two());
+
+/// Entries per vCPU ring for a writer or verifier guest of `mem_bytes` on `vcpus` vCPUs: a
+/// power of two (see [`GAP_LOG_MIN_ENTRIES`]).
+pub fn gap_log_entries_for(mem_bytes: u64, vcpus: u32) -> u64 {
+    let per = mem_bytes / GAP_LOG_RAM_SHARE / u64::from(vcpus.max(1)) / GAP_LOG_ENTRY_BYTES;
+    let pow2 = if per == 0 {
+        1
+    } else {
+        1 << (63 - per.leading_zeros())
+    };
+    pow2.clamp(GAP_LOG_MIN_ENTRIES, GAP_LOG_MAX_ENTRIES)
+}
 
 /// Port the idle guest writes to ask the host to sleep the vCPU thread briefly.
 pub const SLEEP_PORT: u16 = 0xF1;
@@ -66,6 +94,9 @@ mod param {
     pub const SLACK_TICKS: u64 = 0x40;
     pub const QWORDS: u64 = 0x48;
     pub const HEARTBEAT_TICKS: u64 = 0x50;
+    pub const GAP_LOG_BASE: u64 = 0x58;
+    /// Ring entries - 1 (a power of two minus one), read by the stall path at 0x19f.
+    pub const GAP_LOG_MASK: u64 = 0x60;
 }
 
 /// Offsets in a statistics page.
@@ -75,6 +106,10 @@ mod stat {
     pub const STALL_TICKS: u64 = 0x10;
     pub const STALLS: u64 = 0x18;
     pub const LAST_TSC: u64 = 0x20;
+    /// Gap-log entries appended so far (the ring keeps the newest `GuestPlan::gap_log_entries`).
+    pub const LOG_COUNT: u64 = 0x28;
+    /// Guest address of this vCPU's ring (written by the host at setup).
+    pub const LOG_BASE: u64 = 0x30;
 }
 
 /// "FERRYGST" little-endian: marks a parameter page written by this module.
@@ -95,7 +130,9 @@ pub const ENTRY_IDLE: u64 = 0x13b;
 /// vCPU's partition, r8 = pages per vCPU P, r9 = stall threshold, r13 = TSC ticks per page
 /// (0 = no rate limit), r14 = next deadline, r15 = qwords per page, r12 = iteration n,
 /// r10 = previous TSC. Each pass of `top` reads the TSC, records the gap since the previous
-/// pass (max gap; sum and count of gaps over the threshold), then either spins (rate limit) or
+/// pass (max gap; sum and count of gaps over the threshold, and, out of line at 0x190, each
+/// such gap appended to the vCPU's gap-log ring as (TSC now, gap) with the stats page's
+/// `LOG_COUNT` bumped after the entry is written), then either spins (rate limit) or
 /// does iteration n: page `n mod P`, round `n / P`, value `((round + 1) * K) ^ page_va`,
 /// stored into the first r15 qwords of the page with `rep stosq`; then n += 1 and n is
 /// published in the stats page. So after n iterations every page's content is a pure function
@@ -155,8 +192,8 @@ pub fn guest_code() -> Vec<u8> {
         0x48, 0x89, 0x53, 0x08,                      // 0x0a9: mov qword [rbx+0x8],rdx
         0x4c, 0x39, 0xca,                            // 0x0ad: cmp rdx,r9
         0x76, 0x08,                                  // 0x0b0: jbe ba
-        0x48, 0x01, 0x53, 0x10,                      // 0x0b2: add qword [rbx+0x10],rdx
-        0x48, 0xff, 0x43, 0x18,                      // 0x0b6: inc qword [rbx+0x18]
+        0xe9, 0xd9, 0x00, 0x00, 0x00,                // 0x0b2: jmp 190 (stall: count, log)
+        0x0f, 0x1f, 0x00,                            // 0x0b7: nop (never reached)
         0x4c, 0x39, 0xd8,                            // 0x0ba: cmp rax,r11
         0x72, 0x1e,                                  // 0x0bd: jb dd
         0x49, 0x89, 0xc3,                            // 0x0bf: mov r11,rax
@@ -224,6 +261,21 @@ pub fn guest_code() -> Vec<u8> {
         0xeb, 0xe4,                                  // 0x17d: jmp 163
         // 0x17f: banner, NUL-terminated
         b'f', b'e', b'r', b'r', b'y', b' ', b'g', b'u', b'e', b's', b't', b' ', b'u', b'p', b'\n', 0,
+        0xcc,                                        // 0x18f: padding
+        // stall (from 0x0b2, rdx = gap > threshold, rax = TSC now): count it and append
+        // (end TSC, gap) to this vCPU's gap-log ring, then carry on at 0x0ba.
+        0x48, 0x01, 0x53, 0x10,                      // 0x190: add qword [rbx+0x10],rdx
+        0x48, 0xff, 0x43, 0x18,                      // 0x194: inc qword [rbx+0x18]
+        0x48, 0x8b, 0x4b, 0x28,                      // 0x198: mov rcx,qword [rbx+0x28]
+        0x48, 0x89, 0xcf,                            // 0x19c: mov rdi,rcx
+        0x48, 0x23, 0x3c, 0x25, 0x60, 0x00, 0x01, 0x00, // 0x19f: and rdi,qword 0x10060
+        0x48, 0xc1, 0xe7, 0x04,                      // 0x1a7: shl rdi,0x4
+        0x48, 0x03, 0x7b, 0x30,                      // 0x1ab: add rdi,qword [rbx+0x30]
+        0x48, 0x89, 0x07,                            // 0x1af: mov qword [rdi],rax
+        0x48, 0x89, 0x57, 0x08,                      // 0x1b2: mov qword [rdi+0x8],rdx
+        0x48, 0xff, 0xc1,                            // 0x1b6: inc rcx
+        0x48, 0x89, 0x4b, 0x28,                      // 0x1b9: mov qword [rbx+0x28],rcx
+        0xe9, 0xf8, 0xfe, 0xff, 0xff,                // 0x1bd: jmp ba
     ]
 }
 
@@ -316,6 +368,12 @@ pub struct GuestPlan {
     pub qwords: u64,
     /// TSC ticks per page for the rate limit; 0 = unlimited.
     pub ticks_per_page: u64,
+    /// Guest address (= RAM offset) of vCPU 0's gap-log ring; the rings of all vCPUs follow
+    /// it and end at or below the top of RAM. The data partitions end here.
+    pub gap_log_base: u64,
+    /// Entries per vCPU ring ([`gap_log_entries_for`]) for the writer and verifier, 0 for the
+    /// workloads that do not log gaps (then `gap_log_base` is the top of the data area).
+    pub gap_log_entries: u64,
 }
 
 impl GuestPlan {
@@ -332,16 +390,30 @@ impl GuestPlan {
                 vcpus,
             });
         }
-        let need = DATA_BASE + u64::from(vcpus) * PAGE_SIZE;
-        if mem_bytes < need {
+        let v = u64::from(vcpus);
+        let logs = matches!(workload, Workload::Writer { .. } | Workload::Verifier);
+        let gap_log_entries = if logs {
+            gap_log_entries_for(mem_bytes, vcpus)
+        } else {
+            0
+        };
+        let log_bytes = v * gap_log_entries * GAP_LOG_ENTRY_BYTES;
+        // The rings sit at the top of the RAM the 2 MiB page tables map.
+        let mapped_top = if logs {
+            mem_bytes / (2 << 20) * (2 << 20)
+        } else {
+            mem_bytes
+        };
+        let need = DATA_BASE + v * PAGE_SIZE + log_bytes;
+        if mapped_top < need {
             return Err(GuestSetupError::TooSmall {
                 mem: mem_bytes,
                 vcpus,
                 need,
             });
         }
-        let data_pages = (mem_bytes - DATA_BASE) / PAGE_SIZE;
-        let v = u64::from(vcpus);
+        let gap_log_base = mapped_top - log_bytes;
+        let data_pages = (gap_log_base - DATA_BASE) / PAGE_SIZE;
         let (pages, qwords, ticks) = match workload {
             Workload::Idle | Workload::Kernel { .. } => (data_pages / v, 0, 0),
             Workload::Verifier => (data_pages / v, 512, 0),
@@ -368,7 +440,19 @@ impl GuestPlan {
             pages_per_vcpu: pages,
             qwords,
             ticks_per_page: ticks,
+            gap_log_base,
+            gap_log_entries,
         })
+    }
+
+    /// Guest address of vCPU `vcpu`'s gap-log ring.
+    pub fn gap_log_addr(&self, vcpu: u64) -> u64 {
+        self.gap_log_base + vcpu * self.gap_log_entries * GAP_LOG_ENTRY_BYTES
+    }
+
+    /// End of the gap-log rings (`gap_log_base` when there are none).
+    pub fn gap_log_end(&self) -> u64 {
+        self.gap_log_addr(u64::from(self.vcpus))
     }
 
     /// Entry point (guest-virtual RIP) of the workload.
@@ -379,7 +463,7 @@ impl GuestPlan {
         }
     }
 
-    fn params(&self) -> [(u64, u64); 11] {
+    fn params(&self) -> [(u64, u64); 13] {
         [
             (param::MAGIC, PARAMS_MAGIC),
             (param::WORKLOAD, self.workload.id()),
@@ -395,6 +479,8 @@ impl GuestPlan {
             (param::QWORDS, self.qwords),
             // vCPU 0 prints a '.' on COM1 once per second of guest time.
             (param::HEARTBEAT_TICKS, self.tsc_khz * 1000),
+            (param::GAP_LOG_BASE, self.gap_log_base),
+            (param::GAP_LOG_MASK, self.gap_log_entries.saturating_sub(1)),
         ]
     }
 }
@@ -436,6 +522,15 @@ pub fn write_guest(mem: &KvmMemory, plan: &GuestPlan) -> Result<(), GuestSetupEr
         .ok_or(GuestSetupError::OutOfRange(CODE))?;
     for (o, v) in plan.params() {
         put(mem, PARAMS + o, v)?;
+    }
+    if plan.gap_log_entries > 0 {
+        for i in 0..u64::from(plan.vcpus) {
+            put(
+                mem,
+                STATS + i * PAGE_SIZE + stat::LOG_BASE,
+                plan.gap_log_addr(i),
+            )?;
+        }
     }
     Ok(())
 }
@@ -522,6 +617,283 @@ pub fn read_stats(mem: &KvmMemory, plan: &GuestPlan) -> GuestStats {
             .unwrap_or(0),
         per_vcpu,
     }
+}
+
+/// One gap a guest vCPU logged: it ended at guest TSC `end_tsc` and lasted `ticks` TSC ticks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GapEntry {
+    /// Guest TSC at the end of the gap (the first progress point after it).
+    pub end_tsc: u64,
+    /// Length of the gap in TSC ticks.
+    pub ticks: u64,
+}
+
+impl GapEntry {
+    /// Guest TSC at the start of the gap (the last progress point before it).
+    pub fn start_tsc(&self) -> u64 {
+        self.end_tsc.saturating_sub(self.ticks)
+    }
+}
+
+/// One vCPU's gap log as read from guest memory, with its whole-run counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VcpuGapLog {
+    /// Entries the guest appended since boot.
+    pub written: u64,
+    /// Ring capacity (entries); older entries were overwritten.
+    pub capacity: u64,
+    /// The surviving entries, oldest first (`min(written, capacity)` of them).
+    pub entries: Vec<GapEntry>,
+    /// Whole-run count of gaps over the threshold (the stats page's `STALLS`).
+    pub stalls: u64,
+    /// Whole-run sum of those gaps in TSC ticks.
+    pub stall_ticks: u64,
+    /// Whole-run longest gap in TSC ticks (over the threshold or not).
+    pub max_gap_ticks: u64,
+}
+
+impl VcpuGapLog {
+    /// Entries overwritten before they were read (the oldest ones).
+    pub fn lost(&self) -> u64 {
+        self.written.saturating_sub(self.capacity)
+    }
+}
+
+/// Every vCPU's gap log (see [`read_gap_log`], [`GapLog::split`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GapLog {
+    /// Guest TSC frequency, to turn ticks into time.
+    pub tsc_khz: u64,
+    /// Per vCPU, by index.
+    pub vcpus: Vec<VcpuGapLog>,
+}
+
+/// Count, sum and longest of a set of gaps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GapSummary {
+    /// Gaps.
+    pub count: u64,
+    /// Their sum, µs.
+    pub sum_us: u64,
+    /// The longest, µs.
+    pub max_us: u64,
+}
+
+/// One vCPU's gaps split at its pause point.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VcpuGapSplit {
+    /// The guest TSC the split was made at (the vCPU's TSC when the source paused).
+    pub pause_tsc: u64,
+    /// Gaps that ended at or before the pause point (pre-copy). With lost entries, count and
+    /// sum are the whole-run counters minus the rest (exact when `complete`).
+    pub pre: GapSummary,
+    /// The gap that spans the pause point: the switchover as the guest saw it. `None` when no
+    /// logged gap spans it (below the threshold, or lost when not `complete`).
+    pub switch_gap_us: Option<u64>,
+    /// The switchover gap in two parts: from the guest's last progress point to the pause
+    /// point (the source stopping it and saving its state), and from the pause point to its
+    /// first progress point after (sending, restoring, resuming, and in post-copy the faults
+    /// before its first iteration completes).
+    pub switch_parts_us: Option<(u64, u64)>,
+    /// Gaps that started after the pause point (post-copy and after).
+    pub after: GapSummary,
+    /// Entries the ring overwrote before they were read.
+    pub lost: u64,
+    /// False when lost entries may include the switchover gap or later ones: then `after`
+    /// counts only the surviving entries, and `pre` and `switch_gap_us` are unknown.
+    pub complete: bool,
+    /// False when entries were lost and `pre.max_us` is only the longest surviving one.
+    pub pre_max_exact: bool,
+}
+
+/// All vCPUs' gaps split at the switchover: for each part the largest per-vCPU count and sum
+/// and the longest gap of any vCPU (like [`GuestStats`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GapSplit {
+    /// Gaps that ended before the pause (pre-copy).
+    pub pre: GapSummary,
+    /// The longest gap spanning the pause of any vCPU (the guest-visible blackout).
+    pub switch_gap_us: Option<u64>,
+    /// That vCPU's [`VcpuGapSplit::switch_parts_us`].
+    pub switch_parts_us: Option<(u64, u64)>,
+    /// Gaps after the switchover.
+    pub after: GapSummary,
+    /// Entries lost to ring overflow, summed over vCPUs.
+    pub lost: u64,
+    /// Every vCPU's split is complete (see [`VcpuGapSplit::complete`]).
+    pub complete: bool,
+    /// Every vCPU's `pre.max_us` is exact.
+    pub pre_max_exact: bool,
+    /// Per vCPU.
+    pub per_vcpu: Vec<VcpuGapSplit>,
+}
+
+/// Errors of [`GapLog::split`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GapSplitError {
+    /// The pause points do not match the vCPUs (e.g. no state was saved or restored).
+    #[error("Gap split needs one pause TSC per vCPU: got {given} for {vcpus} vCPUs")]
+    VcpuCount {
+        /// Pause points given.
+        given: usize,
+        /// vCPUs in the log.
+        vcpus: usize,
+    },
+}
+
+impl GapLog {
+    fn us(&self, ticks: u64) -> u64 {
+        u64::try_from(u128::from(ticks) * 1000 / u128::from(self.tsc_khz.max(1)))
+            .unwrap_or(u64::MAX)
+    }
+
+    fn summary(&self, count: u64, sum_ticks: u64, max_ticks: u64) -> GapSummary {
+        GapSummary {
+            count,
+            sum_us: self.us(sum_ticks),
+            max_us: self.us(max_ticks),
+        }
+    }
+
+    /// Splits every vCPU's gaps at its guest TSC `pause_tsc[i]` (the TSC the source saved for
+    /// it: every gap ending after it started on the destination, or spans the switchover).
+    pub fn split(&self, pause_tsc: &[u64]) -> Result<GapSplit, GapSplitError> {
+        if pause_tsc.len() != self.vcpus.len() {
+            return Err(GapSplitError::VcpuCount {
+                given: pause_tsc.len(),
+                vcpus: self.vcpus.len(),
+            });
+        }
+        let per_vcpu: Vec<VcpuGapSplit> = self
+            .vcpus
+            .iter()
+            .zip(pause_tsc)
+            .map(|(v, &t)| self.split_vcpu(v, t))
+            .collect();
+        let big = |f: &dyn Fn(&VcpuGapSplit) -> u64| per_vcpu.iter().map(f).max().unwrap_or(0);
+        Ok(GapSplit {
+            pre: GapSummary {
+                count: big(&|s| s.pre.count),
+                sum_us: big(&|s| s.pre.sum_us),
+                max_us: big(&|s| s.pre.max_us),
+            },
+            switch_gap_us: per_vcpu.iter().filter_map(|s| s.switch_gap_us).max(),
+            switch_parts_us: per_vcpu
+                .iter()
+                .filter(|s| s.switch_gap_us.is_some())
+                .max_by_key(|s| s.switch_gap_us)
+                .and_then(|s| s.switch_parts_us),
+            after: GapSummary {
+                count: big(&|s| s.after.count),
+                sum_us: big(&|s| s.after.sum_us),
+                max_us: big(&|s| s.after.max_us),
+            },
+            lost: per_vcpu.iter().map(|s| s.lost).sum(),
+            complete: per_vcpu.iter().all(|s| s.complete),
+            pre_max_exact: per_vcpu.iter().all(|s| s.pre_max_exact),
+            per_vcpu,
+        })
+    }
+
+    fn split_vcpu(&self, v: &VcpuGapLog, pause: u64) -> VcpuGapSplit {
+        let (mut pre_n, mut pre_sum, mut pre_max) = (0u64, 0u64, 0u64);
+        let (mut aft_n, mut aft_sum, mut aft_max) = (0u64, 0u64, 0u64);
+        let mut switch = None;
+        for e in &v.entries {
+            if e.end_tsc <= pause {
+                pre_n += 1;
+                pre_sum = pre_sum.saturating_add(e.ticks);
+                pre_max = pre_max.max(e.ticks);
+            } else if e.start_tsc() <= pause {
+                switch = Some(*e);
+            } else {
+                aft_n += 1;
+                aft_sum = aft_sum.saturating_add(e.ticks);
+                aft_max = aft_max.max(e.ticks);
+            }
+        }
+        let lost = v.lost();
+        // Lost entries are the oldest: the split is complete when the oldest survivor started
+        // at or before the pause (so everything from the switchover on survived).
+        let complete = lost == 0 || v.entries.first().is_some_and(|e| e.start_tsc() <= pause);
+        let mut pre_max_exact = lost == 0;
+        if lost > 0 && complete {
+            // The lost entries were all pre-copy: the whole-run counters minus the rest.
+            let s = switch.map_or(0, |e| e.ticks);
+            pre_n = v.stalls.saturating_sub(aft_n + u64::from(switch.is_some()));
+            pre_sum = v.stall_ticks.saturating_sub(aft_sum.saturating_add(s));
+            if v.max_gap_ticks > aft_max.max(s) {
+                // The whole run's longest gap is neither the switchover nor after it.
+                pre_max = v.max_gap_ticks;
+                pre_max_exact = true;
+            }
+        }
+        let pre = if complete {
+            self.summary(pre_n, pre_sum, pre_max)
+        } else {
+            GapSummary::default()
+        };
+        VcpuGapSplit {
+            pause_tsc: pause,
+            pre,
+            switch_gap_us: switch.filter(|_| complete).map(|e| self.us(e.ticks)),
+            switch_parts_us: switch
+                .filter(|_| complete)
+                .map(|e| (self.us(pause - e.start_tsc()), self.us(e.end_tsc - pause))),
+            after: self.summary(aft_n, aft_sum, aft_max),
+            lost,
+            complete,
+            pre_max_exact: pre_max_exact && complete,
+        }
+    }
+}
+
+/// Reads every vCPU's gap log and whole-run counters (empty for workloads without one). Read
+/// it while the VM is paused: a running guest may be appending.
+pub fn read_gap_log(mem: &KvmMemory, plan: &GuestPlan) -> GapLog {
+    let mut log = GapLog {
+        tsc_khz: plan.tsc_khz,
+        vcpus: Vec::new(),
+    };
+    if !plan.workload.is_builtin() {
+        return log;
+    }
+    let rd = |o: u64| mem.read_u64(o).unwrap_or(0);
+    let cap = plan.gap_log_entries;
+    let mut ring = vec![0u64; usize::try_from(cap * 2).unwrap_or(0)];
+    for i in 0..u64::from(plan.vcpus) {
+        let s = STATS + i * PAGE_SIZE;
+        let written = if cap > 0 { rd(s + stat::LOG_COUNT) } else { 0 };
+        let mut entries = Vec::new();
+        // Page by page: a ring may straddle the RAM regions around the 32-bit hole.
+        let base = plan.gap_log_addr(i);
+        let readable = ring
+            .chunks_mut(512)
+            .zip((base..).step_by(4096))
+            .all(|(c, off)| mem.read_u64s(off, c).is_some());
+        // An unreadable ring (a layout bug) counts as all entries lost, never as no gaps.
+        let capacity = if readable { cap } else { 0 };
+        if written > 0 && readable {
+            entries.reserve(usize::try_from(written.min(cap)).unwrap_or(0));
+            for k in written.saturating_sub(cap)..written {
+                // cap is a power of two (gap_log_entries_for); the guest indexes with the mask.
+                let j = usize::try_from((k & (cap - 1)) * 2).unwrap_or(0);
+                entries.push(GapEntry {
+                    end_tsc: ring[j],
+                    ticks: ring[j + 1],
+                });
+            }
+        }
+        log.vcpus.push(VcpuGapLog {
+            written,
+            capacity,
+            entries,
+            stalls: rd(s + stat::STALLS),
+            stall_ticks: rd(s + stat::STALL_TICKS),
+            max_gap_ticks: rd(s + stat::MAX_GAP),
+        });
+    }
+    log
 }
 
 /// One page that does not match the model.
@@ -679,9 +1051,14 @@ pub fn verify(mem: &KvmMemory, plan: &GuestPlan) -> VerifyReport {
             }
         }
     }
-    // Data pages past the partitions are never written.
+    // Data pages past the partitions are never written; nor is RAM above the gap-log rings
+    // (the rings themselves hold measurements, not data).
     let mut va = DATA_BASE + u64::from(plan.vcpus) * p * PAGE_SIZE;
     while va < plan.mem_bytes {
+        if (plan.gap_log_base..plan.gap_log_end()).contains(&va) {
+            va = plan.gap_log_end();
+            continue;
+        }
         check(&mut rep, va, Some(0), &|_, v| v == 0, &|_| 0);
         va += PAGE_SIZE;
     }
@@ -697,10 +1074,260 @@ mod tests {
     #[test]
     fn code_entry_points_match_listing() {
         let c = guest_code();
-        assert_eq!(c.len(), 0x18f);
+        assert_eq!(c.len(), 0x1c2);
         // idle_entry: mov rbx, rdi
         assert_eq!(&c[0x13b..0x13e], &[0x48, 0x89, 0xfb]);
-        assert_eq!(&c[0x17f..], b"ferry guest up\n\0");
+        assert_eq!(&c[0x17f..0x18f], b"ferry guest up\n\0");
+        // The stall path jumps out to 0x190 and back to 0x0ba (rel32 from the next insn).
+        let rel = |at: usize| i32::from_le_bytes(c[at + 1..at + 5].try_into().unwrap());
+        assert_eq!(c[0xb2], 0xe9);
+        assert_eq!(0xb7 + i64::from(rel(0xb2)), 0x190);
+        assert_eq!(c[0x1bd], 0xe9);
+        assert_eq!(0x1c2 + i64::from(rel(0x1bd)), 0xba);
+        // It reads the mask parameter and the stats page's log fields.
+        assert_eq!(
+            &c[0x1a3..0x1a7],
+            &(PARAMS + param::GAP_LOG_MASK).to_le_bytes()[..4]
+        );
+        assert_eq!(c[0x19b], u8::try_from(stat::LOG_COUNT).unwrap());
+        assert_eq!(c[0x1ae], u8::try_from(stat::LOG_BASE).unwrap());
+    }
+
+    /// Appends gaps to vCPU `vcpu`'s log the way the guest's stall path does.
+    fn log_gaps(mem: &KvmMemory, plan: &GuestPlan, vcpu: u64, gaps: &[(u64, u64)]) {
+        let s = STATS + vcpu * PAGE_SIZE;
+        let base = mem.read_u64(s + stat::LOG_BASE).unwrap();
+        assert_eq!(base, plan.gap_log_addr(vcpu));
+        let mask = mem.read_u64(PARAMS + param::GAP_LOG_MASK).unwrap();
+        for &(end, ticks) in gaps {
+            let n = mem.read_u64(s + stat::LOG_COUNT).unwrap();
+            let e = base + (n & mask) * GAP_LOG_ENTRY_BYTES;
+            mem.write(e, &end.to_le_bytes()).unwrap();
+            mem.write(e + 8, &ticks.to_le_bytes()).unwrap();
+            mem.write(s + stat::LOG_COUNT, &(n + 1).to_le_bytes())
+                .unwrap();
+            let add = |o: u64, v: u64| {
+                let old = mem.read_u64(s + o).unwrap();
+                mem.write(s + o, &(old + v).to_le_bytes()).unwrap();
+            };
+            add(stat::STALLS, 1);
+            add(stat::STALL_TICKS, ticks);
+            let max = mem.read_u64(s + stat::MAX_GAP).unwrap().max(ticks);
+            mem.write(s + stat::MAX_GAP, &max.to_le_bytes()).unwrap();
+        }
+    }
+
+    #[test]
+    fn gap_log_splits_at_the_pause_point() {
+        let mem = KvmMemory::new(4 << 20, MemBacking::Anonymous, false).unwrap();
+        // 1 MHz TSC: one tick per µs.
+        let plan = GuestPlan::new(&Workload::Verifier, 2, 4 << 20, 1000).unwrap();
+        write_guest(&mem, &plan).unwrap();
+        // vCPU 0: two pre-copy gaps, one spanning the pause at 10_000, two after.
+        log_gaps(
+            &mem,
+            &plan,
+            0,
+            &[
+                (1000, 200),
+                (9000, 500),
+                (12_000, 2500),
+                (13_000, 300),
+                (20_000, 900),
+            ],
+        );
+        // vCPU 1 paused at 10_050: a gap ending exactly at its pause point is pre-copy.
+        log_gaps(&mem, &plan, 1, &[(10_050, 150), (11_000, 1000)]);
+        let log = read_gap_log(&mem, &plan);
+        assert_eq!(log.vcpus[0].written, 5);
+        assert_eq!(
+            log.vcpus[0].entries[2],
+            GapEntry {
+                end_tsc: 12_000,
+                ticks: 2500
+            }
+        );
+        assert!(matches!(
+            log.split(&[10_000]),
+            Err(GapSplitError::VcpuCount { given: 1, vcpus: 2 })
+        ));
+        let sp = log.split(&[10_000, 10_050]).unwrap();
+        let v0 = &sp.per_vcpu[0];
+        assert_eq!(
+            v0.pre,
+            GapSummary {
+                count: 2,
+                sum_us: 700,
+                max_us: 500
+            }
+        );
+        assert_eq!(v0.switch_gap_us, Some(2500));
+        // It started at 9500: 500 µs before the pause point, 2000 after.
+        assert_eq!(v0.switch_parts_us, Some((500, 2000)));
+        assert_eq!(
+            v0.after,
+            GapSummary {
+                count: 2,
+                sum_us: 1200,
+                max_us: 900
+            }
+        );
+        assert!(v0.complete && v0.pre_max_exact && v0.lost == 0);
+        let v1 = &sp.per_vcpu[1];
+        assert_eq!(
+            v1.pre,
+            GapSummary {
+                count: 1,
+                sum_us: 150,
+                max_us: 150
+            }
+        );
+        assert_eq!(v1.switch_gap_us, Some(1000));
+        assert_eq!(v1.switch_parts_us, Some((50, 950)));
+        assert_eq!(v1.after, GapSummary::default());
+        // Aggregates: longest switchover gap, largest per-vCPU count and sum.
+        assert_eq!(sp.switch_gap_us, Some(2500));
+        assert_eq!(sp.switch_parts_us, Some((500, 2000)));
+        assert_eq!(
+            sp.pre,
+            GapSummary {
+                count: 2,
+                sum_us: 700,
+                max_us: 500
+            }
+        );
+        assert_eq!(sp.after.count, 2);
+        assert!(sp.complete && sp.lost == 0);
+        // The rings are not data: scribbling on them leaves the verifier model intact.
+        assert!(verify(&mem, &plan).ok());
+    }
+
+    #[test]
+    fn gap_log_overflow_is_reported_and_accounted() {
+        let mem = KvmMemory::new(4 << 20, MemBacking::Anonymous, false).unwrap();
+        let plan = GuestPlan::new(
+            &Workload::Writer {
+                working_set_mib: 1,
+                rate_mib_s: None,
+            },
+            1,
+            4 << 20,
+            1000,
+        )
+        .unwrap();
+        let cap = plan.gap_log_entries;
+        write_guest(&mem, &plan).unwrap();
+        // cap + 100 pre-copy gaps (the longest, 5000, among the first ones, so overwritten),
+        // then the switchover gap and 10 after it.
+        let mut gaps: Vec<(u64, u64)> = (0..cap + 100).map(|k| (1000 + k * 1000, 200)).collect();
+        gaps[3].1 = 5000;
+        let pause = 1000 + (cap + 100) * 1000;
+        gaps.push((pause + 700, 1000));
+        gaps.extend((1..=10).map(|k| (pause + 700 + k * 1000, 300)));
+        log_gaps(&mem, &plan, 0, &gaps);
+        let log = read_gap_log(&mem, &plan);
+        let v = &log.vcpus[0];
+        assert_eq!(v.written, cap + 111);
+        assert_eq!(v.lost(), 111);
+        assert_eq!(v.entries.len(), usize::try_from(cap).unwrap());
+        // Oldest surviving first, newest last.
+        assert_eq!(v.entries[0].end_tsc, 1000 + 111 * 1000);
+        assert_eq!(v.entries.last().unwrap().end_tsc, pause + 10_700);
+        let sp = log.split(&[pause]).unwrap();
+        assert_eq!(sp.lost, 111);
+        assert!(sp.complete, "only pre-copy entries were lost");
+        assert_eq!(sp.switch_gap_us, Some(1000));
+        assert_eq!(
+            sp.after,
+            GapSummary {
+                count: 10,
+                sum_us: 3000,
+                max_us: 300
+            }
+        );
+        // Pre-copy count and sum come from the whole-run counters; the overwritten 5000 is
+        // still the whole run's longest gap, so the pre-copy max is exact too.
+        assert_eq!(sp.pre.count, cap + 100);
+        assert_eq!(sp.pre.sum_us, (cap + 99) * 200 + 5000);
+        assert_eq!(sp.pre.max_us, 5000);
+        assert!(sp.pre_max_exact);
+
+        // Overflow after the switchover: the switchover gap and early post-copy gaps are gone.
+        let mem = KvmMemory::new(4 << 20, MemBacking::Anonymous, false).unwrap();
+        write_guest(&mem, &plan).unwrap();
+        let mut gaps = vec![(500, 200), (2000, 1500)];
+        gaps.extend((1..=cap).map(|k| (2000 + k * 1000, 300)));
+        log_gaps(&mem, &plan, 0, &gaps);
+        let sp = read_gap_log(&mem, &plan).split(&[1000]).unwrap();
+        assert_eq!(sp.lost, 2);
+        assert!(!sp.complete && !sp.pre_max_exact);
+        assert_eq!(sp.switch_gap_us, None);
+        assert_eq!(sp.switch_parts_us, None);
+        assert_eq!(sp.pre, GapSummary::default());
+        assert_eq!(sp.after.count, cap);
+    }
+
+    #[test]
+    fn gap_log_ring_across_the_32_bit_hole_reads_whole() {
+        // 3 GiB + 2 MiB, 2 vCPUs: 4 MiB rings from 3 GiB - 6 MiB; vCPU 1's straddles the hole.
+        let mem = KvmMemory::new((3 << 30) + (2 << 20), MemBacking::Anonymous, false).unwrap();
+        let plan = GuestPlan::new(&Workload::Verifier, 2, mem.size(), 1000).unwrap();
+        assert_eq!(plan.gap_log_entries, GAP_LOG_MAX_ENTRIES);
+        let ring = plan.gap_log_addr(1);
+        assert!(ring < 3 << 30 && ring + GAP_LOG_MAX_ENTRIES * GAP_LOG_ENTRY_BYTES > 3 << 30);
+        write_guest(&mem, &plan).unwrap();
+        let cap = plan.gap_log_entries;
+        for k in 0..cap {
+            let e = ring + k * GAP_LOG_ENTRY_BYTES;
+            mem.write(e, &((k + 1) * 1000).to_le_bytes()).unwrap();
+            mem.write(e + 8, &500u64.to_le_bytes()).unwrap();
+        }
+        let s = STATS + PAGE_SIZE;
+        mem.write(s + stat::LOG_COUNT, &cap.to_le_bytes()).unwrap();
+        let log = read_gap_log(&mem, &plan);
+        let v = &log.vcpus[1];
+        assert_eq!((v.written, v.lost()), (cap, 0));
+        assert_eq!(v.entries.len(), usize::try_from(cap).unwrap());
+        assert!(
+            v.entries
+                .iter()
+                .zip(1..)
+                .all(|(e, k)| e.end_tsc == k * 1000 && e.ticks == 500)
+        );
+    }
+
+    #[test]
+    fn gap_log_rings_sit_at_the_top_of_mapped_ram() {
+        let plan = GuestPlan::new(&Workload::Verifier, 2, 64 << 20, 1_000_000).unwrap();
+        assert_eq!(plan.gap_log_end(), 64 << 20);
+        // 64 MiB / 256 = 256 KiB for both vCPUs: 8192 entries each.
+        assert_eq!(plan.gap_log_entries, 8192);
+        assert_eq!(
+            plan.gap_log_base,
+            (64 << 20) - 2 * 8192 * GAP_LOG_ENTRY_BYTES
+        );
+        assert_eq!(
+            DATA_BASE + 2 * plan.pages_per_vcpu * PAGE_SIZE,
+            plan.gap_log_base
+        );
+        // Not a multiple of 2 MiB: the rings end at the last mapped 2 MiB page.
+        let plan = GuestPlan::new(&Workload::Verifier, 1, (64 << 20) + 4096, 1_000_000).unwrap();
+        assert_eq!(plan.gap_log_end(), 64 << 20);
+        // Scaled with RAM per vCPU, within bounds, always a power of two.
+        assert_eq!(gap_log_entries_for(1 << 30, 2), 131_072);
+        assert_eq!(gap_log_entries_for(3 << 30, 2), 262_144);
+        assert_eq!(gap_log_entries_for(96 << 20, 2), 8192);
+        assert_eq!(gap_log_entries_for(4 << 20, 2), GAP_LOG_MIN_ENTRIES);
+        assert_eq!(gap_log_entries_for(128 << 30, 1), GAP_LOG_MAX_ENTRIES);
+        // The idle guest logs nothing and keeps all its RAM.
+        let plan = GuestPlan::new(&Workload::Idle, 2, 64 << 20, 1_000_000).unwrap();
+        assert_eq!(plan.gap_log_entries, 0);
+        assert_eq!(plan.gap_log_base, 64 << 20);
+        // Too small for the rings.
+        assert!(matches!(
+            GuestPlan::new(&Workload::Verifier, 32, 2 << 20, 1_000_000),
+            Err(GuestSetupError::TooSmall { .. })
+        ));
     }
 
     #[test]

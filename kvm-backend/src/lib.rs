@@ -8,7 +8,8 @@
 //!   VM loads and runs a built-in guest; a *destination* VM has the same layout, leaves its RAM
 //!   untouched, and runs only after `restore_state` + `resume`.
 //! - Built-in guests ([`Workload`]: idle, writer, verifier) that run at CPL3 and measure their
-//!   own stalls ([`GuestStats`]); the verifier's memory is a pure function of its progress
+//!   own stalls ([`GuestStats`], and every stall in a per-vCPU gap log that splits at the
+//!   switchover: [`GapSplit`]); the verifier's memory is a pure function of its progress
 //!   counters and can be checked page by page ([`KvmVm::verify_memory`]).
 //! - The engine interfaces: [`KvmMemory`] implements `GuestMemory`, [`KvmDirtyTracker`]
 //!   implements `DirtyTracker` (dirty bitmap with manual protection, or dirty ring), and
@@ -30,7 +31,9 @@ mod sys;
 pub mod vm;
 
 pub use dirty::{ActiveDirtyMode, DirtyMode, HarvestStats, KvmDirtyTracker};
-pub use guest::{GuestStats, VcpuGuestStats, VerifyReport, Workload};
+pub use guest::{
+    GapLog, GapSplit, GapSplitError, GapSummary, GuestStats, VcpuGuestStats, VerifyReport, Workload,
+};
 pub use memory::{KvmMemory, MemBacking};
 pub use state::VmState;
 pub use vm::{

@@ -31,7 +31,10 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 
 use crate::dirty::{ActiveDirtyMode, DirtyCore, DirtyMode, KvmDirtyTracker};
-use crate::guest::{self, GuestPlan, GuestSetupError, GuestStats, VerifyReport, Workload};
+use crate::guest::{
+    self, GapLog, GapSplit, GapSplitError, GuestPlan, GuestSetupError, GuestStats, VerifyReport,
+    Workload,
+};
 use crate::memory::{KvmMemory, MemBacking, MemoryError};
 use crate::multiboot::{self, MultibootError};
 use crate::state::{SerialState, StateDecodeError, TscState, VcpuState, VmState};
@@ -470,6 +473,8 @@ pub struct KvmVm {
     /// Source, or a destination that has been restored: its vCPUs have a state to run.
     has_state: bool,
     timings: PauseTimings,
+    /// Each vCPU's guest TSC in the last state saved or restored (where the gap log splits).
+    state_tsc: Vec<u64>,
     /// The thread that kicks vCPUs while throttled, and its stop flag.
     throttler: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
     _kvm: Kvm,
@@ -812,6 +817,7 @@ impl KvmVm {
             running: false,
             has_state: source,
             timings: PauseTimings::default(),
+            state_tsc: Vec::new(),
             throttler: None,
             _kvm: kvm,
         };
@@ -896,6 +902,23 @@ impl KvmVm {
     /// What the built-in guest published in its statistics pages (readable while running).
     pub fn guest_stats(&self) -> GuestStats {
         guest::read_stats(&self.core.memory, &self.plan)
+    }
+
+    /// The built-in guest's gap logs (read while paused: a running guest appends to them).
+    pub fn guest_gap_log(&self) -> GapLog {
+        guest::read_gap_log(&self.core.memory, &self.plan)
+    }
+
+    /// Each vCPU's guest TSC in the last state this VM saved (source: taken right after the
+    /// pause) or restored (destination: the source's); empty before either.
+    pub fn state_tsc(&self) -> &[u64] {
+        &self.state_tsc
+    }
+
+    /// The gap logs split at [`Self::state_tsc`]: before the pause, the gap spanning it (the
+    /// switchover as the guest saw it), after it. Fails before any save or restore.
+    pub fn guest_gap_split(&self) -> Result<GapSplit, GapSplitError> {
+        self.guest_gap_log().split(&self.state_tsc)
     }
 
     /// Checks every data page (plus code and parameters) against the workload's model. The VM
@@ -1093,6 +1116,7 @@ impl KvmVm {
             vcpus,
         };
         self.timings.last_save = t0.elapsed();
+        self.state_tsc = tsc_by_vcpu(&st.vcpus);
         t.steps.extend(vcpu0_steps);
         self.timings.save_steps = t.steps;
         Ok(st)
@@ -1193,9 +1217,17 @@ impl KvmVm {
         // The guest keeps the source's parameters (they are in its memory); so does the model.
         self.plan.ticks_per_page = st.guest[5];
         self.plan.tsc_khz = st.guest[6];
+        self.state_tsc = tsc_by_vcpu(&st.vcpus);
         self.has_state = true;
         Ok(())
     }
+}
+
+/// Each vCPU's saved guest TSC, by vCPU index.
+fn tsc_by_vcpu(vcpus: &[VcpuState]) -> Vec<u64> {
+    let mut v: Vec<(u32, u64)> = vcpus.iter().map(|s| (s.id, s.tsc.tsc)).collect();
+    v.sort_unstable();
+    v.into_iter().map(|(_, t)| t).collect()
 }
 
 fn choose_dirty_mode(vm: &VmFd, want: DirtyMode) -> Result<ActiveDirtyMode, VmCreateError> {

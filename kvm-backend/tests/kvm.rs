@@ -292,6 +292,9 @@ mod tests {
             let t = Instant::now();
             dst.restore_state(&blob).map_err(|e| anyhow!(e))?;
             let restore = t.elapsed();
+            // The destination splits the guest's gap log at the source's saved TSCs.
+            let src_tsc: Vec<u64> = s1.vcpus.iter().map(|v| v.tsc.tsc).collect();
+            assert_eq!(dst.state_tsc(), &src_tsc[..]);
             let s2 = VmState::decode(&dst.save_state().map_err(|e| anyhow!(e))?)?;
             eprintln!("restore {restore:?}: {:?}", dst.timings().restore_steps);
             eprintln!("save steps: {:?}", src.timings().save_steps);
@@ -321,6 +324,15 @@ mod tests {
             }
             let rep = dst.verify_memory()?;
             assert!(rep.ok(), "{rep:?}");
+            // Copying 32 MiB and restoring took well over the 100 µs threshold: every vCPU
+            // logged one gap across the switchover, and its earlier gaps stay before it.
+            let sp = dst.guest_gap_split()?;
+            eprintln!("gap split: {sp:?}");
+            assert!(sp.complete, "{sp:?}");
+            assert!(
+                sp.per_vcpu.iter().all(|v| v.switch_gap_us.is_some()),
+                "{sp:?}"
+            );
             // The guest continued; it did not start over.
             assert!(
                 !dst.serial_output().contains("up"),
@@ -351,6 +363,174 @@ mod tests {
         eprintln!("{st:?}");
         assert!(st.max_gap_us >= 30_000, "30 ms pause not seen: {st:?}");
         assert!(st.stall_us_over_100 >= 30_000);
+        Ok(())
+    }
+
+    #[test]
+    fn gap_log_places_a_host_pause_after_the_pause_point() -> Result<()> {
+        if !kvm() {
+            return Ok(());
+        }
+        let mut vm = KvmVm::new_source(&cfg(Workload::Verifier, 2, 32))?;
+        vm.start()?;
+        std::thread::sleep(Duration::from_millis(300));
+        pause(&mut vm)?;
+        // The saved state records each vCPU's guest TSC: the split point.
+        vm.save()?;
+        let tsc = vm.state_tsc().to_vec();
+        let before = vm.guest_gap_log();
+        let held = Instant::now();
+        std::thread::sleep(Duration::from_millis(20));
+        vm.resume().map_err(|e| anyhow!(e))?;
+        let held = held.elapsed();
+        std::thread::sleep(Duration::from_millis(200));
+        pause(&mut vm)?;
+        let log = vm.guest_gap_log();
+        let sp = vm.guest_gap_split()?;
+        eprintln!(
+            "host pause {held:?}; split: pre {:?}, switch {:?} µs, after {:?}, lost {}",
+            sp.pre, sp.switch_gap_us, sp.after, sp.lost
+        );
+        assert_eq!(tsc.len(), 2);
+        assert!(sp.complete && sp.lost == 0, "{sp:?}");
+        for (i, v) in log.vcpus.iter().enumerate() {
+            let t = tsc[i];
+            // Every gap logged before the pause is classified as before it.
+            let b = &before.vcpus[i];
+            assert!(b.entries.iter().all(|e| e.end_tsc <= t), "vCPU {i}");
+            assert_eq!(sp.per_vcpu[i].pre.count, b.written, "vCPU {i}");
+            assert_eq!(v.entries[..b.entries.len()], b.entries[..], "vCPU {i}");
+            // One logged gap spans the pause point, at least as long as the pause.
+            let span: Vec<_> = v
+                .entries
+                .iter()
+                .filter(|e| e.start_tsc() <= t && e.end_tsc > t)
+                .collect();
+            assert_eq!(span.len(), 1, "vCPU {i}: {span:?}");
+            let us = sp.per_vcpu[i].switch_gap_us.unwrap_or(0);
+            assert!(
+                (20_000..1_020_000).contains(&us),
+                "vCPU {i}: gap across a 20 ms pause was {us} µs"
+            );
+            assert_eq!(us, span[0].ticks * 1000 / log.tsc_khz);
+            // Most of it after the pause point: the 20 ms hold came after the save.
+            let (to, from) = sp.per_vcpu[i].switch_parts_us.unwrap_or((0, 0));
+            assert!(
+                from >= 20_000 && to + from <= us + 1,
+                "vCPU {i}: {to} + {from}"
+            );
+            // The whole-run counters agree with the log.
+            assert_eq!(v.stalls, v.written);
+            assert_eq!(
+                v.stall_ticks,
+                v.entries.iter().map(|e| e.ticks).sum::<u64>()
+            );
+            assert!(v.max_gap_ticks >= span[0].ticks);
+        }
+        assert_eq!(
+            sp.switch_gap_us,
+            sp.per_vcpu.iter().filter_map(|s| s.switch_gap_us).max()
+        );
+        // The rings are not data.
+        assert!(vm.verify_memory()?.ok());
+        Ok(())
+    }
+
+    /// The guest TSC carries over a save/restore into a second VM: a 50 ms hold between the
+    /// restore and the resume shows up after the split point, in the gap across it.
+    #[test]
+    fn gap_split_across_a_restore_sees_the_hold() -> Result<()> {
+        if !kvm() {
+            return Ok(());
+        }
+        let c = cfg(Workload::Verifier, 1, 16);
+        let mut src = KvmVm::new_source(&c)?;
+        src.start()?;
+        std::thread::sleep(Duration::from_millis(200));
+        let t0 = Instant::now();
+        pause(&mut src)?;
+        let blob = src.save_state().map_err(|e| anyhow!(e))?;
+        let mut dst = KvmVm::new_destination(&c)?;
+        assert!(dst.memory().copy_from(&src.memory()), "layouts differ");
+        dst.restore_state(&blob).map_err(|e| anyhow!(e))?;
+        std::thread::sleep(Duration::from_millis(50));
+        let n0 = dst.guest_stats().iterations;
+        dst.resume().map_err(|e| anyhow!(e))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while dst.guest_stats().iterations == n0 {
+            assert!(Instant::now() < deadline, "no progress after resume");
+            std::thread::yield_now();
+        }
+        let wall = t0.elapsed();
+        std::thread::sleep(Duration::from_millis(20));
+        pause(&mut dst)?;
+        let sp = dst.guest_gap_split()?;
+        let (to, from) = sp.switch_parts_us.unwrap_or((0, 0));
+        eprintln!(
+            "pause to first step {wall:?}; guest gap {:?} µs = {to} + {from}",
+            sp.switch_gap_us
+        );
+        assert!(sp.complete, "{sp:?}");
+        assert!(from >= 50_000, "the hold after restore not seen: {sp:?}");
+        let gap = sp.switch_gap_us.unwrap_or(0);
+        let wall_us = u64::try_from(wall.as_micros())?;
+        assert!(
+            gap >= 50_000 && gap <= wall_us + 1_000_000,
+            "gap {gap} µs, wall {wall_us} µs"
+        );
+        Ok(())
+    }
+
+    /// Enough short host pauses to wrap the smallest gap-log ring: the guest's own index
+    /// arithmetic wraps (entries stay in TSC order, nothing lands outside the ring), and the
+    /// host reports the overwritten entries.
+    #[test]
+    fn gap_log_ring_wraps_in_the_guest() -> Result<()> {
+        if !kvm() {
+            return Ok(());
+        }
+        let mut vm = KvmVm::new_source(&cfg(Workload::Verifier, 1, 16))?;
+        let cap = vm.plan().gap_log_entries;
+        assert_eq!(cap, ferry_kvm::guest::GAP_LOG_MIN_ENTRIES);
+        vm.start()?;
+        std::thread::sleep(Duration::from_millis(50));
+        let t = Instant::now();
+        let mut written = 0;
+        while written < cap + 100 {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "only {written} gaps logged in 60 s"
+            );
+            pause(&mut vm)?;
+            written = vm.guest_gap_log().vcpus[0].written;
+            // Hold > 100 µs (a logged gap), then let the guest make progress.
+            std::thread::sleep(Duration::from_micros(300));
+            vm.resume().map_err(|e| anyhow!(e))?;
+            std::thread::sleep(Duration::from_micros(300));
+        }
+        pause(&mut vm)?;
+        vm.save()?;
+        let log = vm.guest_gap_log();
+        let v = &log.vcpus[0];
+        eprintln!(
+            "{} gaps in {:?}, ring {cap}, lost {}",
+            v.written,
+            t.elapsed(),
+            v.lost()
+        );
+        assert_eq!(v.lost(), v.written - cap);
+        assert_eq!(v.entries.len() as u64, cap);
+        assert_eq!(v.stalls, v.written);
+        assert!(
+            v.entries.windows(2).all(|w| w[0].end_tsc < w[1].end_tsc),
+            "ring entries out of order after wrapping"
+        );
+        assert!(v.entries.iter().all(|e| e.ticks > 0 && e.end_tsc > e.ticks));
+        let sp = vm.guest_gap_split()?;
+        assert_eq!(sp.lost, v.lost());
+        assert!(sp.complete, "only the oldest entries were lost: {sp:?}");
+        assert_eq!(sp.pre.count, v.written);
+        assert!(vm.verify_memory()?.ok());
         Ok(())
     }
 

@@ -410,6 +410,7 @@ fn run_dest(
     vm.pause()
         .map_err(|e| anyhow!("Cannot pause the migrated VM: {e}"))?;
     let after = vm.guest_stats();
+    let split = gap_split_json(&vm);
     let model = match cfg.workload {
         Workload::Verifier => Some(
             vm.verify_memory()
@@ -418,7 +419,7 @@ fn run_dest(
         _ => None,
     };
     let serial = vm.serial_output();
-    Ok(json!({
+    let mut v = json!({
         "dest": serde_json::to_value(&report)?,
         "negotiated_streams": params.streams,
         "guest_progress_after": after.iterations.saturating_sub(before.iterations),
@@ -428,7 +429,103 @@ fn run_dest(
         "model_pages_checked": model.as_ref().map(|m| m.pages_checked),
         "model_bad_pages": model.as_ref().map(|m| m.bad_pages),
         "serial_tail": serial.chars().rev().take(400).collect::<String>().chars().rev().collect::<String>(),
-    }))
+    });
+    for (k, x) in split {
+        v[k] = x;
+    }
+    Ok(v)
+}
+
+/// The guest-measured gaps, split at the switchover, as JSON fields (see [`GAP_SPLIT_KEYS`]).
+/// The split point is each vCPU's guest TSC in the state the source saved at the pause (this
+/// VM restored it). Fields are null for guests without a gap log, the pre-copy ones and the
+/// switchover gap are null when ring overflow lost entries from the switchover on, and the
+/// pre-copy longest gap is null when overflow lost it (the whole-run longest still stands).
+fn gap_split_json(vm: &KvmVm) -> Vec<(&'static str, Value)> {
+    let ms = |us: u64| us as f64 / 1000.0;
+    let sp = match vm.guest_gap_split() {
+        Ok(sp) if vm.plan().gap_log_entries > 0 => sp,
+        _ => return GAP_SPLIT_KEYS.iter().map(|k| (*k, Value::Null)).collect(),
+    };
+    let known = |x: Value| if sp.complete { x } else { Value::Null };
+    vec![
+        ("guest_switch_gap_us", known(json!(sp.switch_gap_us))),
+        (
+            "guest_switch_gap_src_us",
+            known(json!(sp.switch_parts_us.map(|p| p.0))),
+        ),
+        (
+            "guest_switch_gap_dst_us",
+            known(json!(sp.switch_parts_us.map(|p| p.1))),
+        ),
+        (
+            "guest_pre_max_gap_us",
+            known(json!(sp.pre_max_exact.then_some(sp.pre.max_us))),
+        ),
+        ("guest_pre_stall_ms", known(json!(ms(sp.pre.sum_us)))),
+        ("guest_pre_stalls", known(json!(sp.pre.count))),
+        ("guest_after_max_gap_us", json!(sp.after.max_us)),
+        ("guest_after_stall_ms", json!(ms(sp.after.sum_us))),
+        ("guest_after_stalls", json!(sp.after.count)),
+        ("guest_gap_log_lost", json!(sp.lost)),
+        ("guest_gap_split_complete", json!(sp.complete)),
+    ]
+}
+
+/// The JSON fields of [`gap_split_json`]: `guest_switch_gap_us` is the longest gap any vCPU
+/// saw across the pause point (the blackout as the guest saw it; null if below the 100 µs
+/// threshold), split at the source's saved TSC into `_src_us` (the guest's last progress on
+/// the source until then) and `_dst_us` (from then until its first progress on the
+/// destination); `guest_{pre,after}_*` the longest gap, the summed stalls over 100 µs and their
+/// count before the pause and after the switchover (sums and counts of the most-affected
+/// vCPU, like `guest_stall_ms`); `guest_gap_log_lost` entries overwritten in the rings.
+const GAP_SPLIT_KEYS: [&str; 11] = [
+    "guest_switch_gap_us",
+    "guest_switch_gap_src_us",
+    "guest_switch_gap_dst_us",
+    "guest_pre_max_gap_us",
+    "guest_pre_stall_ms",
+    "guest_pre_stalls",
+    "guest_after_max_gap_us",
+    "guest_after_stall_ms",
+    "guest_after_stalls",
+    "guest_gap_log_lost",
+    "guest_gap_split_complete",
+];
+
+/// One line: the guest's gaps before, across and after the switchover (empty without a log).
+fn gap_split_line(v: &Value) -> String {
+    if v["guest_gap_split_complete"].is_null() {
+        return String::new();
+    }
+    let lost = match v["guest_gap_log_lost"].as_u64() {
+        Some(0) | None => String::new(),
+        Some(n) if v["guest_gap_split_complete"] == json!(true) => {
+            format!(" ({n} oldest gap-log entries overwritten; pre-copy totals from counters)")
+        }
+        Some(n) => format!(
+            " ({n} gap-log entries overwritten, some after the switchover: after-figures are a lower bound)"
+        ),
+    };
+    let or_dash = |x: &Value| x.as_u64().map_or("-".into(), |n| n.to_string());
+    format!(
+        "  guest gaps split at the switchover: before it longest {} µs, {:.2} ms in {} stalls | across it {} | after it longest {} µs, {:.2} ms in {} stalls{lost}",
+        or_dash(&v["guest_pre_max_gap_us"]),
+        v["guest_pre_stall_ms"].as_f64().unwrap_or(f64::NAN),
+        or_dash(&v["guest_pre_stalls"]),
+        match v["guest_switch_gap_us"].as_u64() {
+            Some(us) => format!(
+                "{us} µs ({} to the source's save, {} more to the first step on the destination)",
+                or_dash(&v["guest_switch_gap_src_us"]),
+                or_dash(&v["guest_switch_gap_dst_us"])
+            ),
+            None if v["guest_gap_split_complete"] == json!(true) => "< 100 µs".into(),
+            None => "unknown (lost)".into(),
+        },
+        or_dash(&v["guest_after_max_gap_us"]),
+        v["guest_after_stall_ms"].as_f64().unwrap_or(f64::NAN),
+        or_dash(&v["guest_after_stalls"]),
+    )
 }
 
 /// `ferry send`.
@@ -501,6 +598,10 @@ pub fn recv(a: RecvArgs) -> Result<()> {
                 None => String::new(),
             }
         );
+        let line = gap_split_line(&v);
+        if !line.is_empty() {
+            println!("{line}");
+        }
     }
     Ok(())
 }
@@ -630,7 +731,10 @@ pub fn demo(a: DemoArgs) -> Result<()> {
             "guest_fault",
             "model_pages_checked",
             "model_bad_pages",
-        ] {
+        ]
+        .into_iter()
+        .chain(GAP_SPLIT_KEYS)
+        {
             v[k] = d[k].clone();
         }
         v["run"] = json!(run);
@@ -658,6 +762,10 @@ pub fn demo(a: DemoArgs) -> Result<()> {
                     None => String::new(),
                 }
             );
+            let line = gap_split_line(&v);
+            if !line.is_empty() {
+                println!("{line}");
+            }
         }
         if v["verified"] != json!(true) || !progressed {
             bail!("Run {run}: the migrated guest did not check out (see above)");

@@ -128,6 +128,48 @@ mod tests {
         ] {
             ensure!(!v[k].is_null(), "missing {k}: {v}");
         }
+        check_gap_split(&v)?;
+        Ok(())
+    }
+
+    /// The guest's gaps split at the switchover: present, consistent with the whole run,
+    /// and the stop of a 64 MiB stop-and-copy (or post-copy switch) is seen across it.
+    fn check_gap_split(v: &serde_json::Value) -> Result<()> {
+        for k in [
+            "guest_switch_gap_us",
+            "guest_pre_max_gap_us",
+            "guest_pre_stall_ms",
+            "guest_pre_stalls",
+            "guest_after_max_gap_us",
+            "guest_after_stall_ms",
+            "guest_after_stalls",
+            "guest_gap_log_lost",
+        ] {
+            ensure!(v[k].is_number(), "missing {k}: {v}");
+        }
+        ensure!(
+            v["guest_gap_split_complete"] == serde_json::json!(true),
+            "{v}"
+        );
+        let whole = v["guest_max_gap_us"].as_u64().unwrap_or(0);
+        let switch = v["guest_switch_gap_us"].as_u64().unwrap_or(0);
+        ensure!(switch >= 100, "no gap across the switchover: {v}");
+        for k in [
+            "guest_switch_gap_us",
+            "guest_pre_max_gap_us",
+            "guest_after_max_gap_us",
+        ] {
+            ensure!(
+                v[k].as_u64().unwrap_or(u64::MAX) <= whole,
+                "{k} > whole run: {v}"
+            );
+        }
+        let stall = v["guest_stall_ms"].as_f64().unwrap_or(0.0);
+        let after = v["guest_after_stall_ms"].as_f64().unwrap_or(f64::MAX);
+        ensure!(
+            after <= stall + 0.001,
+            "after-switchover stalls > whole run: {v}"
+        );
         Ok(())
     }
 
@@ -264,6 +306,7 @@ mod tests {
         ensure!(v["verified"] == serde_json::json!(true), "{v}");
         ensure!(!v["machine"]["kernel"].is_null(), "{v}");
         ensure!(v["faults"]["count"].as_u64().unwrap_or(0) > 0, "{v}");
+        check_gap_split(&v)?;
         Ok(())
     }
 }

@@ -124,6 +124,13 @@ mod tests {
             "the guest ran without a single post-copy fault: {v}"
         );
         ensure!(v["verified"] == json!(true), "digest not verified: {v}");
+        // The guest's own gap log splits at the switchover, and the switch is seen across it.
+        ensure!(v["guest_gap_split_complete"] == json!(true), "{v}");
+        ensure!(
+            v["guest_switch_gap_us"].as_u64().unwrap_or(0) >= 100,
+            "no guest-visible gap across the switchover: {v}"
+        );
+        ensure!(v["guest_after_stalls"].is_u64(), "{v}");
         Ok(())
     }
 
