@@ -76,6 +76,9 @@ commands! {
     CompressedPages = 0x0012,
     /// Post-copy: the ranges the destination must not trust (still dirty at switchover).
     StaleSet = 0x0013,
+    /// Post-copy recovery, destination to source on a resumed session's control stream: the
+    /// ranges the destination still lacks (version 3).
+    Missing = 0x0014,
     /// Post-copy: the destination asks for a page range, urgently.
     PageRequest = 0x0020,
     /// Post-copy: the reply to a request; payload = the bytes.
@@ -133,7 +136,7 @@ pub mod flags {
     /// `Pages`/`PageReply`: an xxh3-64 checksum per page is in the metadata.
     pub const CHECKSUMS: u16 = 1 << 0;
     /// `Pages`: sent while the VM is paused (final round or post-copy push): a failed
-    /// checksum is fatal rather than a request to resend.
+    /// checksum is fatal rather than a request to resend. `Missing`: the last frame of the set.
     pub const FINAL: u16 = 1 << 1;
 }
 
@@ -292,6 +295,14 @@ pub enum Frame {
         /// The ranges.
         ranges: Vec<GpaRange>,
     },
+    /// Post-copy recovery: ranges the destination still lacks after a lost connection (every
+    /// page not placed yet); `last` marks the final frame of the set.
+    Missing {
+        /// The ranges.
+        ranges: Vec<GpaRange>,
+        /// The last frame of the set.
+        last: bool,
+    },
     /// Post-copy demand fetch.
     PageRequest {
         /// Request id, echoed in the reply.
@@ -430,6 +441,7 @@ impl Frame {
             Frame::ZeroPages { .. } => Command::ZeroPages,
             Frame::CompressedPages { .. } => Command::CompressedPages,
             Frame::StaleSet { .. } => Command::StaleSet,
+            Frame::Missing { .. } => Command::Missing,
             Frame::PageRequest { .. } => Command::PageRequest,
             Frame::PageReply { .. } => Command::PageReply,
             Frame::State { .. } => Command::State,
@@ -486,6 +498,12 @@ impl Frame {
                 write_ranges(&mut w, ranges);
             }
             Frame::CompressedPages { ranges, .. } => write_ranges(&mut w, ranges),
+            Frame::Missing { ranges, last } => {
+                write_ranges(&mut w, ranges);
+                if *last {
+                    flag_bits |= flags::FINAL;
+                }
+            }
             Frame::PageRequest { id, range } => {
                 w.u64(*id).u64(range.gpa).u64(range.len);
             }
@@ -617,6 +635,10 @@ impl Frame {
             },
             Command::StaleSet => Frame::StaleSet {
                 ranges: read_ranges(&mut r, "stale ranges")?,
+            },
+            Command::Missing => Frame::Missing {
+                ranges: read_ranges(&mut r, "missing ranges")?,
+                last: header.flags & flags::FINAL != 0,
             },
             Command::Resend => Frame::Resend {
                 ranges: read_ranges(&mut r, "resend ranges")?,
@@ -785,6 +807,7 @@ impl Frame {
             | Frame::ZeroPages { ranges }
             | Frame::CompressedPages { ranges, .. }
             | Frame::StaleSet { ranges }
+            | Frame::Missing { ranges, .. }
             | Frame::Resend { ranges } => ranges,
             Frame::PageRequest { range, .. } | Frame::PageReply { range, .. } => {
                 std::slice::from_ref(range)
@@ -887,6 +910,7 @@ mod tests {
                 }
             }),
             arb_ranges().prop_map(|ranges| Frame::StaleSet { ranges }),
+            (arb_ranges(), any::<bool>()).prop_map(|(ranges, last)| Frame::Missing { ranges, last }),
             arb_ranges().prop_map(|ranges| Frame::Resend { ranges }),
             (any::<u64>(), 1u64..512).prop_map(|(id, n)| Frame::PageRequest {
                 id,
@@ -1005,7 +1029,7 @@ mod tests {
             Command::AuthOk,
             Command::Refused,
         ];
-        assert_eq!(Command::ALL.len(), handshake.len() + 19);
+        assert_eq!(Command::ALL.len(), handshake.len() + 20);
     }
 
     #[test]
