@@ -910,7 +910,8 @@ mod tests {
                 }
             }),
             arb_ranges().prop_map(|ranges| Frame::StaleSet { ranges }),
-            (arb_ranges(), any::<bool>()).prop_map(|(ranges, last)| Frame::Missing { ranges, last }),
+            (arb_ranges(), any::<bool>())
+                .prop_map(|(ranges, last)| Frame::Missing { ranges, last }),
             arb_ranges().prop_map(|ranges| Frame::Resend { ranges }),
             (any::<u64>(), 1u64..512).prop_map(|(id, n)| Frame::PageRequest {
                 id,

@@ -1270,7 +1270,10 @@ mod tests {
         assert!(c.resumed && s.resumed);
         assert_eq!(c.session, session);
         assert_eq!(s.session, session);
-        assert!(c.params.is_some(), "a resumed control stream negotiates again");
+        assert!(
+            c.params.is_some(),
+            "a resumed control stream negotiates again"
+        );
         // A fresh control stream is not a resumption.
         let (c, s) = run(control(key(1)), &cfg, &known);
         assert!(!c.unwrap().resumed && !s.unwrap().resumed);
@@ -1278,10 +1281,16 @@ mod tests {
         let other = SessionId([8; 16]);
         let (c, s) = run(resume(key(1), other), &cfg, &known);
         assert_eq!(s.unwrap_err(), HandshakeError::UnknownSession(other));
-        assert!(matches!(c.unwrap_err(), HandshakeError::Refused { code: 5, .. }));
+        assert!(matches!(
+            c.unwrap_err(),
+            HandshakeError::Refused { code: 5, .. }
+        ));
         // The right session with the wrong key cannot take it over.
         let (c, s) = run(resume(key(2), session), &cfg, &known);
-        assert_eq!(c.unwrap_err(), HandshakeError::AuthFailed { which: "server" });
+        assert_eq!(
+            c.unwrap_err(),
+            HandshakeError::AuthFailed { which: "server" }
+        );
         s.unwrap_err();
     }
 
