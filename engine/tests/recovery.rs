@@ -330,7 +330,7 @@ mod tests {
             let msg = ferry_protocol::handshake::error_chain(&e);
             assert!(msg.contains("Unknown session 5a5a"), "{msg}");
             // A new session while one is being recovered.
-            assert!(connect(&ep, &connect_cfg(key(1))).is_err());
+            connect(&ep, &connect_cfg(key(1))).unwrap_err();
             // The rightful source.
             let back = reconnect(&ep, &connect_cfg(key(1)), id)?;
             let resumed = waiting.join().map_err(|_| anyhow!("listener panicked"))??;
