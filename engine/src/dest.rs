@@ -40,7 +40,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
-use ferry_protocol::frame::MAX_RANGES;
+use ferry_protocol::frame::MAX_LIST_RANGES;
 use ferry_protocol::frame::{
     FaultSummary, FrameHeader, HEADER_LEN, MAX_FAULT_POINTS, MAX_STATE_LEN, ResumeTimings,
     SwitchoverKind,
@@ -842,7 +842,7 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
         // Every page not placed, as ranges, in order.
         let missing = shared.missing_ranges();
         let pages: u64 = missing.iter().map(|r| r.len).sum::<u64>() / shared.layout.page_size();
-        let mut chunks = missing.chunks(MAX_RANGES).peekable();
+        let mut chunks = missing.chunks(MAX_LIST_RANGES).peekable();
         if chunks.peek().is_none() {
             self.ctl.send(
                 &Frame::Missing {

@@ -21,7 +21,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
-use ferry_protocol::frame::{FrameHeader, HEADER_LEN, MAX_RANGES, StateKind, SwitchoverKind};
+use ferry_protocol::frame::{FrameHeader, HEADER_LEN, MAX_LIST_RANGES, StateKind, SwitchoverKind};
 use ferry_protocol::handshake::{Mode, SessionId};
 use ferry_protocol::memmap::bitmap_to_ranges;
 use ferry_protocol::{Frame, GpaRange};
@@ -938,7 +938,7 @@ impl Run<'_, '_> {
                 // Behind the last pages on every stream: the destination drops nothing before
                 // its receivers passed it.
                 self.marker(PRE_STALE_ROUND, Phase::Round(round))?;
-                for chunk in drop_now.chunks(MAX_RANGES) {
+                for chunk in drop_now.chunks(MAX_LIST_RANGES) {
                     self.ctl.send(
                         &Frame::StaleSet {
                             ranges: chunk.to_vec(),
@@ -1023,7 +1023,7 @@ impl Run<'_, '_> {
             )?;
             let stale_pages = final_ranges.iter().map(|r| r.len).sum::<u64>() / ps;
             if post_copy {
-                for chunk in final_ranges.chunks(MAX_RANGES) {
+                for chunk in final_ranges.chunks(MAX_LIST_RANGES) {
                     self.ctl.send(
                         &Frame::StaleSet {
                             ranges: chunk.to_vec(),

@@ -20,6 +20,10 @@ pub const MAX_PAGE_PAYLOAD: u64 = 64 << 20;
 pub const MAX_STATE_LEN: u64 = 256 << 20;
 /// Most ranges in one frame.
 pub const MAX_RANGES: usize = 1 << 16;
+/// Most ranges a frame whose metadata is only a range list (`StaleSet`, `Missing`, `Resend`,
+/// `ZeroPages`) carries within [`MAX_META_LEN`] (the list's 4-byte count included): what a
+/// sender splits long lists by.
+pub const MAX_LIST_RANGES: usize = (MAX_META_LEN as usize - 4) / RANGE_LEN;
 /// Most bytes in a reason or error message.
 pub const MAX_MESSAGE_LEN: usize = 4096;
 /// Most bytes one requested page range may cover.
@@ -1018,6 +1022,21 @@ mod tests {
             let n = cut.index(buf.len());
             prop_assert!(decode_buffer(&buf[..n]).is_err());
         }
+    }
+
+    #[test]
+    fn a_full_range_list_fits_one_frame() {
+        let ranges: Vec<GpaRange> = (0..MAX_LIST_RANGES as u64)
+            .map(|i| GpaRange::new(i * 8192, 4096))
+            .collect();
+        let f = Frame::Missing { ranges, last: true };
+        let (_, back) = decode_buffer(&f.encode()).unwrap();
+        assert_eq!(back, f);
+        let Frame::Missing { mut ranges, .. } = f else {
+            unreachable!()
+        };
+        ranges.push(GpaRange::new(1 << 40, 4096));
+        assert!(decode_buffer(&Frame::Missing { ranges, last: true }.encode()).is_err());
     }
 
     #[test]
