@@ -78,18 +78,20 @@ mod tests {
         }
     }
 
-    /// Migrates in post-copy and cuts every source socket once a quarter of the pages were
-    /// pushed. `dest` is the destination's control.
+    /// Migrates in post-copy and cuts every source socket once `quarters[0]` quarters of the
+    /// pages were pushed, again at `quarters[1]`, and so on. `dest` is the destination's
+    /// control. Returns the outcome and how many cuts were made.
     fn migrate_and_cut(
         src: &mut ProcessVm,
         dst_mem: &dyn GuestMemory,
         dest: &mut dyn VmControl,
         transport: TransportKind,
         recovery: &LocalRecovery,
+        quarters: &[u64],
     ) -> Result<(LocalOutcome, usize)> {
         let src_mem = src.memory();
         let mut tracker = src.tracker();
-        let cut = AtomicUsize::new(0);
+        let cuts = AtomicUsize::new(0);
         let tap = recovery.tap.clone();
         let out = migrate_local_with(
             SourceVm {
@@ -105,20 +107,24 @@ mod tests {
             &options(transport),
             recovery,
             &mut |p| {
+                let done = cuts.load(Ordering::Relaxed);
                 if p.phase == Phase::PostCopy
-                    && p.pages_done * 4 >= p.total_pages
-                    && cut.load(Ordering::Relaxed) == 0
+                    && quarters
+                        .get(done)
+                        .is_some_and(|q| p.pages_done * 4 >= q * p.total_pages)
                 {
                     let n = tap.cut();
                     eprintln!(
-                        "cut {n} sockets after {} of {} pages",
+                        "cut {n} sockets after {} of {} pages sent",
                         p.pages_done, p.total_pages
                     );
-                    cut.store(n, Ordering::Relaxed);
+                    if n > 0 {
+                        cuts.store(done + 1, Ordering::Relaxed);
+                    }
                 }
             },
         )?;
-        Ok((out, cut.load(Ordering::Relaxed)))
+        Ok((out, cuts.load(Ordering::Relaxed)))
     }
 
     fn compare_memory(a: &dyn GuestMemory, b: &dyn GuestMemory) -> Result<usize> {
@@ -138,6 +144,15 @@ mod tests {
     }
 
     fn recovers(backing: MemBacking, transport: TransportKind, writers_run: bool) -> Result<()> {
+        recovers_from(backing, transport, writers_run, &[1])
+    }
+
+    fn recovers_from(
+        backing: MemBacking,
+        transport: TransportKind,
+        writers_run: bool,
+        quarters: &[u64],
+    ) -> Result<()> {
         init_log();
         let cfg = vm_config(backing);
         let mut src = ProcessVm::new(cfg.clone())?;
@@ -151,16 +166,20 @@ mod tests {
         };
         let t0 = Instant::now();
         let (out, cut) = if writers_run {
-            migrate_and_cut(&mut src, &*dst_mem, &mut dst, transport, &recovery)?
+            migrate_and_cut(
+                &mut src, &*dst_mem, &mut dst, transport, &recovery, quarters,
+            )?
         } else {
             let mut still = NoResume(&mut dst);
-            migrate_and_cut(&mut src, &*dst_mem, &mut still, transport, &recovery)?
+            migrate_and_cut(
+                &mut src, &*dst_mem, &mut still, transport, &recovery, quarters,
+            )?
         };
         let source = out.source.map_err(|e| anyhow!("source: {e:#}"))?;
         let dest = out.dest.map_err(|e| anyhow!("destination: {e:#}"))?;
         eprintln!(
             "{backing:?} over {transport:?} (writers at the destination: {writers_run}): \
-             {cut} sockets cut, {} pages missing at the loss, recoveries {} / {}, \
+             {cut} cuts, {} pages missing at the loss, recoveries {} / {}, \
              {:.1} ms without a connection (destination {:.1} ms), faults {}, total {:.0} ms",
             dest.missing_at_loss,
             source.recoveries,
@@ -170,11 +189,18 @@ mod tests {
             dest.faults.count,
             t0.elapsed().as_secs_f64() * 1000.0
         );
-        if cut == 0 {
-            bail!("the post-copy push ended before the connection could be cut");
+        if cut < quarters.len() {
+            bail!(
+                "the post-copy push ended before every cut ({cut} of {})",
+                quarters.len()
+            );
         }
-        assert_eq!(source.recoveries, 1, "source did not resume the session");
-        assert_eq!(dest.recoveries, 1, "destination did not recover");
+        let expected = u32::try_from(quarters.len())?;
+        assert_eq!(
+            source.recoveries, expected,
+            "source did not resume the session"
+        );
+        assert_eq!(dest.recoveries, expected, "destination did not recover");
         assert!(dest.missing_at_loss > 0, "nothing was missing at the loss");
         assert!(source.verified && dest.verified, "digest mismatch");
         assert_eq!(source.digest, dest.digest);
@@ -212,6 +238,14 @@ mod tests {
     }
 
     #[test]
+    fn postcopy_recovers_twice() -> Result<()> {
+        if !uffd_available() {
+            return Ok(());
+        }
+        recovers_from(MemBacking::Anonymous, TransportKind::Uring, true, &[1, 2])
+    }
+
+    #[test]
     fn destination_fails_after_the_window_when_the_source_never_returns() -> Result<()> {
         if !uffd_available() {
             return Ok(());
@@ -237,6 +271,7 @@ mod tests {
             &mut still,
             TransportKind::Tcp,
             &recovery,
+            &[1],
         )?;
         let elapsed = t0.elapsed();
         if cut == 0 {
