@@ -342,7 +342,7 @@ pub fn migrate_with(
     streams: SourceStreams,
     policy: &Policy,
     progress: &mut dyn FnMut(&Progress),
-    mut recovery: Option<SourceRecovery<'_>>,
+    recovery: Option<SourceRecovery<'_>>,
 ) -> Result<MigrationReport, MigrateError> {
     let layout = Layout::new(vm.memory)?;
     let n = streams.bulk.len();
@@ -366,8 +366,6 @@ pub fn migrate_with(
             sockets,
             urgent,
         } = start_conn(s, &ctx, streams)?;
-        let mut sockets = sockets;
-        let mut urgent_handle = urgent;
         let mut run = Run {
             layout: &layout,
             policy,
@@ -399,52 +397,18 @@ pub fn migrate_with(
             pre_stale_acked: false,
             early_barriers: Vec::new(),
         };
-        let r = match run.drive(vm, &to_send) {
-            Err(e) => Err(e),
-            Ok(post_copy) => {
-                let mut resumed_session = false;
-                loop {
-                    let step = if resumed_session {
-                        run.take_missing(&to_send)
-                            .and_then(|()| run.finish(post_copy, &to_send, &hint_rx))
-                    } else {
-                        run.finish(post_copy, &to_send, &hint_rx)
-                    };
-                    let e = match step {
-                        Ok(rep) => break Ok(rep),
-                        Err(e) if !post_copy => break Err(e),
-                        Err(e) => e,
-                    };
-                    let lost = |e: MigrateError| MigrateError::PostCopyLost {
-                        missing: to_send.count(),
-                        source: Box::new(e),
-                    };
-                    let Some(rec) = recovery.as_mut().filter(|_| e.is_connection_loss()) else {
-                        break Err(lost(e));
-                    };
-                    let t_lost = Instant::now();
-                    warn!(error = %ferry_protocol::handshake::error_chain(&e), "post-copy connection lost; resuming the session");
-                    end_conn(&mut run, &sockets, urgent_handle.take());
-                    sockets.clear();
-                    let conn = match reconnect_within(rec, t_lost)
-                        .and_then(|st| start_conn(s, &ctx, st))
-                    {
-                        Ok(c) => c,
-                        Err(_) => break Err(lost(e)),
-                    };
-                    run.ctl = conn.ctl;
-                    run.work = conn.work;
-                    run.done = conn.done;
-                    run.ctl_rx = conn.ctl_rx;
-                    run.early_barriers.clear();
-                    sockets = conn.sockets;
-                    urgent_handle = conn.urgent;
-                    run.report.recoveries += 1;
-                    run.report.disconnected_ms += t_lost.elapsed().as_secs_f64() * 1000.0;
-                    resumed_session = true;
-                }
-            }
-        };
+        let mut handles = Handles { sockets, urgent };
+        let r = run.drive(vm, &to_send).and_then(|post_copy| {
+            finish_with_recovery(
+                s,
+                &ctx,
+                &mut run,
+                &mut handles,
+                post_copy,
+                recovery,
+                &hint_rx,
+            )
+        });
         if let Err(e) = &r {
             let _ = run.ctl.send(
                 &Frame::Abort {
@@ -464,10 +428,10 @@ pub fn migrate_with(
             }
         }
         run.ctl.shutdown();
-        for s in &sockets {
+        for s in &handles.sockets {
             let _ = s.shutdown();
         }
-        if let Some(h) = urgent_handle {
+        if let Some(h) = handles.urgent {
             match h.join() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => debug!(%e, "urgent server ended"),
@@ -490,6 +454,65 @@ pub fn migrate_with(
             rep
         })
     })
+}
+
+/// The parts of the current connection the migration keeps outside [`Run`].
+struct Handles<'scope> {
+    sockets: Vec<ferry_transport::Socket>,
+    urgent: Option<thread::ScopedJoinHandle<'scope, Result<(), MigrateError>>>,
+}
+
+/// After the destination resumed: [`Run::finish`]; in post-copy with `recovery`, each lost
+/// connection is followed by resuming the session, taking the destination's missing pages
+/// and finishing again, for as long as resuming succeeds within the window.
+fn finish_with_recovery<'scope>(
+    s: &'scope thread::Scope<'scope, '_>,
+    ctx: &Ctx<'scope>,
+    run: &mut Run<'_, '_>,
+    handles: &mut Handles<'scope>,
+    post_copy: bool,
+    mut recovery: Option<SourceRecovery<'_>>,
+    hints: &Receiver<u64>,
+) -> Result<MigrationReport, MigrateError> {
+    let to_send = ctx.to_send;
+    let mut resumed_session = false;
+    loop {
+        let step = if resumed_session {
+            run.take_missing(to_send)
+                .and_then(|()| run.finish(post_copy, to_send, hints))
+        } else {
+            run.finish(post_copy, to_send, hints)
+        };
+        let e = match step {
+            Ok(rep) => return Ok(rep),
+            Err(e) if !post_copy => return Err(e),
+            Err(e) => e,
+        };
+        let lost = |e: MigrateError| MigrateError::PostCopyLost {
+            missing: to_send.count(),
+            source: Box::new(e),
+        };
+        let Some(rec) = recovery.as_mut().filter(|_| e.is_connection_loss()) else {
+            return Err(lost(e));
+        };
+        let t_lost = Instant::now();
+        warn!(error = %ferry_protocol::handshake::error_chain(&e), "post-copy connection lost; resuming the session");
+        end_conn(run, &handles.sockets, handles.urgent.take());
+        handles.sockets.clear();
+        let Ok(conn) = reconnect_within(rec, t_lost).and_then(|st| start_conn(s, ctx, st)) else {
+            return Err(lost(e));
+        };
+        run.ctl = conn.ctl;
+        run.work = conn.work;
+        run.done = conn.done;
+        run.ctl_rx = conn.ctl_rx;
+        run.early_barriers.clear();
+        handles.sockets = conn.sockets;
+        handles.urgent = conn.urgent;
+        run.report.recoveries += 1;
+        run.report.disconnected_ms += t_lost.elapsed().as_secs_f64() * 1000.0;
+        resumed_session = true;
+    }
 }
 
 fn mode_name(m: Mode) -> &'static str {
