@@ -457,7 +457,8 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
 
     /// Next control frame, handling worker notes meanwhile.
     fn next_ctl(&mut self) -> Result<(Frame, Vec<u8>), MigrateError> {
-        let deadline = Instant::now() + self.timeout;
+        let mut deadline = Instant::now() + self.timeout;
+        let mut present = self.shared.present.load(Ordering::Acquire);
         loop {
             while let Ok(note) = self.notes.try_recv() {
                 self.handle_note(note)?;
@@ -465,6 +466,13 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
             match self.ctl_rx.recv_timeout(Duration::from_millis(20)) {
                 Ok(r) => return Ok(r?),
                 Err(RecvTimeoutError::Timeout) => {
+                    // In post-copy the control stream is quiet for the whole push: only a
+                    // source that also stopped sending pages is silent.
+                    let now_present = self.shared.present.load(Ordering::Acquire);
+                    if self.shared.post.get().is_some() && now_present != present {
+                        present = now_present;
+                        deadline = Instant::now() + self.timeout;
+                    }
                     if Instant::now() > deadline {
                         return Err(MigrateError::Timeout {
                             what: "the source",
