@@ -207,8 +207,11 @@ enum Note {
     Resend(Vec<GpaRange>),
     /// A connection worker (bulk receiver, reply receiver) stopped with this error.
     Failed(MigrateError),
-    /// A connection worker's stream ended cleanly.
-    Ended,
+    /// A connection worker's stream ended cleanly (a bulk receiver's, or the replies').
+    Ended {
+        /// A bulk receiver.
+        bulk: bool,
+    },
     /// A failure no reconnection repairs (fault handling, mapping).
     Fatal(MigrateError),
 }
@@ -353,7 +356,7 @@ fn spawn_receiver<'scope>(
         .spawn_scoped(s, move || {
             let r = recv_loop(i, stream, shared, &note_tx, &go_rx, post_flag);
             let _ = note_tx.send(match r {
-                Ok(()) => Note::Ended,
+                Ok(()) => Note::Ended { bulk: true },
                 Err(e) => Note::Failed(e),
             });
         })
@@ -381,7 +384,7 @@ fn spawn_reply_receiver<'scope>(
                 return;
             }
             let _ = note_tx.send(match reply_loop(shared, replies) {
-                Ok(()) => Note::Ended,
+                Ok(()) => Note::Ended { bulk: false },
                 Err(e) => Note::Failed(e),
             });
         })
@@ -441,7 +444,7 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
             Note::Barrier(r) if r == SWITCH_ROUND => self.barriers += 1,
             Note::Barrier(r) if r == PRE_STALE_ROUND => self.pre_barriers += 1,
             Note::Barrier(_) => {}
-            Note::Ended => self.workers = self.workers.saturating_sub(1),
+            Note::Ended { .. } => self.workers = self.workers.saturating_sub(1),
             Note::Resend(ranges) => {
                 self.report.resend_requests += ranges.len() as u64;
                 self.ctl.send(&Frame::Resend { ranges }, &[])?;
@@ -737,7 +740,7 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
         let mut ended = 0;
         while ended < self.n && Instant::now() < deadline {
             match self.notes.recv_timeout(Duration::from_millis(50)) {
-                Ok(Note::Ended) => ended += 1,
+                Ok(Note::Ended { bulk: true }) => ended += 1,
                 Ok(Note::Failed(e)) => debug!(%e, "stream ended with an error after completion"),
                 Ok(_) | Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -785,7 +788,7 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
         let drain_deadline = Instant::now() + Duration::from_secs(10);
         while self.workers > 0 {
             match self.notes.recv_timeout(Duration::from_millis(20)) {
-                Ok(Note::Ended) => self.workers -= 1,
+                Ok(Note::Ended { .. }) => self.workers -= 1,
                 Ok(Note::Failed(e)) => {
                     self.workers -= 1;
                     if !e.is_connection_loss() {
