@@ -7,6 +7,11 @@
 //! and is refused when it names a session the listener does not know. No byte other than the
 //! handshake is read from a stream before its handshake succeeded.
 //!
+//! A session whose connections were lost can be resumed (post-copy recovery): the client's
+//! [`reconnect`] opens a control stream naming the session, authenticated like the first one,
+//! and the listener's [`SessionListener::accept_resume`] accepts exactly that session and
+//! refuses everything else while it waits.
+//!
 //! This module does the handshakes with blocking socket I/O and hands back the sockets; the
 //! caller turns bulk and urgent sockets into data streams ([`crate::stream::open_stream`]) and
 //! uses [`ControlChannel`] for control frames. It owns no migration policy.
