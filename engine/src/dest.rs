@@ -754,11 +754,31 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
         self.recovery.is_some() && e.is_connection_loss()
     }
 
-    /// Recovers a post-copy migration after losing a connection (see the module docs): ends
-    /// the old connections and their workers, gives back half-received claims, waits for the
-    /// source to resume the session within the window, names the missing pages, and starts
-    /// the new connections' workers. Fails with [`MigrateError::NotRecovered`].
+    /// Recovers a post-copy migration after losing a connection (see the module docs), again
+    /// if the resumed connection is lost before the missing pages were named.
     fn recover<'scope>(
+        &mut self,
+        cause: MigrateError,
+        s: &'scope thread::Scope<'scope, '_>,
+        post_flag: &'scope AtomicBool,
+    ) -> Result<(), MigrateError>
+    where
+        's: 'scope,
+    {
+        let mut cause = cause;
+        loop {
+            match self.recover_once(cause, s, post_flag) {
+                Err(e) if self.can_recover(&e) => cause = e,
+                r => return r,
+            }
+        }
+    }
+
+    /// One recovery: ends the old connections and their workers, gives back half-received
+    /// claims, waits for the source to resume the session within the window, names the
+    /// missing pages, and starts the new connections' workers. Fails with
+    /// [`MigrateError::NotRecovered`].
+    fn recover_once<'scope>(
         &mut self,
         cause: MigrateError,
         s: &'scope thread::Scope<'scope, '_>,
