@@ -15,9 +15,23 @@
 //!
 //! Every frame is checked against the negotiated memory map before a byte of its payload is
 //! read into guest memory. Before the switchover, a failure leaves this VM unstarted (the source
-//! still runs it). After resuming in post-copy, this side owns the VM: a lost connection leaves
-//! the pages already placed (recorded in the page-state array) and the missing ones named, so
-//! a reconnection can fetch exactly those (automatic recovery is not built yet).
+//! still runs it). After resuming in post-copy, this side owns the VM.
+//!
+//! ## Post-copy recovery
+//!
+//! With [`receive_with`] and a [`DestRecovery`], losing the control, a bulk or the urgent stream
+//! after `Resumed` in post-copy does not end the migration. The VM keeps running; a thread that
+//! touches a missing page keeps waiting (the fault thread keeps reading events and remembers
+//! what it asked for). The destination shuts the old connections down, waits until every
+//! receiver of them has stopped, and gives back every page claim whose data did not arrive
+//! whole (FILLING becomes STALE: a page is marked present only after all its bytes arrived
+//! and were placed). It then waits, at most the recovery window, for the source to resume the
+//! same session with the same key (`ferry_transport::session::SessionListener::accept_resume`),
+//! sends the pages it still lacks as `Missing` ranges (every page not PRESENT), re-sends its
+//! outstanding page requests on the new urgent stream, and post-copy carries on to the digest
+//! as before. If the window passes it fails with [`MigrateError::NotRecovered`] naming the
+//! missing pages; guest memory then stays registered with userfaultfd, so whatever touches a
+//! missing page stays blocked instead of reading zeroes.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
@@ -26,10 +40,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
+use ferry_protocol::frame::MAX_LIST_RANGES;
 use ferry_protocol::frame::{
     FaultSummary, FrameHeader, HEADER_LEN, MAX_FAULT_POINTS, MAX_STATE_LEN, ResumeTimings,
     SwitchoverKind,
 };
+use ferry_protocol::handshake::SessionId;
 use ferry_protocol::{Frame, GpaRange};
 use ferry_transport::memory::Target;
 use ferry_transport::session::{ControlChannel, SessionError};
@@ -88,6 +104,19 @@ pub struct DestStreams {
     /// Second handles on the receiving sockets, shut down when the migration ends (or fails)
     /// so no receiver waits on an idle stream.
     pub sockets: Vec<Socket>,
+    /// The session these connections belong to.
+    pub session: SessionId,
+}
+
+/// How the destination recovers a post-copy migration whose connection was lost (see the
+/// module docs).
+#[allow(missing_debug_implementations)]
+pub struct DestRecovery<'r> {
+    /// How long to wait for the source to resume the session after a loss.
+    pub window: Duration,
+    /// Waits at most the given time for the source to resume `session` and returns its new
+    /// connections (e.g. [`crate::session::accept_recovery`]); their `aliases` are ignored.
+    pub accept: &'r mut dyn FnMut(SessionId, Duration) -> Result<DestStreams, MigrateError>,
 }
 
 /// The destination's account of a migration.
@@ -113,6 +142,12 @@ pub struct DestReport {
     pub digest: String,
     /// Pages whose live checksum failed (asked again).
     pub resend_requests: u64,
+    /// Post-copy connections lost and recovered.
+    pub recoveries: u32,
+    /// Time spent without a connection during recoveries, ms.
+    pub disconnected_ms: f64,
+    /// Pages missing when the first connection was lost (0 without a loss).
+    pub missing_at_loss: u64,
 }
 
 /// Serializable copy of [`FaultSummary`] (without the samples).
@@ -161,20 +196,43 @@ struct Shared<'a> {
     stall_us: AtomicU64,
     done: AtomicBool,
     zero_hash_scratch: Vec<u8>,
+    /// Write handle on the current urgent stream, handed to the fault thread; replaced after a
+    /// recovery (then `urgent_gen` grows).
+    urgent_writer: Mutex<Option<Socket>>,
+    urgent_gen: AtomicU64,
 }
 
 enum Note {
     Barrier(u32),
     Resend(Vec<GpaRange>),
+    /// A connection worker (bulk receiver, reply receiver) stopped with this error.
     Failed(MigrateError),
-    Ended,
+    /// A connection worker's stream ended cleanly (a bulk receiver's, or the replies').
+    Ended {
+        /// A bulk receiver.
+        bulk: bool,
+    },
+    /// A failure no reconnection repairs (fault handling, mapping).
+    Fatal(MigrateError),
 }
 
-/// Receives a VM migrated by the source at the other end of `streams`.
+/// Receives a VM migrated by the source at the other end of `streams`. Without recovery: a
+/// lost connection ends the migration (see [`receive_with`]).
 pub fn receive(
     vm: DestVm<'_>,
     streams: DestStreams,
     timeout: Duration,
+) -> Result<DestReport, MigrateError> {
+    receive_with(vm, streams, timeout, None)
+}
+
+/// Receives a VM migrated by the source at the other end of `streams`; with `recovery`, a
+/// post-copy migration survives lost connections (see the module docs).
+pub fn receive_with(
+    vm: DestVm<'_>,
+    streams: DestStreams,
+    timeout: Duration,
+    recovery: Option<DestRecovery<'_>>,
 ) -> Result<DestReport, MigrateError> {
     let layout = Layout::new(vm.memory)?;
     let total = layout.total_pages();
@@ -184,8 +242,9 @@ pub fn receive(
         urgent,
         aliases,
         sockets,
+        session,
     } = streams;
-    let shared = Shared {
+    let mut shared = Shared {
         layout: &layout,
         states: (0..total).map(|_| AtomicU8::new(ABSENT)).collect(),
         hashes: (0..total).map(|_| AtomicU64::new(0)).collect(),
@@ -205,6 +264,8 @@ pub fn receive(
         stall_us: AtomicU64::new(0),
         done: AtomicBool::new(false),
         zero_hash_scratch: vec![0u8; layout.page_size() as usize],
+        urgent_writer: Mutex::new(None),
+        urgent_gen: AtomicU64::new(0),
     };
     let n = bulk.len();
     let ctl_reader = control.try_clone()?;
@@ -214,24 +275,11 @@ pub fn receive(
         Features::MISSING_SHMEM | Features::MINOR_SHMEM | Features::THREAD_ID,
     );
     let post_flag = AtomicBool::new(false);
-    thread::scope(|s| {
+    let result = thread::scope(|s| {
         let (note_tx, note_rx) = unbounded();
         let (go_tx, go_rx) = bounded::<()>(n.max(1));
         for (i, stream) in bulk.into_iter().enumerate() {
-            let note_tx = note_tx.clone();
-            let go_rx = go_rx.clone();
-            let shared = &shared;
-            let post_flag = &post_flag;
-            thread::Builder::new()
-                .name(format!("ferry-recv-{i}"))
-                .spawn_scoped(s, move || {
-                    let r = recv_loop(i, stream, shared, &note_tx, &go_rx, post_flag);
-                    let _ = note_tx.send(match r {
-                        Ok(()) => Note::Ended,
-                        Err(e) => Note::Failed(e),
-                    });
-                })
-                .map_err(|_| MigrateError::Worker("receiver"))?;
+            spawn_receiver(s, i, stream, &shared, &note_tx, go_rx.clone(), &post_flag)?;
         }
         let (ctl_tx, ctl_rx) = unbounded();
         thread::Builder::new()
@@ -240,7 +288,11 @@ pub fn receive(
             .map_err(|_| MigrateError::Worker("control reader"))?;
         let mut d = DestRun {
             shared: &shared,
-            ctl: &control,
+            ctl: control,
+            sockets,
+            session,
+            recovery,
+            workers: n,
             ctl_rx,
             notes: note_rx,
             note_tx: note_tx.clone(),
@@ -256,7 +308,7 @@ pub fn receive(
         let r = d.drive(vm.control, uffd, urgent, s, &post_flag);
         shared.done.store(true, Ordering::Release);
         if let Err(e) = &r {
-            let _ = control.send(
+            let _ = d.ctl.send(
                 &Frame::Error {
                     code: 1,
                     message: ferry_protocol::handshake::error_chain(e),
@@ -266,12 +318,78 @@ pub fn receive(
         }
         // Unblocks the control reader (the source sends nothing more after `Verified`) and
         // any receiver still waiting.
-        control.shutdown();
-        for s in &sockets {
+        d.ctl.shutdown();
+        for s in &d.sockets {
             let _ = s.shutdown();
         }
         r
-    })
+    });
+    if result.is_err()
+        && let Some(post) = shared.post.take()
+        && shared.present.load(Ordering::Acquire) < total
+    {
+        // The VM runs here with pages missing: keep guest memory registered (the descriptor
+        // stays open until the process ends), so a thread touching a missing page stays
+        // blocked rather than reading a zero page or stale page-cache data.
+        warn!(
+            missing = total - shared.present.load(Ordering::Acquire),
+            "post-copy failed: guest memory stays registered with userfaultfd"
+        );
+        std::mem::forget(post);
+    }
+    result
+}
+
+/// Starts the receiver of bulk stream `i`; it reports its end as a [`Note`].
+fn spawn_receiver<'scope>(
+    s: &'scope thread::Scope<'scope, '_>,
+    i: usize,
+    stream: Box<dyn DataStream>,
+    shared: &'scope Shared<'_>,
+    note_tx: &Sender<Note>,
+    go_rx: Receiver<()>,
+    post_flag: &'scope AtomicBool,
+) -> Result<(), MigrateError> {
+    let note_tx = note_tx.clone();
+    thread::Builder::new()
+        .name(format!("ferry-recv-{i}"))
+        .spawn_scoped(s, move || {
+            let r = recv_loop(i, stream, shared, &note_tx, &go_rx, post_flag);
+            let _ = note_tx.send(match r {
+                Ok(()) => Note::Ended { bulk: true },
+                Err(e) => Note::Failed(e),
+            });
+        })
+        .map_err(|_| MigrateError::Worker("receiver"))?;
+    Ok(())
+}
+
+/// Starts the receiver of urgent page replies; it reports its end as a [`Note`]. With `start`,
+/// it first waits for the post-copy switchover (and returns without a note if there is none).
+fn spawn_reply_receiver<'scope>(
+    s: &'scope thread::Scope<'scope, '_>,
+    replies: Box<dyn DataStream>,
+    shared: &'scope Shared<'_>,
+    note_tx: &Sender<Note>,
+    start: Option<Receiver<()>>,
+) -> Result<(), MigrateError> {
+    let note_tx = note_tx.clone();
+    thread::Builder::new()
+        .name("ferry-replies".into())
+        .spawn_scoped(s, move || {
+            raise_priority();
+            if let Some(start) = start
+                && start.recv().is_err()
+            {
+                return;
+            }
+            let _ = note_tx.send(match reply_loop(shared, replies) {
+                Ok(()) => Note::Ended { bulk: false },
+                Err(e) => Note::Failed(e),
+            });
+        })
+        .map_err(|_| MigrateError::Worker("reply receiver"))?;
+    Ok(())
 }
 
 fn dest_control_reader(ctl: ControlChannel, tx: Sender<Result<(Frame, Vec<u8>), SessionError>>) {
@@ -293,9 +411,17 @@ fn dest_control_reader(ctl: ControlChannel, tx: Sender<Result<(Frame, Vec<u8>), 
     }
 }
 
-struct DestRun<'s, 'a> {
+struct DestRun<'s, 'a, 'r> {
     shared: &'s Shared<'a>,
-    ctl: &'s ControlChannel,
+    /// The current control stream (replaced by a recovery).
+    ctl: ControlChannel,
+    /// Second handles on the current connections' receiving sockets.
+    sockets: Vec<Socket>,
+    session: SessionId,
+    recovery: Option<DestRecovery<'r>>,
+    /// Connection workers (bulk and reply receivers) running; each ends with one
+    /// `Note::Ended` or `Note::Failed`.
+    workers: usize,
     ctl_rx: Receiver<Result<(Frame, Vec<u8>), SessionError>>,
     notes: Receiver<Note>,
     note_tx: Sender<Note>,
@@ -312,24 +438,30 @@ struct DestRun<'s, 'a> {
     pre_rounds: usize,
 }
 
-impl<'s, 'a> DestRun<'s, 'a> {
+impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
     fn handle_note(&mut self, note: Note) -> Result<(), MigrateError> {
         match note {
             Note::Barrier(r) if r == SWITCH_ROUND => self.barriers += 1,
             Note::Barrier(r) if r == PRE_STALE_ROUND => self.pre_barriers += 1,
-            Note::Barrier(_) | Note::Ended => {}
+            Note::Barrier(_) => {}
+            Note::Ended { .. } => self.workers = self.workers.saturating_sub(1),
             Note::Resend(ranges) => {
                 self.report.resend_requests += ranges.len() as u64;
                 self.ctl.send(&Frame::Resend { ranges }, &[])?;
             }
-            Note::Failed(e) => return Err(e),
+            Note::Failed(e) => {
+                self.workers = self.workers.saturating_sub(1);
+                return Err(e);
+            }
+            Note::Fatal(e) => return Err(e),
         }
         Ok(())
     }
 
     /// Next control frame, handling worker notes meanwhile.
     fn next_ctl(&mut self) -> Result<(Frame, Vec<u8>), MigrateError> {
-        let deadline = Instant::now() + self.timeout;
+        let mut deadline = Instant::now() + self.timeout;
+        let mut present = self.shared.present.load(Ordering::Acquire);
         loop {
             while let Ok(note) = self.notes.try_recv() {
                 self.handle_note(note)?;
@@ -337,6 +469,13 @@ impl<'s, 'a> DestRun<'s, 'a> {
             match self.ctl_rx.recv_timeout(Duration::from_millis(20)) {
                 Ok(r) => return Ok(r?),
                 Err(RecvTimeoutError::Timeout) => {
+                    // In post-copy the control stream is quiet for the whole push: only a
+                    // source that also stopped sending pages is silent.
+                    let now_present = self.shared.present.load(Ordering::Acquire);
+                    if self.shared.post.get().is_some() && now_present != present {
+                        present = now_present;
+                        deadline = Instant::now() + self.timeout;
+                    }
                     if Instant::now() > deadline {
                         return Err(MigrateError::Timeout {
                             what: "the source",
@@ -398,6 +537,7 @@ impl<'s, 'a> DestRun<'s, 'a> {
         let has_urgent = urgent.is_some();
         let (fault_path, started) = bounded::<()>(2);
         if let Some((replies, requests)) = urgent {
+            shared.set_urgent_writer(requests);
             let note_tx = self.note_tx.clone();
             let go = started.clone();
             thread::Builder::new()
@@ -407,25 +547,13 @@ impl<'s, 'a> DestRun<'s, 'a> {
                     if go.recv().is_err() {
                         return;
                     }
-                    if let Err(e) = fault_loop(shared, &requests) {
+                    if let Err(e) = fault_loop(shared) {
                         warn!(%e, "fault handler failed");
-                        let _ = note_tx.send(Note::Failed(e));
+                        let _ = note_tx.send(Note::Fatal(e));
                     }
                 })
                 .map_err(|_| MigrateError::Worker("fault handler"))?;
-            let note_tx = self.note_tx.clone();
-            thread::Builder::new()
-                .name("ferry-replies".into())
-                .spawn_scoped(s, move || {
-                    raise_priority();
-                    if started.recv().is_err() {
-                        return;
-                    }
-                    if let Err(e) = reply_loop(shared, replies) {
-                        let _ = note_tx.send(Note::Failed(e));
-                    }
-                })
-                .map_err(|_| MigrateError::Worker("reply receiver"))?;
+            spawn_reply_receiver(s, replies, shared, &self.note_tx, Some(started))?;
         }
         // Make sure no page is populated before anything arrives (see `apply_stale`), here
         // rather than inside the blackout: on untouched memory this is a page-table walk whose
@@ -439,6 +567,10 @@ impl<'s, 'a> DestRun<'s, 'a> {
                 Err(e) if resumed && shared.done.load(Ordering::Acquire) => {
                     debug!(%e, "control closed after completion");
                     break;
+                }
+                Err(e) if resumed && post_copy && self.can_recover(&e) => {
+                    self.recover(e, s, post_flag)?;
+                    continue;
                 }
                 Err(e) => return Err(e),
             };
@@ -510,6 +642,7 @@ impl<'s, 'a> DestRun<'s, 'a> {
                                 .send(())
                                 .map_err(|_| MigrateError::Worker("fault handler"))?;
                         }
+                        self.workers += 1;
                         debug!(
                             barrier_us = (t_barrier - t_sw).as_micros() as u64,
                             stale_and_state_us = (t_state - t_barrier).as_micros() as u64,
@@ -559,7 +692,7 @@ impl<'s, 'a> DestRun<'s, 'a> {
                                         "arrived pages mapped after resume"
                                     ),
                                     Err(e) => {
-                                        let _ = note_tx.send(Note::Failed(e));
+                                        let _ = note_tx.send(Note::Fatal(e));
                                     }
                                 }
                             })
@@ -582,40 +715,14 @@ impl<'s, 'a> DestRun<'s, 'a> {
                     self.ctl.send(&Frame::Resumed { timings }, &[])?;
                     info!(?timings, post_copy, "resumed");
                 }
-                Frame::Complete { digest: theirs, .. } => {
-                    let total = layout.total_pages();
-                    self.wait_until("every page to arrive", |d| {
-                        d.shared.present.load(Ordering::Acquire) >= total
-                    })?;
-                    shared.done.store(true, Ordering::Release);
-                    let ours = digest::digest_of(shared.hashes.iter().enumerate().map(|(p, h)| {
-                        match h.load(Ordering::Acquire) {
-                            ZERO_PAGE => shared.zero_hash(layout.page_gpa(p as u64)),
-                            h => h,
-                        }
-                    }));
-                    let ok = ours == theirs;
-                    self.report.verified = ok;
-                    self.report.digest = digest::hex(&ours);
-                    if post_copy {
-                        let f = self.fault_summary();
-                        self.report.faults = FaultSummaryReport {
-                            count: f.count,
-                            p50_us: f.p50_us,
-                            p99_us: f.p99_us,
-                            max_us: f.max_us,
-                            total_stall_us: f.total_stall_us,
-                            local: f.local,
-                        };
-                        self.ctl.send(&Frame::FaultStats(f), &[])?;
-                    }
-                    self.ctl.send(&Frame::Verified { ok, digest: ours }, &[])?;
-                    if !ok {
-                        warn!(ours = %digest::hex(&ours), theirs = %digest::hex(&theirs), "digest mismatch");
-                    }
+                Frame::Complete { digest: theirs, .. } => match self.complete(theirs, post_copy) {
                     // The source closes the streams next.
-                    break;
-                }
+                    Ok(()) => break,
+                    Err(e) if post_copy && self.can_recover(&e) => {
+                        self.recover(e, s, post_flag)?;
+                    }
+                    Err(e) => return Err(e),
+                },
                 Frame::Abort { reason } => return Err(MigrateError::PeerAborted { reason }),
                 Frame::Error { message, .. } => {
                     return Err(MigrateError::PeerAborted { reason: message });
@@ -633,13 +740,262 @@ impl<'s, 'a> DestRun<'s, 'a> {
         let mut ended = 0;
         while ended < self.n && Instant::now() < deadline {
             match self.notes.recv_timeout(Duration::from_millis(50)) {
-                Ok(Note::Ended) => ended += 1,
+                Ok(Note::Ended { bulk: true }) => ended += 1,
                 Ok(Note::Failed(e)) => debug!(%e, "stream ended with an error after completion"),
                 Ok(_) | Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
         Ok(self.report.clone())
+    }
+
+    /// Whether `e`, after `Resumed` in post-copy, is a lost connection this side may recover.
+    fn can_recover(&self, e: &MigrateError) -> bool {
+        self.recovery.is_some() && e.is_connection_loss()
+    }
+
+    /// Recovers a post-copy migration after losing a connection (see the module docs), again
+    /// if the resumed connection is lost before the missing pages were named.
+    fn recover<'scope>(
+        &mut self,
+        cause: MigrateError,
+        s: &'scope thread::Scope<'scope, '_>,
+        post_flag: &'scope AtomicBool,
+    ) -> Result<(), MigrateError>
+    where
+        's: 'scope,
+    {
+        let mut cause = cause;
+        loop {
+            match self.recover_once(cause, s, post_flag) {
+                Err(e) if self.can_recover(&e) => cause = e,
+                r => return r,
+            }
+        }
+    }
+
+    /// One recovery: ends the old connections and their workers, gives back half-received
+    /// claims, waits for the source to resume the session within the window, names the
+    /// missing pages, and starts the new connections' workers. Fails with
+    /// [`MigrateError::NotRecovered`].
+    fn recover_once<'scope>(
+        &mut self,
+        cause: MigrateError,
+        s: &'scope thread::Scope<'scope, '_>,
+        post_flag: &'scope AtomicBool,
+    ) -> Result<(), MigrateError>
+    where
+        's: 'scope,
+    {
+        let shared = self.shared;
+        let total = shared.layout.total_pages();
+        let t_lost = Instant::now();
+        let Some(window) = self.recovery.as_ref().map(|r| r.window) else {
+            return Err(cause);
+        };
+        warn!(
+            error = %ferry_protocol::handshake::error_chain(&cause),
+            missing = total - shared.present.load(Ordering::Acquire),
+            "post-copy connection lost; waiting for the source to resume the session"
+        );
+        // End every old connection, so each of its workers stops, and wait for them: after
+        // that nobody holds a page claim.
+        self.ctl.shutdown();
+        for sock in self.sockets.drain(..) {
+            let _ = sock.shutdown();
+        }
+        shared.clear_urgent_writer();
+        let drain_deadline = Instant::now() + Duration::from_secs(10);
+        while self.workers > 0 {
+            match self.notes.recv_timeout(Duration::from_millis(20)) {
+                Ok(Note::Ended { .. }) => self.workers -= 1,
+                Ok(Note::Failed(e)) => {
+                    self.workers -= 1;
+                    if !e.is_connection_loss() {
+                        return Err(e);
+                    }
+                    debug!(%e, "old connection worker stopped");
+                }
+                Ok(Note::Fatal(e)) => return Err(e),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) if Instant::now() < drain_deadline => {}
+                Err(_) => return Err(MigrateError::Worker("receiver (did not stop)")),
+            }
+        }
+        // A page claimed by a receiver whose stream died before all its bytes arrived was
+        // never placed (placing happens only after the whole page is in): missing again.
+        for st in &shared.states {
+            let _ = st.compare_exchange(FILLING, STALE, Ordering::AcqRel, Ordering::Acquire);
+        }
+        let missing_now = total - shared.present.load(Ordering::Acquire);
+        if self.report.recoveries == 0 {
+            self.report.missing_at_loss = missing_now;
+        }
+        let not_recovered = |missing: u64, source: MigrateError| MigrateError::NotRecovered {
+            missing,
+            window,
+            source: Box::new(source),
+        };
+        let end = t_lost + window;
+        let streams = loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(not_recovered(
+                    total - shared.present.load(Ordering::Acquire),
+                    cause,
+                ));
+            }
+            let Some(rec) = self.recovery.as_mut() else {
+                return Err(cause);
+            };
+            match (rec.accept)(self.session, left) {
+                Ok(st) if st.session == self.session => break st,
+                Ok(st) => {
+                    warn!(session = %st.session, "a different session connected; still waiting");
+                    st.control.shutdown();
+                    for sock in &st.sockets {
+                        let _ = sock.shutdown();
+                    }
+                }
+                Err(e) => {
+                    debug!(%e, "no resumption yet");
+                    if Instant::now() >= end {
+                        return Err(not_recovered(
+                            total - shared.present.load(Ordering::Acquire),
+                            cause,
+                        ));
+                    }
+                    thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        self.start_connection(streams, s, post_flag)?;
+        // Every page not placed, as ranges, in order.
+        let missing = shared.missing_ranges();
+        let pages: u64 = missing.iter().map(|r| r.len).sum::<u64>() / shared.layout.page_size();
+        let mut chunks = missing.chunks(MAX_LIST_RANGES).peekable();
+        if chunks.peek().is_none() {
+            self.ctl.send(
+                &Frame::Missing {
+                    ranges: Vec::new(),
+                    last: true,
+                },
+                &[],
+            )?;
+        }
+        while let Some(c) = chunks.next() {
+            self.ctl.send(
+                &Frame::Missing {
+                    ranges: c.to_vec(),
+                    last: chunks.peek().is_none(),
+                },
+                &[],
+            )?;
+        }
+        let gap = t_lost.elapsed();
+        self.report.recoveries += 1;
+        self.report.disconnected_ms += gap.as_secs_f64() * 1000.0;
+        info!(
+            missing_pages = pages,
+            ranges = missing.len(),
+            disconnected_ms = gap.as_millis() as u64,
+            "post-copy session resumed"
+        );
+        Ok(())
+    }
+
+    /// Adopts a resumed session's connections: a new control reader, one receiver per bulk
+    /// stream, the reply receiver, and the urgent writer for the fault thread (which then
+    /// re-sends its outstanding requests).
+    fn start_connection<'scope>(
+        &mut self,
+        streams: DestStreams,
+        s: &'scope thread::Scope<'scope, '_>,
+        post_flag: &'scope AtomicBool,
+    ) -> Result<(), MigrateError>
+    where
+        's: 'scope,
+    {
+        let shared = self.shared;
+        let DestStreams {
+            control,
+            bulk,
+            urgent,
+            sockets,
+            ..
+        } = streams;
+        let Some((replies, requests)) = urgent else {
+            return Err(MigrateError::Unexpected {
+                got: "a resumed session",
+                state: "without an urgent stream",
+            });
+        };
+        let reader = control.try_clone()?;
+        let (ctl_tx, ctl_rx) = unbounded();
+        thread::Builder::new()
+            .name("ferry-dst-ctl".into())
+            .spawn_scoped(s, move || dest_control_reader(reader, ctl_tx))
+            .map_err(|_| MigrateError::Worker("control reader"))?;
+        self.ctl = control;
+        self.ctl_rx = ctl_rx;
+        self.sockets = sockets;
+        self.n = bulk.len();
+        // Resumed sessions carry no switchover marker: receivers never wait on `go`.
+        let (_, no_go) = bounded::<()>(0);
+        for (i, stream) in bulk.into_iter().enumerate() {
+            spawn_receiver(
+                s,
+                i,
+                stream,
+                shared,
+                &self.note_tx,
+                no_go.clone(),
+                post_flag,
+            )?;
+            self.workers += 1;
+        }
+        spawn_reply_receiver(s, replies, shared, &self.note_tx, None)?;
+        self.workers += 1;
+        shared.set_urgent_writer(requests);
+        Ok(())
+    }
+
+    /// `Complete` from the source: waits for every page, compares the digests, answers with
+    /// the fault statistics (post-copy) and the verdict.
+    fn complete(&mut self, theirs: [u8; 16], post_copy: bool) -> Result<(), MigrateError> {
+        let shared = self.shared;
+        let layout = shared.layout;
+        let total = layout.total_pages();
+        self.wait_until("every page to arrive", |d| {
+            d.shared.present.load(Ordering::Acquire) >= total
+        })?;
+        shared.done.store(true, Ordering::Release);
+        let ours = digest::digest_of(shared.hashes.iter().enumerate().map(|(p, h)| {
+            match h.load(Ordering::Acquire) {
+                ZERO_PAGE => shared.zero_hash(layout.page_gpa(p as u64)),
+                h => h,
+            }
+        }));
+        let ok = ours == theirs;
+        self.report.verified = ok;
+        self.report.digest = digest::hex(&ours);
+        if post_copy {
+            let f = self.fault_summary();
+            self.report.faults = FaultSummaryReport {
+                count: f.count,
+                p50_us: f.p50_us,
+                p99_us: f.p99_us,
+                max_us: f.max_us,
+                total_stall_us: f.total_stall_us,
+                local: f.local,
+            };
+            self.ctl.send(&Frame::FaultStats(f), &[])?;
+        }
+        self.ctl.send(&Frame::Verified { ok, digest: ours }, &[])?;
+        if !ok {
+            warn!(ours = %digest::hex(&ours), theirs = %digest::hex(&theirs), "digest mismatch");
+        }
+        Ok(())
     }
 
     /// Drops every page of guest memory from its mapping (see [`discard`]); the page cache of
@@ -810,6 +1166,43 @@ impl<'s, 'a> DestRun<'s, 'a> {
 }
 
 impl Shared<'_> {
+    /// Hands the fault thread a new urgent stream to write requests on.
+    fn set_urgent_writer(&self, socket: Socket) {
+        if let Ok(mut w) = self.urgent_writer.lock() {
+            *w = Some(socket);
+        }
+        self.urgent_gen.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Takes the urgent writer away (its connection is gone).
+    fn clear_urgent_writer(&self) {
+        if let Ok(mut w) = self.urgent_writer.lock() {
+            *w = None;
+        }
+    }
+
+    /// Every page not PRESENT, as ranges in guest-physical order.
+    fn missing_ranges(&self) -> Vec<GpaRange> {
+        let layout = self.layout;
+        let ps = layout.page_size();
+        let mut out: Vec<GpaRange> = Vec::new();
+        for (i, r) in layout.regions().iter().enumerate() {
+            let first = layout.first_pages()[i];
+            for q in 0..r.pages() {
+                if self.states[(first + q) as usize].load(Ordering::Acquire) == PRESENT {
+                    continue;
+                }
+                let gpa = r.gpa + q * ps;
+                match out.last_mut() {
+                    // Never across a region boundary (a range lies in one region).
+                    Some(l) if q > 0 && l.gpa + l.len == gpa => l.len += ps,
+                    _ => out.push(GpaRange::new(gpa, ps)),
+                }
+            }
+        }
+        out
+    }
+
     /// Records page `p` as placed with hash `h`; accounts for a waiting fault.
     fn placed(&self, p: u64, h: u64, by_push: bool) {
         self.hashes[p as usize].store(h, Ordering::Release);
@@ -1112,70 +1505,88 @@ fn place_post(
         let n = r.len / ps;
         let claimed: Vec<bool> = (0..n).map(|j| shared.claim(first + j)).collect();
         let alias = shared.alias(region);
-        // Receive in runs of equal claim status.
-        let mut j = 0u64;
-        while j < n {
-            let c = claimed[j as usize];
-            let mut e = j;
-            while e < n && claimed[e as usize] == c {
-                e += 1;
-            }
-            let run = GpaRange::new(r.gpa + j * ps, (e - j) * ps);
-            if c && alias.is_some() {
-                stream
-                    .recv_into(&[run], Target::Alias)
-                    .map_err(stream_err(i))?;
-            } else {
-                staging.resize(run.len as usize, 0);
-                stream.recv_exact(staging).map_err(stream_err(i))?;
-            }
-            if c {
-                let mut hashes = Vec::with_capacity((e - j) as usize);
-                for q in j..e {
-                    let gpa = r.gpa + q * ps;
-                    let page: &[u8] = match alias {
-                        Some(a) => {
-                            let off = gpa - layout.regions()[region].gpa;
-                            // SAFETY: the alias maps the whole region; `off` is a checked page
-                            // offset inside it; the page is FILLING (claimed by us), so no other
-                            // engine thread writes it, and the guest cannot see it yet.
-                            unsafe {
-                                std::slice::from_raw_parts(
-                                    (a.addr() as usize + off as usize) as *const u8,
-                                    ps as usize,
-                                )
-                            }
-                        }
-                        None => &staging[((q - j) * ps) as usize..((q - j + 1) * ps) as usize],
-                    };
-                    let h = page_hash(gpa, page);
-                    if let Some(cs) = checksums
-                        && cs[k + (q - j) as usize] != h
-                    {
-                        return Err(MigrateError::Checksum {
-                            gpa,
-                            expected: cs[k + (q - j) as usize],
-                            got: h,
-                        });
-                    }
-                    hashes.push(h);
+        // Receive in runs of equal claim status. If the stream fails part-way, the claims
+        // not placed yet are given back (STALE): a page is marked present only once all its
+        // bytes arrived and were placed, never from a partial receive.
+        let mut placed_all = || -> Result<(), MigrateError> {
+            let mut j = 0u64;
+            while j < n {
+                let c = claimed[j as usize];
+                let mut e = j;
+                while e < n && claimed[e as usize] == c {
+                    e += 1;
                 }
-                let src = if alias.is_some() {
-                    Src::PageCache
+                let run = GpaRange::new(r.gpa + j * ps, (e - j) * ps);
+                if c && alias.is_some() {
+                    stream
+                        .recv_into(&[run], Target::Alias)
+                        .map_err(stream_err(i))?;
                 } else {
-                    Src::Bytes(staging)
-                };
-                fill(shared, run, src)?;
-                for (q, h) in (j..e).zip(hashes) {
-                    shared.placed(first + q, h, by_push);
+                    staging.resize(run.len as usize, 0);
+                    stream.recv_exact(staging).map_err(stream_err(i))?;
                 }
-            } else {
-                // Already placed by the other path; make sure nobody sleeps on them.
-                let addr = layout.host_addr(run)? as u64;
-                let _ = post.uffd.wake(addr, run.len);
+                if c {
+                    let mut hashes = Vec::with_capacity((e - j) as usize);
+                    for q in j..e {
+                        let gpa = r.gpa + q * ps;
+                        let page: &[u8] = match alias {
+                            Some(a) => {
+                                let off = gpa - layout.regions()[region].gpa;
+                                // SAFETY: the alias maps the whole region; `off` is a checked page
+                                // offset inside it; the page is FILLING (claimed by us), so no other
+                                // engine thread writes it, and the guest cannot see it yet.
+                                unsafe {
+                                    std::slice::from_raw_parts(
+                                        (a.addr() as usize + off as usize) as *const u8,
+                                        ps as usize,
+                                    )
+                                }
+                            }
+                            None => &staging[((q - j) * ps) as usize..((q - j + 1) * ps) as usize],
+                        };
+                        let h = page_hash(gpa, page);
+                        if let Some(cs) = checksums
+                            && cs[k + (q - j) as usize] != h
+                        {
+                            return Err(MigrateError::Checksum {
+                                gpa,
+                                expected: cs[k + (q - j) as usize],
+                                got: h,
+                            });
+                        }
+                        hashes.push(h);
+                    }
+                    let src = if alias.is_some() {
+                        Src::PageCache
+                    } else {
+                        Src::Bytes(staging)
+                    };
+                    fill(shared, run, src)?;
+                    for (q, h) in (j..e).zip(hashes) {
+                        shared.placed(first + q, h, by_push);
+                    }
+                } else {
+                    // Already placed by the other path; make sure nobody sleeps on them.
+                    let addr = layout.host_addr(run)? as u64;
+                    let _ = post.uffd.wake(addr, run.len);
+                }
+                k += (e - j) as usize;
+                j = e;
             }
-            k += (e - j) as usize;
-            j = e;
+            Ok(())
+        };
+        if let Err(e) = placed_all() {
+            for (j, c) in claimed.iter().enumerate() {
+                if *c {
+                    let _ = shared.states[(first + j as u64) as usize].compare_exchange(
+                        FILLING,
+                        STALE,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                }
+            }
+            return Err(e);
         }
     }
     Ok(())
@@ -1285,23 +1696,59 @@ fn place_zero_post(shared: &Shared<'_>, p: u64, gpa: u64) -> Result<(), MigrateE
 /// on the urgent stream by this thread at once (the faults of one read go out in one write),
 /// so a fault costs no thread hand-off before its request leaves. Ends with `EndOfStream` once
 /// every page is here or the migration is over.
-fn fault_loop(shared: &Shared<'_>, socket: &Socket) -> Result<(), MigrateError> {
+///
+/// A failed write (the connection is lost) does not stop it: it keeps reading faults and
+/// remembering the pages asked for, and when a recovery hands it a new urgent stream it asks
+/// again for every requested page still missing.
+fn fault_loop(shared: &Shared<'_>) -> Result<(), MigrateError> {
     use std::io::Write;
     let layout = shared.layout;
     let ps = layout.page_size();
     let post = shared.post()?;
-    let write = |buf: &[u8]| -> std::io::Result<()> {
+    let write = |socket: &Socket, buf: &[u8]| -> std::io::Result<()> {
         match socket {
             Socket::Tcp(s, _) => (&*s).write_all(buf),
             Socket::Unix(s, _) => (&*s).write_all(buf),
         }
     };
+    let mut writer: Option<Socket> = None;
+    let mut gen_seen = 0u64;
     let mut events = Vec::with_capacity(64);
     let mut requested = std::collections::HashSet::new();
     let mut out = Vec::new();
     let mut id = 0u64;
     let total = layout.total_pages();
     while !shared.done.load(Ordering::Acquire) && shared.present.load(Ordering::Acquire) < total {
+        let generation = shared.urgent_gen.load(Ordering::Acquire);
+        if generation != gen_seen {
+            gen_seen = generation;
+            writer = shared.urgent_writer.lock().ok().and_then(|mut w| w.take());
+            // A new connection: ask again for what was asked on the old one and is missing.
+            out.clear();
+            let mut again: Vec<u64> = requested
+                .iter()
+                .copied()
+                .filter(|p: &u64| shared.states[*p as usize].load(Ordering::Acquire) != PRESENT)
+                .collect();
+            again.sort_unstable();
+            for p in again {
+                id += 1;
+                out.extend_from_slice(
+                    &Frame::PageRequest {
+                        id,
+                        range: GpaRange::new(layout.page_gpa(p), ps),
+                    }
+                    .encode(),
+                );
+            }
+            if let Some(w) = &writer
+                && !out.is_empty()
+                && let Err(e) = write(w, &out)
+            {
+                debug!(%e, "re-sending page requests failed");
+                writer = None;
+            }
+        }
         let ready = post
             .uffd
             .poll(Some(Duration::from_millis(20)))
@@ -1362,9 +1809,20 @@ fn fault_loop(shared: &Shared<'_>, socket: &Socket) -> Result<(), MigrateError> 
                 );
             }
         }
-        if let Some(gpa) = first_gpa {
-            write(&out).map_err(|source| MigrateError::Place { gpa, source })?;
+        if let Some(gpa) = first_gpa
+            && let Some(w) = &writer
+            && let Err(e) = write(w, &out)
+        {
+            // The connection is lost: the requests are remembered and go out again on the
+            // next one (recovery), or the migration fails.
+            debug!(%e, gpa = format_args!("{gpa:#x}"), "page request not sent");
+            writer = None;
         }
+    }
+    if shared.present.load(Ordering::Acquire) < total {
+        // The migration ended without every page (it failed): guest memory stays registered,
+        // so a touch of a missing page keeps waiting instead of reading a zero page.
+        return Ok(());
     }
     // Post-copy is over. Pages that arrived but are not mapped yet (page-cache data, zero pages
     // never written) still fault: unregister guest memory so the kernel resolves those touches
@@ -1376,7 +1834,9 @@ fn fault_loop(shared: &Shared<'_>, socket: &Socket) -> Result<(), MigrateError> 
             warn!(%e, gpa = format_args!("{:#x}", r.gpa), "unregistering guest memory failed");
         }
     }
-    let _ = write(&Frame::EndOfStream.encode());
+    if let Some(w) = &writer {
+        let _ = write(w, &Frame::EndOfStream.encode());
+    }
     Ok(())
 }
 

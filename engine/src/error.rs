@@ -152,9 +152,36 @@ pub enum MigrateError {
         #[source]
         source: Box<MigrateError>,
     },
+    /// Post-copy lost its connection and the source did not resume the session within the
+    /// recovery window (destination side).
+    #[error(
+        "Connection lost in post-copy and not resumed within {window:?}: {missing} pages never arrived; the VM stays blocked on them (userfaultfd stays registered, they are never read as zeroes)"
+    )]
+    NotRecovered {
+        /// Pages still missing at the destination.
+        missing: u64,
+        /// The recovery window.
+        window: Duration,
+        /// The loss that started the wait.
+        #[source]
+        source: Box<MigrateError>,
+    },
 }
 
 impl MigrateError {
+    /// Whether this error is the loss of a connection (closed, reset or silent peer, a failed
+    /// stream), which post-copy recovery may repair, as opposed to a refusal, a protocol
+    /// violation or a local failure.
+    pub fn is_connection_loss(&self) -> bool {
+        match self {
+            MigrateError::Session(SessionError::Closed { .. } | SessionError::Io { .. })
+            | MigrateError::Stream { .. }
+            | MigrateError::Timeout { .. } => true,
+            MigrateError::PostCopyLost { source, .. } => source.is_connection_loss(),
+            _ => false,
+        }
+    }
+
     pub(crate) fn vm(op: &'static str) -> impl FnOnce(BoxError) -> Self {
         move |source| MigrateError::Vm { op, source }
     }

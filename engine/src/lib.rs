@@ -11,7 +11,9 @@
 //!   (urgent replies, background push by fault neighbourhood), the source digest.
 //! - [`dest::receive`]: receive into guest memory, apply the switchover, restore and resume,
 //!   post-copy fault resolution with [`uffd`], the destination digest.
-//! - [`session`]: connecting and accepting a whole migration session (handshake, streams).
+//! - [`session`]: connecting and accepting a whole migration session (handshake, streams),
+//!   and resuming it after a lost connection in post-copy ([`source::migrate_with`],
+//!   [`dest::receive_with`]).
 #![warn(missing_docs)]
 // Guest-physical sizes and offsets are u64 and index host memory: the engine only supports
 // 64-bit hosts (as vm-memory does), where u64 -> usize is lossless, and durations in µs fit u64

@@ -151,4 +151,8 @@ pub struct MigrationReport {
     pub throughput_series: Vec<[f64; 3]>,
     /// Live checksum mismatches repaired by resending.
     pub resent_pages: u64,
+    /// Post-copy connections lost and recovered (the session resumed).
+    pub recoveries: u32,
+    /// Time without a connection during those recoveries, ms.
+    pub disconnected_ms: f64,
 }

@@ -3,21 +3,23 @@
 //! (`ferry_transport::session`), guest-memory registration with the transport, and one data
 //! stream per connection.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_protocol::handshake::{Auth, Capabilities, Mode, Params, ServerConfig, TransportKind};
+use ferry_protocol::handshake::{
+    Auth, Capabilities, Mode, Params, ServerConfig, SessionId, TransportKind,
+};
 use ferry_transport::memory::RegistrationConfig;
-use ferry_transport::session::{ConnectConfig, SessionListener};
-use ferry_transport::{Backend, Endpoint, MemoryRegistration, StreamConfig, open_stream};
+use ferry_transport::session::{ConnectConfig, Session, SessionListener};
+use ferry_transport::{Backend, Endpoint, MemoryRegistration, Socket, StreamConfig, open_stream};
 
-use crate::dest::{DestReport, DestStreams, DestVm, receive};
+use crate::dest::{DestRecovery, DestReport, DestStreams, DestVm, receive_with};
 use crate::error::MigrateError;
 use crate::layout::Layout;
 use crate::memory::AliasMapping;
 use crate::policy::Policy;
 use crate::report::MigrationReport;
-use crate::source::{Progress, SourceStreams, SourceVm, migrate};
+use crate::source::{Progress, SourceRecovery, SourceStreams, SourceVm, migrate_with};
 use crate::vm::Backing;
 
 /// How long a receiving stream may sit idle; the engine ends idle streams itself by
@@ -79,46 +81,77 @@ pub fn connect_source(
     policy: &Policy,
     opts: &SessionOptions,
 ) -> Result<(SourceStreams, Arc<MemoryRegistration>), MigrateError> {
-    let params = Params {
-        mode: policy.mode,
-        compression: policy.compression,
-        checksums: policy.checksums,
-        streams: opts.streams,
-        transport: opts.transport,
-        memory: layout.map().clone(),
-        rdma: Vec::new(),
-    };
-    let session = ferry_transport::session::connect(
-        endpoint,
-        &ConnectConfig {
-            auth: opts.auth.clone(),
-            params,
-            urgent: policy.mode != Mode::PreCopy,
-            timeout: opts.timeout,
-        },
-    )?;
+    let session =
+        ferry_transport::session::connect(endpoint, &connect_config(layout, policy, opts))?;
     let reg = layout.register(None, opts.registration)?;
+    let streams = source_streams(session, &reg, opts)?;
+    Ok((streams, reg))
+}
+
+/// The source side of a post-copy recovery: resumes `session` at `endpoint` (same key, same
+/// proposal) and opens its streams over the registration the first connection made.
+pub fn reconnect_source(
+    endpoint: &Endpoint,
+    session: SessionId,
+    layout: &Layout,
+    policy: &Policy,
+    opts: &SessionOptions,
+    reg: &Arc<MemoryRegistration>,
+) -> Result<SourceStreams, MigrateError> {
+    let s = ferry_transport::session::reconnect(
+        endpoint,
+        &connect_config(layout, policy, opts),
+        session,
+    )?;
+    source_streams(s, reg, opts)
+}
+
+fn connect_config(layout: &Layout, policy: &Policy, opts: &SessionOptions) -> ConnectConfig {
+    ConnectConfig {
+        auth: opts.auth.clone(),
+        params: Params {
+            mode: policy.mode,
+            compression: policy.compression,
+            checksums: policy.checksums,
+            streams: opts.streams,
+            transport: opts.transport,
+            memory: layout.map().clone(),
+            rdma: Vec::new(),
+        },
+        urgent: policy.mode != Mode::PreCopy,
+        timeout: opts.timeout,
+    }
+}
+
+fn clone_socket(s: &Socket) -> Result<Socket, MigrateError> {
+    s.try_clone()
+        .map_err(|source| MigrateError::Place { gpa: 0, source })
+}
+
+fn source_streams(
+    session: Session,
+    reg: &Arc<MemoryRegistration>,
+    opts: &SessionOptions,
+) -> Result<SourceStreams, MigrateError> {
     let cfg = StreamConfig {
         backend: backend(session.params.transport),
         ..opts.stream
     };
+    let mut sockets = vec![clone_socket(session.control.socket())?];
     let mut bulk = Vec::with_capacity(session.bulk.len());
     for (i, s) in session.bulk.into_iter().enumerate() {
+        sockets.push(clone_socket(&s)?);
         bulk.push(
-            open_stream(s, i, &reg, &cfg)
+            open_stream(s, i, reg, &cfg)
                 .map_err(|source| MigrateError::Open { stream: i, source })?,
         );
     }
     let urgent_cfg = ferry_transport::urgent::urgent_config(IDLE_TIMEOUT);
-    let mut sockets = Vec::new();
     let urgent = match session.urgent {
         Some(s) => {
-            sockets.push(
-                s.try_clone()
-                    .map_err(|source| MigrateError::Place { gpa: 0, source })?,
-            );
+            sockets.push(clone_socket(&s)?);
             Some(
-                open_stream(s, usize::MAX, &reg, &urgent_cfg).map_err(|source| {
+                open_stream(s, usize::MAX, reg, &urgent_cfg).map_err(|source| {
                     MigrateError::Open {
                         stream: usize::MAX,
                         source,
@@ -128,16 +161,14 @@ pub fn connect_source(
         }
         None => None,
     };
-    Ok((
-        SourceStreams {
-            control: session.control,
-            bulk,
-            urgent,
-            transport: kind_name(session.params.transport).into(),
-            sockets,
-        },
-        reg,
-    ))
+    Ok(SourceStreams {
+        control: session.control,
+        bulk,
+        urgent,
+        transport: kind_name(session.params.transport).into(),
+        sockets,
+        session: session.id,
+    })
 }
 
 /// The destination's server configuration for guest memory `layout`.
@@ -185,6 +216,32 @@ pub fn accept_destination(
         .map(|a| a.as_ref().and_then(|a| usize::try_from(a.addr()).ok()))
         .collect();
     let reg = layout.register(Some(&alias_addrs), opts.registration)?;
+    let params = session.params.clone();
+    let streams = dest_streams(session, &reg, opts, aliases)?;
+    Ok((streams, reg, params))
+}
+
+/// The destination side of a post-copy recovery: waits up to `deadline` on `listener` for the
+/// source to resume `session` (same key; anything else is refused, see
+/// `SessionListener::accept_resume`) and opens its streams over the registration of the first
+/// connection. For [`DestRecovery::accept`].
+pub fn accept_recovery(
+    listener: &SessionListener,
+    session: SessionId,
+    reg: &Arc<MemoryRegistration>,
+    opts: &SessionOptions,
+    deadline: Duration,
+) -> Result<DestStreams, MigrateError> {
+    let s = listener.accept_resume(session, |p| p.mode != Mode::PreCopy, deadline)?;
+    dest_streams(s, reg, opts, Vec::new())
+}
+
+fn dest_streams(
+    session: Session,
+    reg: &Arc<MemoryRegistration>,
+    opts: &SessionOptions,
+    aliases: Vec<Option<AliasMapping>>,
+) -> Result<DestStreams, MigrateError> {
     // Receivers idle legitimately (a stream with no dirty pages, post-copy waiting for faults):
     // they wait long, and the engine shuts their sockets down when it is done or gives up.
     // No fixed buffers here: registering guest memory with io_uring pins (so populates) every
@@ -200,26 +257,18 @@ pub fn accept_destination(
     let mut bulk = Vec::with_capacity(session.bulk.len());
     let mut sockets = Vec::new();
     for (i, s) in session.bulk.into_iter().enumerate() {
-        sockets.push(
-            s.try_clone()
-                .map_err(|source| MigrateError::Place { gpa: 0, source })?,
-        );
+        sockets.push(clone_socket(&s)?);
         bulk.push(
-            open_stream(s, i, &reg, &cfg)
+            open_stream(s, i, reg, &cfg)
                 .map_err(|source| MigrateError::Open { stream: i, source })?,
         );
     }
     let urgent_cfg = ferry_transport::urgent::urgent_config(IDLE_TIMEOUT);
     let urgent = match session.urgent {
         Some(s) => {
-            sockets.push(
-                s.try_clone()
-                    .map_err(|source| MigrateError::Place { gpa: 0, source })?,
-            );
-            let writer = s
-                .try_clone()
-                .map_err(|source| MigrateError::Place { gpa: 0, source })?;
-            let stream = open_stream(s, usize::MAX, &reg, &urgent_cfg).map_err(|source| {
+            sockets.push(clone_socket(&s)?);
+            let writer = clone_socket(&s)?;
+            let stream = open_stream(s, usize::MAX, reg, &urgent_cfg).map_err(|source| {
                 MigrateError::Open {
                     stream: usize::MAX,
                     source,
@@ -229,17 +278,14 @@ pub fn accept_destination(
         }
         None => None,
     };
-    Ok((
-        DestStreams {
-            control: session.control,
-            bulk,
-            urgent,
-            aliases,
-            sockets,
-        },
-        reg,
-        session.params,
-    ))
+    Ok(DestStreams {
+        control: session.control,
+        bulk,
+        urgent,
+        aliases,
+        sockets,
+        session: session.id,
+    })
 }
 
 /// Both ends' reports of a [`migrate_local`] migration.
@@ -264,6 +310,67 @@ pub fn migrate_local(
     opts: &SessionOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<LocalMigration, MigrateError> {
+    let out = migrate_local_with(src, dst, policy, opts, &LocalRecovery::default(), progress)?;
+    Ok(LocalMigration {
+        source: out.source?,
+        dest: out.dest?,
+    })
+}
+
+/// Every socket of the source's connections (control, bulk, urgent; the first session's and
+/// each resumed one's), so that a test can cut them all at once.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionTap(Arc<Mutex<Vec<Socket>>>);
+
+impl ConnectionTap {
+    fn add(&self, sockets: &[Socket]) {
+        if let Ok(mut v) = self.0.lock() {
+            v.extend(sockets.iter().filter_map(|s| s.try_clone().ok()));
+        }
+    }
+
+    /// Shuts down (`shutdown(2)`, both directions) every socket added so far and forgets
+    /// them; returns how many.
+    pub fn cut(&self) -> usize {
+        let sockets = self.0.lock().map(|mut v| std::mem::take(&mut *v));
+        let sockets = sockets.unwrap_or_default();
+        for s in &sockets {
+            let _ = s.shutdown();
+        }
+        sockets.len()
+    }
+}
+
+/// Post-copy recovery in a [`migrate_local_with`] migration.
+#[derive(Debug, Clone, Default)]
+pub struct LocalRecovery {
+    /// How long the source tries to resume the session after losing it (`None`: it does not).
+    pub source_window: Option<Duration>,
+    /// How long the destination waits for the resumption (`None`: it does not).
+    pub dest_window: Option<Duration>,
+    /// Receives every source socket.
+    pub tap: ConnectionTap,
+}
+
+/// Both ends' results of a [`migrate_local_with`] migration.
+#[derive(Debug)]
+pub struct LocalOutcome {
+    /// The source's.
+    pub source: Result<MigrationReport, MigrateError>,
+    /// The destination's.
+    pub dest: Result<DestReport, MigrateError>,
+}
+
+/// As [`migrate_local`], with post-copy recovery on either side as `recovery` says, and both
+/// sides' results.
+pub fn migrate_local_with(
+    src: SourceVm<'_>,
+    dst: DestVm<'_>,
+    policy: &Policy,
+    opts: &SessionOptions,
+    recovery: &LocalRecovery,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<LocalOutcome, MigrateError> {
     let layout_d = Layout::new(dst.memory)?;
     let layout_s = Layout::new(src.memory)?;
     let listener = SessionListener::bind(
@@ -279,29 +386,41 @@ pub fn migrate_local(
         opts.timeout,
     )?;
     let endpoint = listener.endpoint()?;
+    let tap = &recovery.tap;
     std::thread::scope(|s| {
         let dest = std::thread::Builder::new()
             .name("ferry-local-dest".into())
             .spawn_scoped(s, || -> Result<DestReport, MigrateError> {
                 let (streams, reg, _) =
                     accept_destination(&listener, &layout_d, opts, policy.timeout)?;
-                let report = receive(dst, streams, policy.timeout);
-                drop(reg);
-                report
+                let mut accept = |id: SessionId, left: Duration| {
+                    accept_recovery(&listener, id, &reg, opts, left)
+                };
+                let rec = recovery.dest_window.map(|window| DestRecovery {
+                    window,
+                    accept: &mut accept,
+                });
+                receive_with(dst, streams, policy.timeout, rec)
             })
             .map_err(|_| MigrateError::Worker("local destination"))?;
         let source =
             connect_source(&endpoint, &layout_s, policy, opts).and_then(|(streams, reg)| {
-                let r = migrate(src, streams, policy, progress);
-                drop(reg);
-                r
+                tap.add(&streams.sockets);
+                let session = streams.session;
+                let mut reconnect = || {
+                    let st = reconnect_source(&endpoint, session, &layout_s, policy, opts, &reg)?;
+                    tap.add(&st.sockets);
+                    Ok(st)
+                };
+                let rec = recovery.source_window.map(|window| SourceRecovery {
+                    window,
+                    reconnect: &mut reconnect,
+                });
+                migrate_with(src, streams, policy, progress, rec)
             });
         let dest = dest
             .join()
             .map_err(|_| MigrateError::Worker("local destination"))?;
-        Ok(LocalMigration {
-            source: source?,
-            dest: dest?,
-        })
+        Ok(LocalOutcome { source, dest })
     })
 }

@@ -7,14 +7,22 @@
 //! resumes the VM here (if it was paused) and returns the error: the VM keeps running on the
 //! source, unharmed. After `Resumed` in post-copy, the destination owns the VM; the source keeps
 //! its (paused) memory and reports [`MigrateError::PostCopyLost`].
+//!
+//! Post-copy recovery ([`migrate_with`] and a [`SourceRecovery`]): when the connection is lost
+//! after `Resumed` in post-copy, the source ends the old connections and their threads, keeps
+//! the paused memory, and resumes the same session (same endpoint, same key, see
+//! `ferry_transport::session::reconnect`), retrying until the recovery window passes. The
+//! destination then names the pages it still lacks (`Missing`); exactly those are pushed,
+//! requests are served again, and the migration ends with the digest as before. The report
+//! counts the recoveries and the time without a connection.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
-use ferry_protocol::frame::{FrameHeader, HEADER_LEN, MAX_RANGES, StateKind, SwitchoverKind};
-use ferry_protocol::handshake::Mode;
+use ferry_protocol::frame::{FrameHeader, HEADER_LEN, MAX_LIST_RANGES, StateKind, SwitchoverKind};
+use ferry_protocol::handshake::{Mode, SessionId};
 use ferry_protocol::memmap::bitmap_to_ranges;
 use ferry_protocol::{Frame, GpaRange};
 use ferry_transport::DataStream;
@@ -69,10 +77,25 @@ pub struct SourceStreams {
     pub urgent: Option<Box<dyn DataStream>>,
     /// Transport name for the report.
     pub transport: String,
-    /// Second handles on receiving sockets (the urgent stream), shut down when the migration
-    /// ends so no thread waits on them.
+    /// Second handles on the sockets (control, bulk, urgent), shut down when the migration
+    /// ends (or the connection is abandoned) so no thread waits on them.
     pub sockets: Vec<ferry_transport::Socket>,
+    /// The session these connections belong to.
+    pub session: SessionId,
 }
+
+/// How the source recovers a post-copy migration whose connection was lost (see the module
+/// docs).
+#[allow(missing_debug_implementations)]
+pub struct SourceRecovery<'r> {
+    /// How long to keep trying to resume the session after a loss.
+    pub window: Duration,
+    /// Resumes the session once (e.g. [`crate::session::reconnect_source`]).
+    pub reconnect: &'r mut dyn FnMut() -> Result<SourceStreams, MigrateError>,
+}
+
+/// Pause between two attempts to resume a session.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
 
 /// What the source is doing, for progress display.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,8 +135,13 @@ struct Run<'s, 'a> {
     policy: &'a Policy,
     work: Vec<Sender<Work>>,
     done: Receiver<Done>,
-    ctl: &'a ControlChannel,
+    ctl: ControlChannel,
     ctl_rx: Receiver<Ctl>,
+    /// Post-copy recovery: the pages the destination still lacks, and whether it named all.
+    missing: Vec<GpaRange>,
+    missing_done: bool,
+    /// The paused memory's digest, once computed.
+    src_digest: Option<[u8; 16]>,
     counters: &'a [Counters],
     start: Instant,
     report: MigrationReport,
@@ -134,85 +162,220 @@ struct Run<'s, 'a> {
 }
 
 /// Migrates the VM to the peer at the other end of `streams`. Returns the report; see the
-/// module docs for what an error means for the VM.
+/// module docs for what an error means for the VM. Without recovery (see [`migrate_with`]).
 pub fn migrate(
     vm: SourceVm<'_>,
     streams: SourceStreams,
     policy: &Policy,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationReport, MigrateError> {
+    migrate_with(vm, streams, policy, progress, None)
+}
+
+/// What the threads of one connection share with the migration.
+struct Ctx<'a> {
+    layout: &'a Layout,
+    counters: &'a [Counters],
+    to_send: &'a AtomicBitmap,
+    policy: &'a Policy,
+    hints: Sender<u64>,
+}
+
+/// One connection's threads and channels.
+struct Conn<'scope> {
+    ctl: ControlChannel,
+    work: Vec<Sender<Work>>,
+    done: Receiver<Done>,
+    ctl_rx: Receiver<Ctl>,
+    sockets: Vec<ferry_transport::Socket>,
+    urgent: Option<thread::ScopedJoinHandle<'scope, Result<(), MigrateError>>>,
+}
+
+/// Starts a connection's threads: one sender per bulk stream, the control reader, and the
+/// urgent server.
+fn start_conn<'scope>(
+    s: &'scope thread::Scope<'scope, '_>,
+    ctx: &Ctx<'scope>,
+    streams: SourceStreams,
+) -> Result<Conn<'scope>, MigrateError> {
+    let SourceStreams {
+        control,
+        bulk,
+        urgent,
+        sockets,
+        ..
+    } = streams;
+    if bulk.len() != ctx.counters.len() {
+        return Err(MigrateError::Unexpected {
+            got: "a different number of bulk streams",
+            state: "resuming the session",
+        });
+    }
+    let layout = ctx.layout;
+    let policy = ctx.policy;
+    let ctl_reader = control.try_clone()?;
+    let (done_tx, done_rx) = unbounded();
+    let mut work = Vec::with_capacity(bulk.len());
+    for (index, stream) in bulk.into_iter().enumerate() {
+        let (tx, rx) = bounded(2);
+        work.push(tx);
+        let w = Worker {
+            index,
+            stream,
+            layout,
+            checksums: policy.checksums,
+            compression: policy.compression,
+            frame_bytes: policy.frame_bytes,
+            counters: &ctx.counters[index],
+        };
+        let done_tx = done_tx.clone();
+        thread::Builder::new()
+            .name(format!("ferry-send-{index}"))
+            .spawn_scoped(s, move || w.run(rx, done_tx))
+            .map_err(|_| MigrateError::Worker("sender"))?;
+    }
+    drop(done_tx);
+    let (ctl_tx, ctl_rx) = unbounded();
+    thread::Builder::new()
+        .name("ferry-src-ctl".into())
+        .spawn_scoped(s, move || control_reader(ctl_reader, ctl_tx))
+        .map_err(|_| MigrateError::Worker("control reader"))?;
+    let urgent = match urgent {
+        Some(u) => {
+            let to_send = ctx.to_send;
+            let hint_tx = ctx.hints.clone();
+            let checksums = policy.checksums;
+            Some(
+                thread::Builder::new()
+                    .name("ferry-src-urgent".into())
+                    .spawn_scoped(s, move || {
+                        if let Err(e) = ferry_transport::urgent::raise_thread_priority(
+                            ferry_transport::urgent::Priority::default(),
+                        ) {
+                            debug!(%e, "urgent server keeps normal priority");
+                        }
+                        let r = serve_urgent(u, layout, to_send, hint_tx, checksums);
+                        if let Err(e) = &r {
+                            warn!(error = %ferry_protocol::handshake::error_chain(e), "urgent server failed");
+                        }
+                        r
+                    })
+                    .map_err(|_| MigrateError::Worker("urgent server"))?,
+            )
+        }
+        None => None,
+    };
+    Ok(Conn {
+        ctl: control,
+        work,
+        done: done_rx,
+        ctl_rx,
+        sockets,
+        urgent,
+    })
+}
+
+/// Ends a connection: shuts its sockets down, stops its senders (waiting for them, bounded)
+/// and joins its urgent server.
+fn end_conn(
+    run: &mut Run<'_, '_>,
+    sockets: &[ferry_transport::Socket],
+    urgent: Option<thread::ScopedJoinHandle<'_, Result<(), MigrateError>>>,
+) {
+    run.ctl.shutdown();
+    for s in sockets {
+        let _ = s.shutdown();
+    }
+    run.work.clear();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match run.done.recv_timeout(Duration::from_millis(20)) {
+            Ok(Done::Failed { stream, error }) => debug!(stream, %error, "sender stopped"),
+            Ok(_) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+            Err(RecvTimeoutError::Timeout) => {
+                warn!("senders of the lost connection did not stop in 10 s");
+                break;
+            }
+        }
+    }
+    if let Some(h) = urgent {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(%e, "urgent server ended"),
+            Err(_) => warn!("urgent server panicked"),
+        }
+    }
+}
+
+/// Resumes the session, retrying until `window` after `t_lost` has passed.
+fn reconnect_within(
+    rec: &mut SourceRecovery<'_>,
+    t_lost: Instant,
+) -> Result<SourceStreams, MigrateError> {
+    let end = t_lost + rec.window;
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        match (rec.reconnect)() {
+            Ok(st) => {
+                info!(attempts, "session resumed");
+                return Ok(st);
+            }
+            Err(e) if Instant::now() + RECONNECT_PAUSE >= end => {
+                warn!(attempts, error = %ferry_protocol::handshake::error_chain(&e), "could not resume the session");
+                return Err(e);
+            }
+            Err(e) => {
+                debug!(attempts, %e, "resuming the session failed; retrying");
+                thread::sleep(RECONNECT_PAUSE);
+            }
+        }
+    }
+}
+
+/// As [`migrate`]; with `recovery`, a post-copy migration survives lost connections (see the
+/// module docs).
+pub fn migrate_with(
+    vm: SourceVm<'_>,
+    streams: SourceStreams,
+    policy: &Policy,
+    progress: &mut dyn FnMut(&Progress),
+    recovery: Option<SourceRecovery<'_>>,
+) -> Result<MigrationReport, MigrateError> {
     let layout = Layout::new(vm.memory)?;
     let n = streams.bulk.len();
     let counters: Vec<Counters> = (0..n).map(|_| Counters::default()).collect();
     let to_send = AtomicBitmap::new(layout.total_pages());
     let (hint_tx, hint_rx) = unbounded::<u64>();
-    let SourceStreams {
-        control,
-        bulk,
-        urgent,
-        transport,
-        sockets,
-    } = streams;
-    let ctl_reader = control.try_clone()?;
+    let transport = streams.transport.clone();
+    let ctx = Ctx {
+        layout: &layout,
+        counters: &counters,
+        to_send: &to_send,
+        policy,
+        hints: hint_tx,
+    };
     thread::scope(|s| {
-        let (done_tx, done_rx) = unbounded();
-        let mut work = Vec::with_capacity(n);
-        for (index, stream) in bulk.into_iter().enumerate() {
-            let (tx, rx) = bounded(2);
-            work.push(tx);
-            let w = Worker {
-                index,
-                stream,
-                layout: &layout,
-                checksums: policy.checksums,
-                compression: policy.compression,
-                frame_bytes: policy.frame_bytes,
-                counters: &counters[index],
-            };
-            let done_tx = done_tx.clone();
-            thread::Builder::new()
-                .name(format!("ferry-send-{index}"))
-                .spawn_scoped(s, move || w.run(rx, done_tx))
-                .map_err(|_| MigrateError::Worker("sender"))?;
-        }
-        drop(done_tx);
-        let (ctl_tx, ctl_rx) = unbounded();
-        thread::Builder::new()
-            .name("ferry-src-ctl".into())
-            .spawn_scoped(s, move || control_reader(ctl_reader, ctl_tx))
-            .map_err(|_| MigrateError::Worker("control reader"))?;
-        let urgent_handle = match urgent {
-            Some(u) => {
-                let layout = &layout;
-                let to_send = &to_send;
-                let checksums = policy.checksums;
-                Some(
-                    thread::Builder::new()
-                        .name("ferry-src-urgent".into())
-                        .spawn_scoped(s, move || {
-                            if let Err(e) = ferry_transport::urgent::raise_thread_priority(
-                                ferry_transport::urgent::Priority::default(),
-                            ) {
-                                debug!(%e, "urgent server keeps normal priority");
-                            }
-                            let r = serve_urgent(u, layout, to_send, hint_tx, checksums);
-                            if let Err(e) = &r {
-                                warn!(error = %ferry_protocol::handshake::error_chain(e), "urgent server failed");
-                            }
-                            r
-                        })
-                        .map_err(|_| MigrateError::Worker("urgent server"))?,
-                )
-            }
-            None => None,
-        };
+        let Conn {
+            ctl,
+            work,
+            done,
+            ctl_rx,
+            sockets,
+            urgent,
+        } = start_conn(s, &ctx, streams)?;
         let mut run = Run {
             layout: &layout,
             policy,
             work,
-            done: done_rx,
-            ctl: &control,
+            done,
+            ctl,
             ctl_rx,
+            missing: Vec::new(),
+            missing_done: false,
+            src_digest: None,
             counters: &counters,
             start: Instant::now(),
             report: MigrationReport {
@@ -234,9 +397,20 @@ pub fn migrate(
             pre_stale_acked: false,
             early_barriers: Vec::new(),
         };
-        let r = run.drive(vm, &to_send, &hint_rx);
+        let mut handles = Handles { sockets, urgent };
+        let r = run.drive(vm, &to_send).and_then(|post_copy| {
+            finish_with_recovery(
+                s,
+                &ctx,
+                &mut run,
+                &mut handles,
+                post_copy,
+                recovery,
+                &hint_rx,
+            )
+        });
         if let Err(e) = &r {
-            let _ = control.send(
+            let _ = run.ctl.send(
                 &Frame::Abort {
                     reason: ferry_protocol::handshake::error_chain(e),
                 },
@@ -253,11 +427,11 @@ pub fn migrate(
                 debug!(stream, %error, "stream ended with an error");
             }
         }
-        control.shutdown();
-        for s in &sockets {
+        run.ctl.shutdown();
+        for s in &handles.sockets {
             let _ = s.shutdown();
         }
-        if let Some(h) = urgent_handle {
+        if let Some(h) = handles.urgent {
             match h.join() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => debug!(%e, "urgent server ended"),
@@ -280,6 +454,65 @@ pub fn migrate(
             rep
         })
     })
+}
+
+/// The parts of the current connection the migration keeps outside [`Run`].
+struct Handles<'scope> {
+    sockets: Vec<ferry_transport::Socket>,
+    urgent: Option<thread::ScopedJoinHandle<'scope, Result<(), MigrateError>>>,
+}
+
+/// After the destination resumed: [`Run::finish`]; in post-copy with `recovery`, each lost
+/// connection is followed by resuming the session, taking the destination's missing pages
+/// and finishing again, for as long as resuming succeeds within the window.
+fn finish_with_recovery<'scope>(
+    s: &'scope thread::Scope<'scope, '_>,
+    ctx: &Ctx<'scope>,
+    run: &mut Run<'_, '_>,
+    handles: &mut Handles<'scope>,
+    post_copy: bool,
+    mut recovery: Option<SourceRecovery<'_>>,
+    hints: &Receiver<u64>,
+) -> Result<MigrationReport, MigrateError> {
+    let to_send = ctx.to_send;
+    let mut resumed_session = false;
+    loop {
+        let step = if resumed_session {
+            run.take_missing(to_send)
+                .and_then(|()| run.finish(post_copy, to_send, hints))
+        } else {
+            run.finish(post_copy, to_send, hints)
+        };
+        let e = match step {
+            Ok(rep) => return Ok(rep),
+            Err(e) if !post_copy => return Err(e),
+            Err(e) => e,
+        };
+        let lost = |e: MigrateError| MigrateError::PostCopyLost {
+            missing: to_send.count(),
+            source: Box::new(e),
+        };
+        let Some(rec) = recovery.as_mut().filter(|_| e.is_connection_loss()) else {
+            return Err(lost(e));
+        };
+        let t_lost = Instant::now();
+        warn!(error = %ferry_protocol::handshake::error_chain(&e), "post-copy connection lost; resuming the session");
+        end_conn(run, &handles.sockets, handles.urgent.take());
+        handles.sockets.clear();
+        let Ok(conn) = reconnect_within(rec, t_lost).and_then(|st| start_conn(s, ctx, st)) else {
+            return Err(lost(e));
+        };
+        run.ctl = conn.ctl;
+        run.work = conn.work;
+        run.done = conn.done;
+        run.ctl_rx = conn.ctl_rx;
+        run.early_barriers.clear();
+        handles.sockets = conn.sockets;
+        handles.urgent = conn.urgent;
+        run.report.recoveries += 1;
+        run.report.disconnected_ms += t_lost.elapsed().as_secs_f64() * 1000.0;
+        resumed_session = true;
+    }
 }
 
 fn mode_name(m: Mode) -> &'static str {
@@ -388,6 +621,14 @@ impl Run<'_, '_> {
                 }
                 Frame::RoundEnd { round } if round == PRE_STALE_ROUND => {
                     self.pre_stale_acked = true;
+                    Ok(())
+                }
+                Frame::Missing { ranges, last } => {
+                    for r in &ranges {
+                        self.layout.locate(*r)?;
+                    }
+                    self.missing.extend(ranges);
+                    self.missing_done |= last;
                     Ok(())
                 }
                 other => Err(MigrateError::Unexpected {
@@ -557,12 +798,9 @@ impl Run<'_, '_> {
         Ok(ranges)
     }
 
-    fn drive(
-        &mut self,
-        vm: SourceVm<'_>,
-        to_send: &AtomicBitmap,
-        hints: &Receiver<u64>,
-    ) -> Result<MigrationReport, MigrateError> {
+    /// Pre-copy rounds and the switchover, until the destination runs the VM. Returns whether
+    /// it switched over to post-copy.
+    fn drive(&mut self, vm: SourceVm<'_>, to_send: &AtomicBitmap) -> Result<bool, MigrateError> {
         let SourceVm {
             memory: _,
             dirty,
@@ -723,7 +961,7 @@ impl Run<'_, '_> {
                 // Behind the last pages on every stream: the destination drops nothing before
                 // its receivers passed it.
                 self.marker(PRE_STALE_ROUND, Phase::Round(round))?;
-                for chunk in drop_now.chunks(MAX_RANGES) {
+                for chunk in drop_now.chunks(MAX_LIST_RANGES) {
                     self.ctl.send(
                         &Frame::StaleSet {
                             ranges: chunk.to_vec(),
@@ -808,7 +1046,7 @@ impl Run<'_, '_> {
             )?;
             let stale_pages = final_ranges.iter().map(|r| r.len).sum::<u64>() / ps;
             if post_copy {
-                for chunk in final_ranges.chunks(MAX_RANGES) {
+                for chunk in final_ranges.chunks(MAX_LIST_RANGES) {
                     self.ctl.send(
                         &Frame::StaleSet {
                             ranges: chunk.to_vec(),
@@ -889,37 +1127,39 @@ impl Run<'_, '_> {
             "destination resumed"
         );
 
-        // Post-copy: push the stale pages, fault neighbourhoods first.
-        let after = (|| -> Result<(), MigrateError> {
-            if post_copy {
-                self.push(to_send, hints)?;
-            }
-            self.tick(Phase::Verifying);
-            let d = digest::digest_memory(self.layout);
-            self.report.digest = digest::hex(&d);
-            self.ctl.send(
-                &Frame::Complete {
-                    digest: d,
-                    pages: self.layout.total_pages(),
-                },
-                &[],
-            )?;
-            self.wait_ctl(
-                "the destination's verdict",
-                |r| r.verified.is_some(),
-                Phase::Verifying,
-            )?;
-            Ok(())
-        })();
-        if let Err(e) = after {
-            if post_copy {
-                return Err(MigrateError::PostCopyLost {
-                    missing: to_send.count(),
-                    source: Box::new(e),
-                });
-            }
-            return Err(e);
+        Ok(post_copy)
+    }
+
+    /// After the destination resumed: post-copy push (stale pages, fault neighbourhoods
+    /// first), then the digests. Errors here are returned as they are; the caller decides
+    /// between recovery and [`MigrateError::PostCopyLost`].
+    fn finish(
+        &mut self,
+        post_copy: bool,
+        to_send: &AtomicBitmap,
+        hints: &Receiver<u64>,
+    ) -> Result<MigrationReport, MigrateError> {
+        if post_copy {
+            self.push(to_send, hints)?;
         }
+        self.tick(Phase::Verifying);
+        // The memory is paused: a recovery reuses the digest computed before the loss.
+        let d = *self
+            .src_digest
+            .get_or_insert_with(|| digest::digest_memory(self.layout));
+        self.report.digest = digest::hex(&d);
+        self.ctl.send(
+            &Frame::Complete {
+                digest: d,
+                pages: self.layout.total_pages(),
+            },
+            &[],
+        )?;
+        self.wait_ctl(
+            "the destination's verdict",
+            |r| r.verified.is_some(),
+            Phase::Verifying,
+        )?;
         let (ok, _) = self.verified.unwrap_or((false, [0; 16]));
         self.report.verified = ok;
         self.report.faults = self.fault_stats.clone().unwrap_or_default();
@@ -941,6 +1181,30 @@ impl Run<'_, '_> {
             .map(|c| c.zero_pages.load(Ordering::Relaxed))
             .sum();
         Ok(self.report.clone())
+    }
+
+    /// Post-copy recovery: waits for the destination to name the pages it lacks and makes
+    /// them, exactly, the pages left to push.
+    fn take_missing(&mut self, to_send: &AtomicBitmap) -> Result<(), MigrateError> {
+        self.missing.clear();
+        self.missing_done = false;
+        self.wait_ctl(
+            "the destination's missing pages",
+            |r| r.missing_done,
+            Phase::PostCopy,
+        )?;
+        let ps = self.layout.page_size();
+        to_send.clear();
+        for r in &self.missing {
+            let (_, _, first) = self.layout.locate(*r)?;
+            to_send.set_range(first, r.len / ps);
+        }
+        info!(
+            pages = to_send.count(),
+            ranges = self.missing.len(),
+            "destination named its missing pages"
+        );
+        Ok(())
     }
 
     /// The post-copy background push.
@@ -1107,6 +1371,13 @@ impl AtomicBitmap {
     pub fn take(&self, p: u64) -> bool {
         let m = 1u64 << (p % 64);
         self.words[(p / 64) as usize].fetch_and(!m, Ordering::AcqRel) & m != 0
+    }
+
+    /// Clears every bit.
+    pub fn clear(&self) {
+        for w in &self.words {
+            w.store(0, Ordering::Relaxed);
+        }
     }
 
     pub fn count(&self) -> u64 {

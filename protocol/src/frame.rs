@@ -20,6 +20,10 @@ pub const MAX_PAGE_PAYLOAD: u64 = 64 << 20;
 pub const MAX_STATE_LEN: u64 = 256 << 20;
 /// Most ranges in one frame.
 pub const MAX_RANGES: usize = 1 << 16;
+/// Most ranges a frame whose metadata is only a range list (`StaleSet`, `Missing`, `Resend`,
+/// `ZeroPages`) carries within [`MAX_META_LEN`] (the list's 4-byte count included): what a
+/// sender splits long lists by.
+pub const MAX_LIST_RANGES: usize = (MAX_META_LEN as usize - 4) / RANGE_LEN;
 /// Most bytes in a reason or error message.
 pub const MAX_MESSAGE_LEN: usize = 4096;
 /// Most bytes one requested page range may cover.
@@ -76,6 +80,9 @@ commands! {
     CompressedPages = 0x0012,
     /// Post-copy: the ranges the destination must not trust (still dirty at switchover).
     StaleSet = 0x0013,
+    /// Post-copy recovery, destination to source on a resumed session's control stream: the
+    /// ranges the destination still lacks (version 3).
+    Missing = 0x0014,
     /// Post-copy: the destination asks for a page range, urgently.
     PageRequest = 0x0020,
     /// Post-copy: the reply to a request; payload = the bytes.
@@ -133,7 +140,7 @@ pub mod flags {
     /// `Pages`/`PageReply`: an xxh3-64 checksum per page is in the metadata.
     pub const CHECKSUMS: u16 = 1 << 0;
     /// `Pages`: sent while the VM is paused (final round or post-copy push): a failed
-    /// checksum is fatal rather than a request to resend.
+    /// checksum is fatal rather than a request to resend. `Missing`: the last frame of the set.
     pub const FINAL: u16 = 1 << 1;
 }
 
@@ -292,6 +299,14 @@ pub enum Frame {
         /// The ranges.
         ranges: Vec<GpaRange>,
     },
+    /// Post-copy recovery: ranges the destination still lacks after a lost connection (every
+    /// page not placed yet); `last` marks the final frame of the set.
+    Missing {
+        /// The ranges.
+        ranges: Vec<GpaRange>,
+        /// The last frame of the set.
+        last: bool,
+    },
     /// Post-copy demand fetch.
     PageRequest {
         /// Request id, echoed in the reply.
@@ -430,6 +445,7 @@ impl Frame {
             Frame::ZeroPages { .. } => Command::ZeroPages,
             Frame::CompressedPages { .. } => Command::CompressedPages,
             Frame::StaleSet { .. } => Command::StaleSet,
+            Frame::Missing { .. } => Command::Missing,
             Frame::PageRequest { .. } => Command::PageRequest,
             Frame::PageReply { .. } => Command::PageReply,
             Frame::State { .. } => Command::State,
@@ -486,6 +502,12 @@ impl Frame {
                 write_ranges(&mut w, ranges);
             }
             Frame::CompressedPages { ranges, .. } => write_ranges(&mut w, ranges),
+            Frame::Missing { ranges, last } => {
+                write_ranges(&mut w, ranges);
+                if *last {
+                    flag_bits |= flags::FINAL;
+                }
+            }
             Frame::PageRequest { id, range } => {
                 w.u64(*id).u64(range.gpa).u64(range.len);
             }
@@ -617,6 +639,10 @@ impl Frame {
             },
             Command::StaleSet => Frame::StaleSet {
                 ranges: read_ranges(&mut r, "stale ranges")?,
+            },
+            Command::Missing => Frame::Missing {
+                ranges: read_ranges(&mut r, "missing ranges")?,
+                last: header.flags & flags::FINAL != 0,
             },
             Command::Resend => Frame::Resend {
                 ranges: read_ranges(&mut r, "resend ranges")?,
@@ -785,6 +811,7 @@ impl Frame {
             | Frame::ZeroPages { ranges }
             | Frame::CompressedPages { ranges, .. }
             | Frame::StaleSet { ranges }
+            | Frame::Missing { ranges, .. }
             | Frame::Resend { ranges } => ranges,
             Frame::PageRequest { range, .. } | Frame::PageReply { range, .. } => {
                 std::slice::from_ref(range)
@@ -887,6 +914,8 @@ mod tests {
                 }
             }),
             arb_ranges().prop_map(|ranges| Frame::StaleSet { ranges }),
+            (arb_ranges(), any::<bool>())
+                .prop_map(|(ranges, last)| Frame::Missing { ranges, last }),
             arb_ranges().prop_map(|ranges| Frame::Resend { ranges }),
             (any::<u64>(), 1u64..512).prop_map(|(id, n)| Frame::PageRequest {
                 id,
@@ -996,6 +1025,21 @@ mod tests {
     }
 
     #[test]
+    fn a_full_range_list_fits_one_frame() {
+        let ranges: Vec<GpaRange> = (0..MAX_LIST_RANGES as u64)
+            .map(|i| GpaRange::new(i * 8192, 4096))
+            .collect();
+        let f = Frame::Missing { ranges, last: true };
+        let (_, back) = decode_buffer(&f.encode()).unwrap();
+        assert_eq!(back, f);
+        let Frame::Missing { mut ranges, .. } = f else {
+            unreachable!()
+        };
+        ranges.push(GpaRange::new(1 << 40, 4096));
+        decode_buffer(&Frame::Missing { ranges, last: true }.encode()).unwrap_err();
+    }
+
+    #[test]
     fn every_command_is_covered_by_the_round_trip_strategy() {
         // Handshake commands are round-tripped in `handshake`'s tests.
         let handshake = [
@@ -1005,7 +1049,7 @@ mod tests {
             Command::AuthOk,
             Command::Refused,
         ];
-        assert_eq!(Command::ALL.len(), handshake.len() + 19);
+        assert_eq!(Command::ALL.len(), handshake.len() + 20);
     }
 
     #[test]

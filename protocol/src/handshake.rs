@@ -20,6 +20,14 @@
 //! byte of guest memory moves on an unauthenticated stream. Either side may answer `Refused`
 //! with a reason, which the other side reports.
 //!
+//! **Resuming a session** (post-copy recovery, version 3): a control stream whose
+//! `ClientHello` names an existing session id (instead of zero) asks to resume that session
+//! after its connections were lost. The server accepts it only for a session it knows (else
+//! `Unknown session`), with the same three messages, so the resuming client proves the key
+//! over fresh nonces exactly as the opening one did: a stranger without the key cannot take
+//! a session over, and a recorded handshake cannot be replayed. [`Established::resumed`] tells
+//! both sides which it was; the new bulk and urgent streams then join the session as usual.
+//!
 //! `Auth::Insecure` (the CLI's `--insecure-no-auth`) skips the MACs; both sides must choose it,
 //! and a side that has a key refuses a peer that does not.
 //!
@@ -39,11 +47,13 @@ use crate::memmap::{GpaRange, MAX_REGIONS, MemoryMap, MemoryMapError};
 pub const MAGIC: [u8; 8] = *b"FERRYMIG";
 /// The newest protocol version this build speaks.
 ///
-/// History: 1, the first; 2, `FaultStats` carries the count of locally resolved faults.
-pub const PROTOCOL_VERSION: u16 = 2;
-/// The oldest protocol version this build speaks (2: a version-1 peer would misread
-/// `FaultStats`).
-pub const MIN_PROTOCOL_VERSION: u16 = 2;
+/// History: 1, the first; 2, `FaultStats` carries the count of locally resolved faults; 3,
+/// post-copy recovery: a control stream may name an existing session to resume it, and the
+/// `Missing` frame.
+pub const PROTOCOL_VERSION: u16 = 3;
+/// The oldest protocol version this build speaks (3: a version-2 peer can neither resume a
+/// session nor answer `Missing`, so a post-copy migration with it could not recover).
+pub const MIN_PROTOCOL_VERSION: u16 = 3;
 /// Most parallel bulk streams in one session.
 pub const MAX_STREAMS: u16 = 64;
 const MAC_CONTEXT: &str = "ferry 2026-11-25 handshake MAC key v1";
@@ -656,6 +666,9 @@ pub struct Established {
     pub proposal: Option<Params>,
     /// Whether the stream is authenticated (false only with [`Auth::Insecure`]).
     pub authenticated: bool,
+    /// A control stream that resumed an existing session (post-copy recovery) rather than
+    /// opening a new one.
+    pub resumed: bool,
 }
 
 /// What the client asks for.
@@ -667,7 +680,8 @@ pub struct ClientConfig {
     pub role: Role,
     /// The stream's index.
     pub stream_index: u16,
-    /// `None` to open a session (control stream), the session's id to join it.
+    /// `None` to open a session (control stream), the session's id to join it (other
+    /// streams) or to resume it (control stream, post-copy recovery).
     pub session: Option<SessionId>,
     /// The proposal (control stream only).
     pub params: Option<Params>,
@@ -794,6 +808,7 @@ impl ClientHandshake {
                 role: self.cfg.role,
                 stream_index: self.cfg.stream_index,
                 params,
+                resumed: self.cfg.role == Role::Control && self.cfg.session.is_some(),
                 proposal: self.cfg.params,
                 authenticated,
             },
@@ -894,12 +909,11 @@ impl ServerHandshake {
         };
         let session = match role {
             Role::Control if requested.is_zero() => new_session,
-            Role::Control => {
-                return Err(HandshakeError::BadSession {
-                    role,
-                    session: requested,
-                });
+            // A control stream naming a session resumes it: only a session this side knows.
+            Role::Control if !known_session(&requested) => {
+                return Err(HandshakeError::UnknownSession(requested));
             }
+            Role::Control => requested,
             _ if requested.is_zero() => {
                 return Err(HandshakeError::BadSession {
                     role,
@@ -950,6 +964,7 @@ impl ServerHandshake {
                     params,
                     proposal,
                     authenticated: cfg_is_psk(&cfg.auth),
+                    resumed: role == Role::Control && !requested.is_zero(),
                 },
             },
             frame(Command::ServerHello, w),
@@ -1236,6 +1251,47 @@ mod tests {
             }
             e => panic!("unexpected {e:?}"),
         }
+    }
+
+    fn resume(auth: Auth, session: SessionId) -> ClientConfig {
+        ClientConfig {
+            session: Some(session),
+            ..control(auth)
+        }
+    }
+
+    #[test]
+    fn control_stream_resumes_a_known_session_only() {
+        let session = SessionId([7; 16]);
+        let known = move |s: &SessionId| *s == session;
+        let cfg = server_cfg(key(1));
+        let (c, s) = run(resume(key(1), session), &cfg, &known);
+        let (c, s) = (c.unwrap(), s.unwrap());
+        assert!(c.resumed && s.resumed);
+        assert_eq!(c.session, session);
+        assert_eq!(s.session, session);
+        assert!(
+            c.params.is_some(),
+            "a resumed control stream negotiates again"
+        );
+        // A fresh control stream is not a resumption.
+        let (c, s) = run(control(key(1)), &cfg, &known);
+        assert!(!c.unwrap().resumed && !s.unwrap().resumed);
+        // An unknown session is refused on both sides.
+        let other = SessionId([8; 16]);
+        let (c, s) = run(resume(key(1), other), &cfg, &known);
+        assert_eq!(s.unwrap_err(), HandshakeError::UnknownSession(other));
+        assert!(matches!(
+            c.unwrap_err(),
+            HandshakeError::Refused { code: 5, .. }
+        ));
+        // The right session with the wrong key cannot take it over.
+        let (c, s) = run(resume(key(2), session), &cfg, &known);
+        assert_eq!(
+            c.unwrap_err(),
+            HandshakeError::AuthFailed { which: "server" }
+        );
+        s.unwrap_err();
     }
 
     #[test]

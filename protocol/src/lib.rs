@@ -55,6 +55,14 @@
 //!         S->>D: PageReply(id, range) + bytes [urgent]
 //!         S->>D: Pages (background push, fault neighbourhood first) [bulk]
 //!     end
+//!     opt post-copy, the connection is lost (recovery, version 3)
+//!         Note over D: the VM keeps running; faults wait; missing pages are known
+//!         S->>D: ClientHello(role=Control, session=old id) / ServerHello / ClientAuth / AuthOk
+//!         Note over S,D: N bulk + 1 urgent stream join the old session id again
+//!         D->>S: Missing(ranges)... Missing(ranges, last) [control]
+//!         D->>S: PageRequest (the outstanding ones again) [urgent]
+//!         S->>D: Pages (exactly the missing ranges), PageReply [bulk, urgent]
+//!     end
 //!     S->>D: Complete(source digest) [control]
 //!     D->>S: Verified(ok, destination digest) [control]
 //!     S->>D: EndOfStream [every stream]
@@ -76,6 +84,8 @@
 //!     Running --> Running: faults served (post-copy), pages placed
 //!     Running --> Completing: Complete(digest) and no page outstanding
 //!     Running --> Recovering: stream lost in post-copy (destination owns the VM)
+//!     Recovering --> Running: the source resumed the session (sends Missing)
+//!     Recovering --> Failed: no resumption within the recovery window (VM waits on the missing pages)
 //!     Completing --> [*]: Verified sent
 //!     Refused --> [*]
 //!     Failed --> [*]

@@ -10,11 +10,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, ValueEnum};
-use ferry_engine::dest::{DestVm, receive};
+use ferry_engine::dest::{DestRecovery, DestVm, receive_with};
 use ferry_engine::layout::Layout;
 use ferry_engine::policy::{Compression, Mode, Policy};
-use ferry_engine::session::{SessionOptions, accept_destination, connect_source, server_config};
-use ferry_engine::source::{Phase, Progress, SourceVm, migrate};
+use ferry_engine::session::{
+    SessionOptions, accept_destination, accept_recovery, connect_source, reconnect_source,
+    server_config,
+};
+use ferry_engine::source::{Phase, Progress, SourceRecovery, SourceVm, migrate_with};
 use ferry_kvm::{DirtyMode, KvmVm, MemBacking, VmConfig, Workload};
 use ferry_protocol::handshake::{Auth, Psk, TransportKind};
 use ferry_transport::Endpoint;
@@ -168,6 +171,10 @@ pub struct MigrateArgs {
     /// Most pre-copy rounds.
     #[arg(long, default_value_t = 30)]
     pub max_rounds: u32,
+    /// Post-copy: seconds to keep trying to resume the session after losing the connection
+    /// (0: fail at once).
+    #[arg(long, default_value_t = 30)]
+    pub recovery_window_s: u64,
 }
 
 impl MigrateArgs {
@@ -258,6 +265,10 @@ pub struct RecvArgs {
     /// Seconds to wait for the sender.
     #[arg(long, default_value_t = 120)]
     pub wait_s: u64,
+    /// Post-copy: seconds to wait for the sender to resume the session after losing the
+    /// connection (0: fail at once).
+    #[arg(long, default_value_t = 30)]
+    pub recovery_window_s: u64,
     #[command(flatten)]
     pub vm: VmArgs,
     #[command(flatten)]
@@ -327,8 +338,15 @@ fn run_source(
         auth,
         ..SessionOptions::default()
     };
-    let (streams, _reg) = connect_source(&Endpoint::Tcp(to), &layout, &policy, &opts)
+    let endpoint = Endpoint::Tcp(to);
+    let (streams, reg) = connect_source(&endpoint, &layout, &policy, &opts)
         .with_context(|| format!("Cannot open a migration session to {to}"))?;
+    let session = streams.session;
+    let mut reconnect = || reconnect_source(&endpoint, session, &layout, &policy, &opts, &reg);
+    let recovery = (margs.recovery_window_s > 0).then_some(SourceRecovery {
+        window: Duration::from_secs(margs.recovery_window_s),
+        reconnect: &mut reconnect,
+    });
     let mut dirty = vm.dirty_tracker();
     let pb = progress_bar(json);
     let t0 = Instant::now();
@@ -349,7 +367,7 @@ fn run_source(
             p.dirty_pages
         ));
     };
-    let result = migrate(
+    let result = migrate_with(
         SourceVm {
             memory: &*mem,
             dirty: &mut dirty,
@@ -358,6 +376,7 @@ fn run_source(
         streams,
         &policy,
         &mut on_progress,
+        recovery,
     );
     pb.finish_and_clear();
     let report = match result {
@@ -388,19 +407,26 @@ fn run_dest(
     cfg: &VmConfig,
     run_after: Duration,
     wait: Duration,
+    recovery_window: Duration,
 ) -> Result<Value> {
     let mem = vm.memory();
     let layout = Layout::new(&*mem)?;
     let opts = SessionOptions::default();
-    let (streams, _reg, params) =
+    let (streams, reg, params) =
         accept_destination(listener, &layout, &opts, wait).context("No migration arrived")?;
-    let report = receive(
+    let mut accept = |id, left| accept_recovery(listener, id, &reg, &opts, left);
+    let recovery = (!recovery_window.is_zero()).then_some(DestRecovery {
+        window: recovery_window,
+        accept: &mut accept,
+    });
+    let report = receive_with(
         DestVm {
             memory: &*mem,
             control: &mut vm,
         },
         streams,
         Duration::from_secs(60),
+        recovery,
     )
     .context("Receiving the VM failed")?;
     let before = vm.guest_stats();
@@ -576,6 +602,7 @@ pub fn recv(a: RecvArgs) -> Result<()> {
         &cfg,
         Duration::from_secs_f64(a.run_after_s),
         Duration::from_secs(a.wait_s),
+        Duration::from_secs(a.recovery_window_s),
     )?;
     for r in listener.refusals() {
         eprintln!("ferry: {r}");

@@ -7,6 +7,11 @@
 //! and is refused when it names a session the listener does not know. No byte other than the
 //! handshake is read from a stream before its handshake succeeded.
 //!
+//! A session whose connections were lost can be resumed (post-copy recovery): the client's
+//! [`reconnect`] opens a control stream naming the session, authenticated like the first one,
+//! and the listener's [`SessionListener::accept_resume`] accepts exactly that session and
+//! refuses everything else while it waits.
+//!
 //! This module does the handshakes with blocking socket I/O and hands back the sockets; the
 //! caller turns bulk and urgent sockets into data streams ([`crate::stream::open_stream`]) and
 //! uses [`ControlChannel`] for control frames. It owns no migration policy.
@@ -234,6 +239,26 @@ pub struct ConnectConfig {
 /// Opens a session to `endpoint`: control stream, then the negotiated number of bulk
 /// streams, then the urgent stream if asked.
 pub fn connect(endpoint: &Endpoint, cfg: &ConnectConfig) -> Result<Session, SessionError> {
+    open_session(endpoint, cfg, None)
+}
+
+/// Resumes session `session` at `endpoint` after its connections were lost (post-copy
+/// recovery): the control stream names the session and authenticates exactly as
+/// [`connect`]'s does, then the bulk and urgent streams join it again. The listener accepts
+/// this only while it waits for that session ([`SessionListener::accept_resume`]).
+pub fn reconnect(
+    endpoint: &Endpoint,
+    cfg: &ConnectConfig,
+    session: SessionId,
+) -> Result<Session, SessionError> {
+    open_session(endpoint, cfg, Some(session))
+}
+
+fn open_session(
+    endpoint: &Endpoint,
+    cfg: &ConnectConfig,
+    resume: Option<SessionId>,
+) -> Result<Session, SessionError> {
     let open = |role, stream_index, session, params| -> Result<JoinedStream, SessionError> {
         let socket = Socket::connect(endpoint, cfg.timeout)?;
         socket.set_timeouts(cfg.timeout)?;
@@ -252,7 +277,7 @@ pub fn connect(endpoint: &Endpoint, cfg: &ConnectConfig) -> Result<Session, Sess
             established,
         })
     };
-    let control = open(Role::Control, 0, None, Some(cfg.params.clone()))?;
+    let control = open(Role::Control, 0, resume, Some(cfg.params.clone()))?;
     let id = control.established.session;
     let params = control
         .established
@@ -359,6 +384,29 @@ impl SessionListener {
         needs_urgent: impl Fn(&Params) -> bool,
         deadline: Duration,
     ) -> Result<Session, SessionError> {
+        self.accept(needs_urgent, deadline, None)
+    }
+
+    /// Waits up to `deadline` for the source to resume session `id` (post-copy recovery): a
+    /// control stream naming `id`, authenticated with the same key ([`reconnect`]), then its
+    /// bulk streams and the urgent stream when `needs_urgent`. Anything else is refused with a
+    /// reason and recorded in [`SessionListener::refusals`]: a wrong or missing key, another
+    /// session id, and a new session (this listener is busy recovering).
+    pub fn accept_resume(
+        &self,
+        id: SessionId,
+        needs_urgent: impl Fn(&Params) -> bool,
+        deadline: Duration,
+    ) -> Result<Session, SessionError> {
+        self.accept(needs_urgent, deadline, Some(id))
+    }
+
+    fn accept(
+        &self,
+        needs_urgent: impl Fn(&Params) -> bool,
+        deadline: Duration,
+        resume: Option<SessionId>,
+    ) -> Result<Session, SessionError> {
         let start = Instant::now();
         let mut sessions: HashMap<SessionId, Pending> = HashMap::new();
         loop {
@@ -395,7 +443,12 @@ impl SessionListener {
                 Err(e) => return Err(e.into()),
             };
             socket.set_timeouts(self.timeout)?;
-            let known: Vec<SessionId> = sessions.keys().copied().collect();
+            // Opening: streams join the sessions opened here. Resuming: only the old session
+            // is known, for its control stream as for the others.
+            let known: Vec<SessionId> = match resume {
+                Some(id) => vec![id],
+                None => sessions.keys().copied().collect(),
+            };
             let joined = match self.server_handshake(&socket, &known) {
                 Ok(est) => est,
                 Err(e) => {
@@ -412,6 +465,20 @@ impl SessionListener {
                     continue;
                 }
             };
+            if joined.role == Role::Control && joined.resumed != resume.is_some() {
+                let what = if joined.resumed {
+                    "resumption of a session while none is being recovered"
+                } else {
+                    "new session while a session is being recovered"
+                };
+                let msg = format!("Refused {}: {what} ({})", socket.peer(), joined.session);
+                warn!("{msg}");
+                if let Ok(mut r) = self.refusals.lock() {
+                    r.push(msg);
+                }
+                let _ = socket.shutdown();
+                continue;
+            }
             let id = joined.session;
             let p = sessions.entry(id).or_default();
             match joined.role {
