@@ -88,7 +88,9 @@ mod tests {
             regions: 2,
             backing,
             writers: 1,
-            write_mib_s: Some(if hybrid { 20 } else { 2 }),
+            // Hybrid: fast enough that pages are dirty at every switch (so post-copy has
+            // stale pages and lasts), slow enough that most pages arrive in pre-copy.
+            write_mib_s: Some(if hybrid { 200 } else { 2 }),
             pattern: WritePattern::HotSet,
             seed: 5,
             fill_percent: 50,
