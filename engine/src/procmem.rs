@@ -999,7 +999,30 @@ impl VmControl for ProcessVm {
             .store(percent.clamp(1, 100), Ordering::Relaxed);
         Ok(true)
     }
+
+    /// The next [`FIRST_TOUCH_PER_WRITER`] pages each writer will write, from its saved
+    /// position and random state (the writers are deterministic), round-robin over writers.
+    fn first_touch_pages(&mut self) -> Vec<u64> {
+        let sh = &self.shared;
+        let regions = GuestMemory::regions(&*sh.mem);
+        let n = sh.states.len();
+        let mut states: Vec<WriterState> = sh.states.iter().map(|s| *lock(s)).collect();
+        let mut out = Vec::with_capacity(n * FIRST_TOUCH_PER_WRITER);
+        for _ in 0..FIRST_TOUCH_PER_WRITER {
+            for (id, st) in states.iter_mut().enumerate() {
+                let page = sh.next_page(st, sh.share(id, n));
+                let (region, rpage) = sh.pages.locate(page);
+                if let Some(r) = regions.get(region) {
+                    out.push(r.gpa + rpage * PAGE_SIZE);
+                }
+            }
+        }
+        out
+    }
 }
+
+/// Pages per writer that [`ProcessVm`] names as touched first after a resume.
+const FIRST_TOUCH_PER_WRITER: usize = 32;
 
 /// Setting up or running the write-protect tracker failed.
 #[derive(Debug, thiserror::Error)]

@@ -137,6 +137,9 @@ pub struct MigrationReport {
     pub rounds_detail: Vec<RoundStats>,
     /// Pages outstanding at a post-copy switchover.
     pub stale_pages: u64,
+    /// Of those, pages the VM named as touched first (`VmControl::first_touch_pages`), sent
+    /// at the switchover ahead of the state rather than left to the push or to faults.
+    pub first_touch_pages: u64,
     /// Post-copy faults.
     pub faults: FaultReport,
     /// Throttle percentage reached by auto-converge (100 = never throttled).

@@ -1054,6 +1054,20 @@ impl Run<'_, '_> {
                         &[],
                     )?;
                 }
+                // The push list (the urgent server answers requests whether or not a page is
+                // on it), and the pages the vCPUs will touch first pushed now, ahead of the
+                // state: the destination places them while it restores, instead of the
+                // guest's first steps faulting on them one round trip after another.
+                for r in final_ranges.iter().chain(&pre_stale) {
+                    let (_, _, first) = self.layout.locate(*r)?;
+                    to_send.set_range(first, r.len / ps);
+                }
+                let first_touch = self.take_first_touch(control.first_touch_pages(), to_send);
+                if !first_touch.is_empty() {
+                    self.report.first_touch_pages =
+                        first_touch.iter().map(|r| r.len).sum::<u64>() / ps;
+                    self.dispatch(&first_touch, true, Phase::Switchover)?;
+                }
             }
             self.ctl.send(
                 &Frame::State {
@@ -1063,14 +1077,6 @@ impl Run<'_, '_> {
                 },
                 &blob,
             )?;
-            // The push list is built while the destination restores (the urgent server
-            // answers requests whether or not a page is on it).
-            if post_copy {
-                for r in final_ranges.iter().chain(&pre_stale) {
-                    let (_, _, first) = self.layout.locate(*r)?;
-                    to_send.set_range(first, r.len / ps);
-                }
-            }
             // Every page the destination must fetch, counted once.
             let stale_pages = if post_copy {
                 to_send.count()
@@ -1235,6 +1241,24 @@ impl Run<'_, '_> {
         self.barrier(PUSH_DONE_ROUND, Phase::PostCopy)
     }
 
+    /// Claims the still-unsent pages among `hint` (guest-physical addresses the VM says its
+    /// vCPUs touch first; at most [`MAX_FIRST_TOUCH`] are taken, addresses outside guest
+    /// memory are ignored) and returns them as sorted, merged ranges.
+    fn take_first_touch(&self, hint: Vec<u64>, to_send: &AtomicBitmap) -> Vec<GpaRange> {
+        let ps = self.layout.page_size();
+        let mut pages: Vec<GpaRange> = hint
+            .into_iter()
+            .filter_map(|gpa| {
+                let page = GpaRange::new(gpa & !(ps - 1), ps);
+                let (_, _, p) = self.layout.locate(page).ok()?;
+                to_send.take(p).then_some(page)
+            })
+            .take(MAX_FIRST_TOUCH)
+            .collect();
+        pages.sort_unstable();
+        merge_ranges(pages)
+    }
+
     /// Claims the still-unsent pages in `[lo, hi)` and returns them as ranges.
     fn take_ranges(&self, to_send: &AtomicBitmap, lo: u64, hi: u64) -> Vec<GpaRange> {
         let ps = self.layout.page_size();
@@ -1253,6 +1277,9 @@ impl Run<'_, '_> {
         out
     }
 }
+
+/// Most pages of [`VmControl::first_touch_pages`] sent at a post-copy switchover (1 MiB).
+const MAX_FIRST_TOUCH: usize = 256;
 
 /// Sorted ranges with overlaps and neighbours merged.
 fn merge_ranges(sorted: Vec<GpaRange>) -> Vec<GpaRange> {
