@@ -142,6 +142,18 @@ impl KvmMemory {
         None
     }
 
+    /// RAM offset of guest-physical address `gpa`, if it is RAM (see the module docs).
+    pub fn gpa_to_ram_offset(&self, gpa: u64) -> Option<u64> {
+        let mut base = 0;
+        for r in &self.regions {
+            if gpa >= r.gpa && gpa - r.gpa < r.len {
+                return Some(base + (gpa - r.gpa));
+            }
+            base += r.len;
+        }
+        None
+    }
+
     /// Host address of `len` bytes at RAM offset `off`, if they lie inside one region.
     pub fn host_addr(&self, off: u64, len: u64) -> Option<usize> {
         let mut base = 0;
