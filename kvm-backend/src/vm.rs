@@ -391,6 +391,24 @@ const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
 /// How long `resume` waits for every vCPU to acknowledge its state restore.
 const RESTORE_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long either side of a restore round spins before it sleeps (see [`RestoreRound`]).
+const SPIN_BUDGET: Duration = Duration::from_millis(2);
+
+/// Polls `done`, yielding the CPU between polls, for at most [`SPIN_BUDGET`]; whether it got
+/// true.
+fn spin_until(mut done: impl FnMut() -> bool) -> bool {
+    let t0 = Instant::now();
+    loop {
+        if done() {
+            return true;
+        }
+        if t0.elapsed() >= SPIN_BUDGET {
+            return false;
+        }
+        std::thread::yield_now();
+    }
+}
+
 type Job = Box<dyn FnOnce(&mut VcpuFd) + Send>;
 
 #[derive(Default)]
@@ -458,17 +476,31 @@ struct Ack {
 struct RoundState {
     /// vCPUs that have not acknowledged yet.
     pending: usize,
+    /// Some vCPU failed to restore.
+    failed: bool,
     /// Acknowledgements by vCPU index.
     acks: Vec<Option<Ack>>,
-    /// Go (every vCPU restored) or no-go; decided once, by the last vCPU to acknowledge or by
-    /// `resume` giving up waiting. No vCPU enters `KVM_RUN` before it is `Some(true)`.
+    /// Go (every vCPU restored) or no-go; decided once, by `resume` when every vCPU has
+    /// acknowledged or one failed or time ran out, or by a vCPU thread that waited too long.
+    /// No vCPU enters `KVM_RUN` before it is `Some(true)`.
     go: Option<bool>,
 }
 
-/// The restore-on-resume hand-shake between `resume` and the vCPU threads.
+/// The restore-on-resume hand-shake between `resume` and the vCPU threads. Both sides first
+/// spin (yielding the CPU) for up to [`SPIN_BUDGET`] on the atomic mirrors of the state, then
+/// sleep on the condvars: on this 2-core host a sleeping thread woken while the vCPUs run the
+/// guest waits for a whole scheduler slice (milliseconds), and a thread it wakes may preempt
+/// it.
 struct RestoreRound {
     m: Mutex<RoundState>,
-    cv: Condvar,
+    /// Mirrors `pending == 0 || failed`, for spinning.
+    settled: AtomicBool,
+    /// Mirrors `go`: 0 undecided, 1 go, 2 no-go, for spinning.
+    decision: AtomicU8,
+    /// `resume` waits here for the acknowledgements.
+    acked: Condvar,
+    /// The vCPU threads wait here for the decision.
+    decided: Condvar,
     /// When `resume` told the threads to run (set once, by `resume`).
     started: OnceLock<Instant>,
 }
@@ -488,16 +520,27 @@ impl RestoreRound {
         Self {
             m: Mutex::new(RoundState {
                 pending: vcpus,
+                failed: false,
                 acks: (0..vcpus).map(|_| None).collect(),
                 go: None,
             }),
-            cv: Condvar::new(),
+            settled: AtomicBool::new(false),
+            decision: AtomicU8::new(0),
+            acked: Condvar::new(),
+            decided: Condvar::new(),
             started: OnceLock::new(),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, RoundState> {
         self.m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Decides (under the lock): `go` and its mirror, and wakes sleeping vCPU threads.
+    fn decide(&self, g: &mut RoundState, go: bool) {
+        g.go = Some(go);
+        self.decision.store(if go { 1 } else { 2 }, Ordering::SeqCst);
+        self.decided.notify_all();
     }
 
     /// A vCPU thread reports its restore, then waits for the decision; true means it may run.
@@ -508,35 +551,33 @@ impl RestoreRound {
             .get()
             .map_or(Duration::ZERO, |s| woke.saturating_duration_since(*s));
         let mut g = self.lock();
-        let ok = result.is_ok();
+        if result.is_err() {
+            g.failed = true;
+        }
         if let Some(slot) = g.acks.get_mut(id as usize)
             && slot.is_none()
         {
             *slot = Some(Ack { result, woke });
             g.pending = g.pending.saturating_sub(1);
         }
-        if !ok && g.go.is_none() {
-            // No need to wait for the others: nobody runs.
-            g.go = Some(false);
-            self.cv.notify_all();
-        } else if g.pending == 0 && g.go.is_none() {
-            let all_ok = g
-                .acks
-                .iter()
-                .all(|a| a.as_ref().is_some_and(|a| a.result.is_ok()));
-            g.go = Some(all_ok);
-            self.cv.notify_all();
+        if g.pending == 0 || g.failed {
+            self.settled.store(true, Ordering::SeqCst);
+            self.acked.notify_all();
+        }
+        if g.go.is_none() {
+            drop(g);
+            spin_until(|| self.decision.load(Ordering::SeqCst) != 0);
+            g = self.lock();
         }
         let deadline = Instant::now() + RESTORE_ACK_TIMEOUT + Duration::from_secs(1);
         while g.go.is_none() {
             let now = Instant::now();
             if now >= deadline {
-                g.go = Some(false);
-                self.cv.notify_all();
+                self.decide(&mut g, false);
                 break;
             }
             g = self
-                .cv
+                .decided
                 .wait_timeout(g, deadline - now)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
@@ -558,6 +599,8 @@ struct VcpuCtl {
     pause_req: AtomicBool,
     kicker: OnceLock<Kicker>,
     thread: OnceLock<std::thread::Thread>,
+    /// When the thread last left its parking to enter `KVM_RUN` (after any restore).
+    entered_run: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for VcpuCtl {
@@ -659,6 +702,8 @@ pub struct KvmVm {
     plan: GuestPlan,
     cfg: VmConfig,
     running: bool,
+    /// When the last `resume` started.
+    resumed_at: Option<Instant>,
     /// Source, or a destination that has been restored: its vCPUs have a state to run.
     has_state: bool,
     timings: PauseTimings,
@@ -991,6 +1036,7 @@ impl KvmVm {
                 pause_req: AtomicBool::new(false),
                 kicker: OnceLock::new(),
                 thread: OnceLock::new(),
+                entered_run: Mutex::new(None),
             });
             let (c2, core2, caps2) = (
                 Arc::clone(&ctl),
@@ -1013,6 +1059,7 @@ impl KvmVm {
             plan,
             cfg: cfg.clone(),
             running: false,
+            resumed_at: None,
             has_state: source,
             timings: PauseTimings::default(),
             capture_on_pause: true,
@@ -1109,6 +1156,20 @@ impl KvmVm {
         &self.core.counters
     }
 
+    /// Time from the start of the last `resume` until the last vCPU thread was about to enter
+    /// `KVM_RUN` (woken, state applied); `None` while some thread has not got there yet. It
+    /// covers the thread wake-ups that `resume` itself does not wait for without restore on
+    /// resume.
+    pub fn resume_to_run(&self) -> Option<Duration> {
+        let t0 = self.resumed_at?;
+        let mut last = t0;
+        for c in &self.ctls {
+            let at = (*c.entered_run.lock().unwrap_or_else(|e| e.into_inner()))?;
+            last = last.max(at);
+        }
+        Some(last - t0)
+    }
+
     /// Latest pause/resume/save/restore timings.
     pub fn timings(&self) -> &PauseTimings {
         &self.timings
@@ -1199,6 +1260,10 @@ impl KvmVm {
             return Err(VmRunError::NotRestored);
         }
         let t0 = Instant::now();
+        self.resumed_at = Some(t0);
+        for c in &self.ctls {
+            *c.entered_run.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
         let round = self.pending_round.take();
         if let Some(r) = &round {
             let _ = r.started.set(t0);
@@ -1240,13 +1305,18 @@ impl KvmVm {
         t0: Instant,
     ) -> Result<(), VmRunError> {
         let deadline = t0 + RESTORE_ACK_TIMEOUT;
+        spin_until(|| round.settled.load(Ordering::SeqCst));
         let mut g = round.lock();
         while g.go.is_none() {
+            if g.pending == 0 || g.failed {
+                let go = !g.failed;
+                round.decide(&mut g, go);
+                break;
+            }
             let now = Instant::now();
             if now >= deadline {
                 // No-go: whoever acknowledges later will not run.
-                g.go = Some(false);
-                round.cv.notify_all();
+                round.decide(&mut g, false);
                 let vcpu = g.acks.iter().position(Option::is_none).unwrap_or(0);
                 return Err(VmRunError::RestoreTimeout {
                     vcpu: u32::try_from(vcpu).unwrap_or(u32::MAX),
@@ -1254,7 +1324,7 @@ impl KvmVm {
                 });
             }
             g = round
-                .cv
+                .acked
                 .wait_timeout(g, deadline - now)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
@@ -2030,6 +2100,7 @@ fn vcpu_thread(ctl: &VcpuCtl, core: &Core, caps: &VcpuCaps) {
         if let Some(k) = ctl.kicker.get() {
             k.set_immediate_exit(0);
         }
+        *ctl.entered_run.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         let stop = run_loop(&mut lock_vcpu(), ctl, core);
         match stop {
             Stop::Paused => {
