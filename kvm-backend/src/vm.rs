@@ -1551,6 +1551,8 @@ impl KvmVm {
         {
             return Err(mismatch());
         }
+        let t0 = Instant::now();
+        let mut t = StepTimer::new();
         // Each vCPU's state, by vCPU index.
         let mut states = Vec::with_capacity(self.ctls.len());
         for c in &self.ctls {
@@ -1562,8 +1564,6 @@ impl KvmVm {
                     .clone(),
             );
         }
-        let t0 = Instant::now();
-        let mut t = StepTimer::new();
         // Whatever the threads captured or were handed before is superseded from here on.
         self.pending_round = None;
         for c in &self.ctls {
