@@ -539,7 +539,8 @@ impl RestoreRound {
     /// Decides (under the lock): `go` and its mirror, and wakes sleeping vCPU threads.
     fn decide(&self, g: &mut RoundState, go: bool) {
         g.go = Some(go);
-        self.decision.store(if go { 1 } else { 2 }, Ordering::SeqCst);
+        self.decision
+            .store(if go { 1 } else { 2 }, Ordering::SeqCst);
         self.decided.notify_all();
     }
 
@@ -601,6 +602,8 @@ struct VcpuCtl {
     thread: OnceLock<std::thread::Thread>,
     /// When the thread last left its parking to enter `KVM_RUN` (after any restore).
     entered_run: Mutex<Option<Instant>>,
+    /// Mirrors `CtlState::parked`, so that `pause` can spin on it.
+    parked_flag: AtomicBool,
 }
 
 impl std::fmt::Debug for VcpuCtl {
@@ -1037,6 +1040,7 @@ impl KvmVm {
                 kicker: OnceLock::new(),
                 thread: OnceLock::new(),
                 entered_run: Mutex::new(None),
+                parked_flag: AtomicBool::new(false),
             });
             let (c2, core2, caps2) = (
                 Arc::clone(&ctl),
@@ -1246,6 +1250,13 @@ impl KvmVm {
                 t.unpark();
             }
         }
+        // The threads park within a few hundred µs (a kick, completing a pending exit, the
+        // capture): spin rather than sleep, a wake-up costs as much here (see `RestoreRound`).
+        spin_until(|| {
+            self.ctls
+                .iter()
+                .all(|c| c.parked_flag.load(Ordering::SeqCst))
+        });
         self.wait_parked(Duration::from_secs(10))?;
         self.running = false;
         self.timings.last_pause = t0.elapsed();
@@ -2071,6 +2082,7 @@ fn vcpu_thread(ctl: &VcpuCtl, core: &Core, caps: &VcpuCaps) {
                 }
                 if g.exit {
                     g.parked = true;
+                    ctl.parked_flag.store(true, Ordering::SeqCst);
                     ctl.cv.notify_all();
                     return;
                 }
@@ -2079,11 +2091,13 @@ fn vcpu_thread(ctl: &VcpuCtl, core: &Core, caps: &VcpuCaps) {
                 }
                 if !g.parked {
                     g.parked = true;
+                    ctl.parked_flag.store(true, Ordering::SeqCst);
                     ctl.cv.notify_all();
                 }
                 g = ctl.cv.wait(g).unwrap_or_else(|e| e.into_inner());
             }
             g.parked = false;
+            ctl.parked_flag.store(false, Ordering::SeqCst);
             // The vCPU is about to change: what was captured at the pause no longer holds.
             g.captured = None;
             g.restore.take()
