@@ -422,13 +422,20 @@ mod tests {
                 a.regs.r12
             );
         }
-        // A capture does not survive the vCPU running: resume, then pause with capture off.
-        vm.set_capture_on_pause(false);
+        // A capture does not outlive its pause: pause (captured, never saved), run on, pause
+        // with capture off. The save must not use the stale capture.
+        let before = vm.guest_stats();
         vm.resume().map_err(|e| anyhow!(e))?;
+        wait_progress(&vm, &before)?;
+        pause(&mut vm)?;
+        vm.set_capture_on_pause(false);
+        let before = vm.guest_stats();
+        vm.resume().map_err(|e| anyhow!(e))?;
+        wait_progress(&vm, &before)?;
         std::thread::sleep(Duration::from_millis(20));
         pause(&mut vm)?;
         let s4 = VmState::decode(&vm.save_state().map_err(|e| anyhow!(e))?)?;
-        assert!(!vm.timings().save_captured, "capture off, yet captured");
+        assert!(!vm.timings().save_captured, "a stale capture was used");
         assert_state_is_current(&s4, &vm);
         assert!(vm.verify_memory()?.ok());
         Ok(())
