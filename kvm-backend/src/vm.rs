@@ -21,14 +21,15 @@
 //!   `KVM_RUN` (else `resume` fails and none runs). `resume` then covers the threads' wake-up,
 //!   which it did not wait for before.
 //!
-//! Measured in-process on this 2-vCPU PVM host, release build, 2 vCPUs, 30 rounds per mode
-//! (test `state_transfer_modes_measured`, p50 over three runs): restoring on the calling
-//! thread, `restore` 173–196 µs, and the last vCPU thread was about to enter `KVM_RUN` 2.7–4.2
-//! ms after `resume` started (its wake-up behind the running guest); restoring on resume,
-//! `restore` 20–26 µs, `resume` 207–244 µs, last vCPU about to run after 0.28–0.83 ms: the
-//! default. Saving while parking moves the vCPUs' part (~70 µs per vCPU either way) from `save`
-//! into `pause` without shortening their sum on 2 cores (pause + save 210–230 µs against
-//! 194–216 µs), because the two vCPUs leave `KVM_RUN` up to ~100 µs apart.
+//! Measured in-process on this 2-vCPU PVM host (test `state_transfer_modes_measured`, release
+//! build, 2 vCPUs, 30 rounds per mode alternated, p50 of each of 11 runs over 15 minutes of
+//! varying host load): from the start of `restore` until the last vCPU was about to enter
+//! `KVM_RUN`, 0.24–4.4 ms restoring on the calling thread (`restore` 173–204 µs, then the
+//! threads' wake-up: 44 µs–4.2 ms), 0.19–1.15 ms restoring on resume (`restore` 20–28 µs,
+//! `resume` 149–244 µs); restore on resume was ahead in every run, so it is the default.
+//! Saving while parking against saving on the calling thread: pause + save 148–230 µs against
+//! 194–227 µs (each vCPU's own save ~70–78 µs either way; the two vCPUs leave `KVM_RUN` up to
+//! ~100 µs apart, so on 2 cores their saves overlap only partly).
 //!
 //! State save/restore done on the calling thread (the fallbacks, and the inline restore mode)
 //! handles the first four vCPUs there (KVM serialises the other vCPU ioctls itself, and a
