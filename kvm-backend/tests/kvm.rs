@@ -415,7 +415,7 @@ mod tests {
         assert_state_is_current(&s3, &vm);
         for (a, b) in s1.vcpus.iter().zip(&s3.vcpus) {
             assert!(
-                b.regs.r12 > a.regs.r12 + 100,
+                b.regs.r12 > a.regs.r12,
                 "vCPU {}: second capture r12 {} did not move on from {}",
                 a.id,
                 b.regs.r12,
