@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR MIT
 //! Measures the KVM backend's blackout-relevant costs on this machine: pause, paused dirty
-//! harvest (bitmap and ring), save, restore, verify. Usage:
-//! `cargo run --release -p ferry-kvm --example kvm_measure -- [MEM_MIB] [VCPUS]`.
+//! harvest (bitmap and ring), save, restore, verify, resume (which applies the vCPUs' state).
+//! Usage: `cargo run --release -p ferry-kvm --example kvm_measure -- [MEM_MIB] [VCPUS]`.
 
 use std::time::{Duration, Instant};
 
@@ -64,12 +64,16 @@ fn main() -> Result<()> {
         let t = Instant::now();
         let rep = dst.verify_memory()?;
         let verify = t.elapsed();
+        // With restore on resume (the default) the vCPUs' state is applied here, by their threads.
+        dst.resume().map_err(|e| anyhow!(e))?;
+        let resume = dst.timings().last_resume;
         let st = vm.guest_stats();
         harvests.sort();
         println!(
             "{mib} MiB, {vcpus} vCPUs, {:?}: create {created:?}, dirty start {start:?}, \
              running harvest p50 {:?} max {:?}, pause {pause:?}, paused harvest {paused_harvest:?} \
              ({dirty_after_last} pages), save {save:?} ({} B), memcpy {copy:?}, restore {restore:?}, \
+             resume {resume:?}, \
              verify {verify:?} ok={} ({} pages), guest iterations {}, ring-full exits {}",
             tr.mode(),
             harvests[harvests.len() / 2],

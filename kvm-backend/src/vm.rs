@@ -2,13 +2,39 @@
 //! [`KvmVm`]: a real KVM VM — memory slots, vCPU threads, in-kernel irqchip and PIT, the COM1
 //! serial port, pause/resume, and complete state save/restore ([`VmControl`]).
 //!
-//! Threads: every vCPU has its own thread, the only one that ever issues its `KVM_RUN`. While
-//! the VM is paused the threads park; state save/restore of the first four vCPUs runs on the
-//! calling thread (KVM serialises the other vCPU ioctls itself, and a thread wake-up can cost
-//! milliseconds on a busy host), further vCPUs are handled by their own threads in parallel.
+//! Threads: every vCPU has its own thread, the only one that ever issues its `KVM_RUN`.
 //! Pause sets a flag, sets `kvm_run.immediate_exit` and signals the thread (`sys::Kicker`),
-//! then waits until every thread is parked. Throttling (auto-converge) kicks the vCPUs every 10 ms and lets them
-//! sleep part of the period.
+//! then waits until every thread is parked. Throttling (auto-converge) kicks the vCPUs every 10
+//! ms and lets them sleep part of the period.
+//!
+//! State around a blackout is handled where the threads are awake anyway, so the vCPUs'
+//! pieces run in parallel and cost no extra thread wake-up:
+//! - **Save while parking** ([`KvmVm::set_capture_on_pause`], on by default): a vCPU thread
+//!   leaving `KVM_RUN` for a pause saves its own state before it reports parked; `save` takes
+//!   these captures and reads only the VM-wide state (clock, irqchip, PIT, serial) itself. A
+//!   capture is dropped as soon as the vCPU runs again or its state is set; without one, `save`
+//!   saves the vCPUs on the calling thread.
+//! - **Restore on resume** ([`KvmVm::set_restore_on_resume`], on by default): `restore`
+//!   applies the VM-wide state and hands each vCPU its own; `resume` wakes the threads, each
+//!   applies its state (the TSC too, so it is set when the vCPU is about to run, not at
+//!   `restore`) and acknowledges, and only when every vCPU succeeded may any of them enter
+//!   `KVM_RUN` (else `resume` fails and none runs). `resume` then covers the threads' wake-up,
+//!   which it did not wait for before.
+//!
+//! Measured in-process on this 2-vCPU PVM host (test `state_transfer_modes_measured`, release
+//! build, 2 vCPUs, 30 rounds per mode alternated, p50 of each of 11 runs over 15 minutes of
+//! varying host load): from the start of `restore` until the last vCPU was about to enter
+//! `KVM_RUN`, 0.24–4.4 ms restoring on the calling thread (`restore` 173–204 µs, then the
+//! threads' wake-up: 44 µs–4.2 ms), 0.19–1.15 ms restoring on resume (`restore` 20–28 µs,
+//! `resume` 149–244 µs); restore on resume was ahead in every run, so it is the default.
+//! Saving while parking against saving on the calling thread: pause + save 148–230 µs against
+//! 194–227 µs (each vCPU's own save ~70–78 µs either way; the two vCPUs leave `KVM_RUN` up to
+//! ~100 µs apart, so on 2 cores their saves overlap only partly).
+//!
+//! State save/restore done on the calling thread (the fallbacks, and the inline restore mode)
+//! handles the first four vCPUs there (KVM serialises the other vCPU ioctls itself, and a
+//! thread wake-up can cost milliseconds on a busy host); further vCPUs are handled by their own
+//! threads in parallel.
 //!
 //! Not here: the guest image and model ([`crate::guest`]), dirty tracking ([`crate::dirty`]),
 //! the blob format ([`crate::state`]).
@@ -163,6 +189,23 @@ pub enum VmRunError {
     /// A destination VM runs only after a state restore.
     #[error("Destination VM has no state yet: restore_state before resume")]
     NotRestored,
+    /// A vCPU could not apply its state when resumed; no vCPU was let run.
+    #[error("vCPU {vcpu} failed to restore its state on resume; no vCPU runs")]
+    RestoreFailed {
+        /// vCPU index.
+        vcpu: u32,
+        /// Cause.
+        #[source]
+        source: Box<RestoreStateError>,
+    },
+    /// A vCPU did not acknowledge its state restore in time; no vCPU was let run.
+    #[error("vCPU {vcpu} did not acknowledge its state restore within {ms} ms; no vCPU runs")]
+    RestoreTimeout {
+        /// vCPU index.
+        vcpu: u32,
+        /// Timeout.
+        ms: u64,
+    },
 }
 
 /// Errors saving state.
@@ -188,6 +231,9 @@ pub enum SaveStateError {
         #[source]
         source: std::io::Error,
     },
+    /// A restored state not yet applied (restore on resume) could not be applied first.
+    #[error("Cannot apply the pending vCPU restore before saving")]
+    PendingRestore(#[source] Box<RestoreStateError>),
     /// Lifecycle failure (not paused, thread gone).
     #[error("Cannot save state")]
     Run(#[from] VmRunError),
@@ -357,6 +403,27 @@ const IDENTITY_LEN: usize = 5;
 /// Throttle period: every vCPU is kicked once per period and sleeps the throttled share of it.
 const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
 
+/// How long `resume` waits for every vCPU to acknowledge its state restore.
+const RESTORE_ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long either side of a restore round spins before it sleeps (see [`RestoreRound`]).
+const SPIN_BUDGET: Duration = Duration::from_millis(2);
+
+/// Polls `done`, yielding the CPU between polls, for at most [`SPIN_BUDGET`]; whether it got
+/// true.
+fn spin_until(mut done: impl FnMut() -> bool) -> bool {
+    let t0 = Instant::now();
+    loop {
+        if done() {
+            return true;
+        }
+        if t0.elapsed() >= SPIN_BUDGET {
+            return false;
+        }
+        std::thread::yield_now();
+    }
+}
+
 type Job = Box<dyn FnOnce(&mut VcpuFd) + Send>;
 
 #[derive(Default)]
@@ -366,6 +433,173 @@ struct CtlState {
     exit: bool,
     fault: Option<String>,
     jobs: VecDeque<Job>,
+    /// Save the vCPU's state when it next leaves `KVM_RUN` for a pause (set by each pause).
+    capture: bool,
+    /// The state saved by the vCPU's thread when it parked for the current pause. Only valid
+    /// for that pause: `resume` and the thread (before it runs again) clear it, `restore`
+    /// clears it, `save` takes it.
+    captured: Option<Captured>,
+    /// A state the thread applies when it is next told to run (restore on resume).
+    restore: Option<PendingRestore>,
+}
+
+/// A vCPU state saved by the vCPU's own thread as it parked.
+struct Captured {
+    state: VcpuState,
+    steps: Steps,
+}
+
+/// What a vCPU needs to restore its state (on its own thread or the caller's).
+struct RestoreJob {
+    state: VcpuState,
+    caps: Arc<VcpuCaps>,
+    /// (host TSC, realtime) of the source's and this host's `KVM_GET_CLOCK`, when both have them.
+    host_pairs: Option<((u64, u64), (u64, u64))>,
+    /// The source's TSC rate differs from this host's: ask KVM to scale.
+    scale_tsc: bool,
+}
+
+impl RestoreJob {
+    fn apply(&self, id: u32, v: &mut VcpuFd) -> Result<Steps, RestoreStateError> {
+        if self.scale_tsc
+            && let Err(e) = v.set_tsc_khz(self.caps.tsc_khz)
+        {
+            tracing::warn!(
+                "vCPU {id}: cannot scale the TSC to the source's {} kHz: {e}",
+                self.caps.tsc_khz
+            );
+        }
+        restore_vcpu(id, v, &self.state, &self.caps, self.host_pairs)
+    }
+}
+
+/// A restore job handed to a vCPU thread, and the round it acknowledges to.
+struct PendingRestore {
+    job: RestoreJob,
+    round: Arc<RestoreRound>,
+}
+
+/// One vCPU's answer to a restore round.
+struct Ack {
+    /// Its steps, or why it failed.
+    result: Result<Steps, RestoreStateError>,
+    /// From the start of `resume` until the thread began applying its state.
+    woke: Duration,
+}
+
+#[derive(Default)]
+struct RoundState {
+    /// vCPUs that have not acknowledged yet.
+    pending: usize,
+    /// Some vCPU failed to restore.
+    failed: bool,
+    /// Acknowledgements by vCPU index.
+    acks: Vec<Option<Ack>>,
+    /// Go (every vCPU restored) or no-go; decided once, by `resume` when every vCPU has
+    /// acknowledged or one failed or time ran out, or by a vCPU thread that waited too long.
+    /// No vCPU enters `KVM_RUN` before it is `Some(true)`.
+    go: Option<bool>,
+}
+
+/// The restore-on-resume hand-shake between `resume` and the vCPU threads. Both sides first
+/// spin (yielding the CPU) for up to [`SPIN_BUDGET`] on the atomic mirrors of the state, then
+/// sleep on the condvars: on this 2-core host a sleeping thread woken while the vCPUs run the
+/// guest waits for a whole scheduler slice (milliseconds), and a thread it wakes may preempt
+/// it.
+struct RestoreRound {
+    m: Mutex<RoundState>,
+    /// Mirrors `pending == 0 || failed`, for spinning.
+    settled: AtomicBool,
+    /// Mirrors `go`: 0 undecided, 1 go, 2 no-go, for spinning.
+    decision: AtomicU8,
+    /// `resume` waits here for the acknowledgements.
+    acked: Condvar,
+    /// The vCPU threads wait here for the decision.
+    decided: Condvar,
+    /// When `resume` told the threads to run (set once, by `resume`).
+    started: OnceLock<Instant>,
+}
+
+impl std::fmt::Debug for RestoreRound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let g = self.lock();
+        f.debug_struct("RestoreRound")
+            .field("pending", &g.pending)
+            .field("go", &g.go)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RestoreRound {
+    fn new(vcpus: usize) -> Self {
+        Self {
+            m: Mutex::new(RoundState {
+                pending: vcpus,
+                failed: false,
+                acks: (0..vcpus).map(|_| None).collect(),
+                go: None,
+            }),
+            settled: AtomicBool::new(false),
+            decision: AtomicU8::new(0),
+            acked: Condvar::new(),
+            decided: Condvar::new(),
+            started: OnceLock::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, RoundState> {
+        self.m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Decides (under the lock): `go` and its mirror, and wakes sleeping vCPU threads.
+    fn decide(&self, g: &mut RoundState, go: bool) {
+        g.go = Some(go);
+        self.decision
+            .store(if go { 1 } else { 2 }, Ordering::SeqCst);
+        self.decided.notify_all();
+    }
+
+    /// A vCPU thread reports its restore, then waits for the decision; true means it may run.
+    /// It never waits longer than `resume` does (plus a margin): no decision means no-go.
+    fn ack(&self, id: u32, result: Result<Steps, RestoreStateError>, woke: Instant) -> bool {
+        let woke = self
+            .started
+            .get()
+            .map_or(Duration::ZERO, |s| woke.saturating_duration_since(*s));
+        let mut g = self.lock();
+        if result.is_err() {
+            g.failed = true;
+        }
+        if let Some(slot) = g.acks.get_mut(id as usize)
+            && slot.is_none()
+        {
+            *slot = Some(Ack { result, woke });
+            g.pending = g.pending.saturating_sub(1);
+        }
+        if g.pending == 0 || g.failed {
+            self.settled.store(true, Ordering::SeqCst);
+            self.acked.notify_all();
+        }
+        if g.go.is_none() {
+            drop(g);
+            spin_until(|| self.decision.load(Ordering::SeqCst) != 0);
+            g = self.lock();
+        }
+        let deadline = Instant::now() + RESTORE_ACK_TIMEOUT + Duration::from_secs(1);
+        while g.go.is_none() {
+            let now = Instant::now();
+            if now >= deadline {
+                self.decide(&mut g, false);
+                break;
+            }
+            g = self
+                .decided
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        g.go == Some(true)
+    }
 }
 
 struct VcpuCtl {
@@ -381,6 +615,10 @@ struct VcpuCtl {
     pause_req: AtomicBool,
     kicker: OnceLock<Kicker>,
     thread: OnceLock<std::thread::Thread>,
+    /// When the thread last left its parking to enter `KVM_RUN` (after any restore).
+    entered_run: Mutex<Option<Instant>>,
+    /// Mirrors `CtlState::parked`, so that `pause` can spin on it.
+    parked_flag: AtomicBool,
 }
 
 impl std::fmt::Debug for VcpuCtl {
@@ -441,22 +679,34 @@ impl StepTimer {
 /// Pause/resume timings, measured by [`KvmVm`].
 #[derive(Debug, Clone, Default)]
 pub struct PauseTimings {
-    /// Time from the start of the last `pause` until every vCPU was parked.
+    /// Time from the start of the last `pause` until every vCPU was parked (with save while
+    /// parking, this includes the vCPU threads' own saves, which run in parallel).
     pub last_pause: Duration,
-    /// Time the last `resume` took (until every thread was told to run).
+    /// Time the last `resume` took: until every thread was told to run; after a restore on
+    /// resume, until every vCPU thread had woken up, applied its state and was about to enter
+    /// `KVM_RUN` (the decision to let them run).
     pub last_resume: Duration,
     /// Time the last `save_state` took.
     pub last_save: Duration,
-    /// Time the last `restore_state` took.
+    /// Time the last `restore_state` took (with restore on resume: the VM-wide state and the
+    /// hand-over only; the vCPUs' part is in `last_resume`).
     pub last_restore: Duration,
-    /// The last save's pieces: VM-level ones and vCPU 0's.
+    /// The last save's pieces: VM-level ones, then vCPU 0's (saved while parking when
+    /// `save_captured`, so outside `last_save`).
     pub save_steps: Steps,
-    /// The last restore's pieces: VM-level ones and vCPU 0's.
+    /// Whether the last save used the states the vCPU threads captured while parking.
+    pub save_captured: bool,
+    /// The last restore's pieces: VM-level ones and vCPU 0's (with restore on resume, vCPU 0's
+    /// are added by the `resume` that applied them).
     pub restore_steps: Steps,
-    /// Per vCPU: time its thread spent saving in the last save (excluding the hand-off).
+    /// Per vCPU: time its thread spent saving in the last save (excluding the hand-off); the
+    /// time of its capture while parking when `save_captured`.
     pub vcpu_save: Vec<Duration>,
-    /// Per vCPU: time its thread spent restoring in the last restore.
+    /// Per vCPU: time spent restoring its state in the last restore.
     pub vcpu_restore: Vec<Duration>,
+    /// Per vCPU, after a restore on resume: from the start of `resume` until its thread woke up
+    /// and began applying its state (empty otherwise).
+    pub vcpu_wake: Vec<Duration>,
 }
 
 /// A KVM virtual machine with a built-in guest. See the crate docs.
@@ -470,11 +720,21 @@ pub struct KvmVm {
     plan: GuestPlan,
     cfg: VmConfig,
     running: bool,
+    /// When the last `resume` started.
+    resumed_at: Option<Instant>,
     /// Source, or a destination that has been restored: its vCPUs have a state to run.
     has_state: bool,
     timings: PauseTimings,
     /// Each vCPU's guest TSC in the last state saved or restored (where the gap log splits).
     state_tsc: Vec<u64>,
+    /// The pages the vCPUs of the last saved state touch first ([`crate::hot`]).
+    first_touch: Vec<u64>,
+    /// vCPU threads save their state when they park for a pause.
+    capture_on_pause: bool,
+    /// `restore` hands vCPU states to their threads, which apply them on `resume`.
+    restore_on_resume: bool,
+    /// The restore round handed to the vCPU threads and not yet resumed.
+    pending_round: Option<Arc<RestoreRound>>,
     /// The thread that kicks vCPUs while throttled, and its stop flag.
     throttler: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
     _kvm: Kvm,
@@ -786,6 +1046,7 @@ impl KvmVm {
         sys::install_kick_handler();
         let mut ctls = Vec::new();
         let mut threads = Vec::new();
+        let thread_caps = Arc::new(caps.clone());
         for (id, vcpu) in vcpus.into_iter().enumerate() {
             let id = u32::try_from(id).unwrap_or(u32::MAX);
             let ctl = Arc::new(VcpuCtl {
@@ -797,11 +1058,17 @@ impl KvmVm {
                 pause_req: AtomicBool::new(false),
                 kicker: OnceLock::new(),
                 thread: OnceLock::new(),
+                entered_run: Mutex::new(None),
+                parked_flag: AtomicBool::new(false),
             });
-            let (c2, core2) = (Arc::clone(&ctl), Arc::clone(&core));
+            let (c2, core2, caps2) = (
+                Arc::clone(&ctl),
+                Arc::clone(&core),
+                Arc::clone(&thread_caps),
+            );
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_thread(&c2, &core2))
+                .spawn(move || vcpu_thread(&c2, &core2, &caps2))
                 .map_err(|e| VmCreateError::Thread(id, e))?;
             let _ = ctl.thread.set(h.thread().clone());
             ctls.push(ctl);
@@ -815,9 +1082,14 @@ impl KvmVm {
             plan,
             cfg: cfg.clone(),
             running: false,
+            resumed_at: None,
             has_state: source,
             timings: PauseTimings::default(),
             state_tsc: Vec::new(),
+            first_touch: Vec::new(),
+            capture_on_pause: true,
+            restore_on_resume: true,
+            pending_round: None,
             throttler: None,
             _kvm: kvm,
         };
@@ -831,6 +1103,21 @@ impl KvmVm {
     /// Runs the vCPUs (source); same as [`VmControl::resume`].
     pub fn start(&mut self) -> Result<(), VmRunError> {
         self.resume_inner()
+    }
+
+    /// Whether each vCPU thread saves its own state when it parks for a pause (default on), so
+    /// that `save` only reads the VM-wide state. Off: `save` saves every vCPU itself. Takes
+    /// effect at the next pause.
+    pub fn set_capture_on_pause(&mut self, on: bool) {
+        self.capture_on_pause = on;
+    }
+
+    /// Whether `restore` leaves the vCPUs' state to their own threads, which apply it when
+    /// `resume` wakes them and acknowledge before any vCPU runs (default on); off: `restore`
+    /// applies every vCPU's state itself and `resume` only lets the threads run. Takes effect
+    /// at the next restore.
+    pub fn set_restore_on_resume(&mut self, on: bool) {
+        self.restore_on_resume = on;
     }
 
     /// The guest RAM, for the engine.
@@ -892,6 +1179,20 @@ impl KvmVm {
     /// Exit counters.
     pub fn exit_counters(&self) -> &ExitCounters {
         &self.core.counters
+    }
+
+    /// Time from the start of the last `resume` until the last vCPU thread was about to enter
+    /// `KVM_RUN` (woken, state applied); `None` while some thread has not got there yet. It
+    /// covers the thread wake-ups that `resume` itself does not wait for without restore on
+    /// resume.
+    pub fn resume_to_run(&self) -> Option<Duration> {
+        let t0 = self.resumed_at?;
+        let mut last = t0;
+        for c in &self.ctls {
+            let at = (*c.entered_run.lock().unwrap_or_else(|e| e.into_inner()))?;
+            last = last.max(at);
+        }
+        Some(last - t0)
     }
 
     /// Latest pause/resume/save/restore timings.
@@ -970,10 +1271,15 @@ impl KvmVm {
         Ok(())
     }
 
-    fn pause_inner(&mut self) -> Result<(), VmRunError> {
+    /// Parks every vCPU; with `capture`, each thread leaving `KVM_RUN` saves its state first.
+    fn pause_inner(&mut self, capture: bool) -> Result<(), VmRunError> {
         let t0 = Instant::now();
         for c in &self.ctls {
-            c.lock().run = false;
+            {
+                let mut g = c.lock();
+                g.run = false;
+                g.capture = capture;
+            }
             c.pause_req.store(true, Ordering::SeqCst);
             if let Some(k) = c.kicker.get() {
                 k.kick();
@@ -982,6 +1288,13 @@ impl KvmVm {
                 t.unpark();
             }
         }
+        // The threads park within a few hundred µs (a kick, completing a pending exit, the
+        // capture): spin rather than sleep, a wake-up costs as much here (see `RestoreRound`).
+        spin_until(|| {
+            self.ctls
+                .iter()
+                .all(|c| c.parked_flag.load(Ordering::SeqCst))
+        });
         self.wait_parked(Duration::from_secs(10))?;
         self.running = false;
         self.timings.last_pause = t0.elapsed();
@@ -996,14 +1309,133 @@ impl KvmVm {
             return Err(VmRunError::NotRestored);
         }
         let t0 = Instant::now();
+        self.resumed_at = Some(t0);
+        for c in &self.ctls {
+            *c.entered_run.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        let round = self.pending_round.take();
+        if let Some(r) = &round {
+            let _ = r.started.set(t0);
+        }
         for c in &self.ctls {
             let mut g = c.lock();
             c.pause_req.store(false, Ordering::SeqCst);
             g.run = true;
+            // The vCPU may run from here on: its capture belongs to the pause that ends.
+            g.captured = None;
             c.cv.notify_all();
+        }
+        if let Some(round) = round
+            && let Err(e) = self.finish_restore_round(&round, t0)
+        {
+            // Nobody ran (the round said no-go); park them all again, with no state.
+            for c in &self.ctls {
+                let mut g = c.lock();
+                g.run = false;
+                g.restore = None;
+                c.pause_req.store(true, Ordering::SeqCst);
+            }
+            if let Err(pe) = self.wait_parked(Duration::from_secs(10)) {
+                tracing::warn!("parking after a failed restore: {pe}");
+            }
+            self.has_state = false;
+            self.running = false;
+            self.timings.last_resume = t0.elapsed();
+            return Err(e);
         }
         self.running = true;
         self.timings.last_resume = t0.elapsed();
+        Ok(())
+    }
+
+    /// Waits (bounded) for every vCPU thread to acknowledge its restore, and records the
+    /// timings; an error if any failed or did not answer, after making sure none will run.
+    fn finish_restore_round(
+        &mut self,
+        round: &RestoreRound,
+        t0: Instant,
+    ) -> Result<(), VmRunError> {
+        let deadline = t0 + RESTORE_ACK_TIMEOUT;
+        spin_until(|| round.settled.load(Ordering::SeqCst));
+        let mut g = round.lock();
+        while g.go.is_none() {
+            if g.pending == 0 || g.failed {
+                let go = !g.failed;
+                round.decide(&mut g, go);
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                // No-go: whoever acknowledges later will not run.
+                round.decide(&mut g, false);
+                let vcpu = g.acks.iter().position(Option::is_none).unwrap_or(0);
+                return Err(VmRunError::RestoreTimeout {
+                    vcpu: u32::try_from(vcpu).unwrap_or(u32::MAX),
+                    ms: u64::try_from(RESTORE_ACK_TIMEOUT.as_millis()).unwrap_or(u64::MAX),
+                });
+            }
+            g = round
+                .acked
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let acks = std::mem::take(&mut g.acks);
+        let go = g.go == Some(true);
+        drop(g);
+        let mut vcpu_restore = Vec::with_capacity(acks.len());
+        let mut vcpu_wake = Vec::with_capacity(acks.len());
+        let mut failed = None;
+        for (i, a) in acks.into_iter().enumerate() {
+            let id = u32::try_from(i).unwrap_or(u32::MAX);
+            match a {
+                Some(Ack {
+                    result: Ok(steps),
+                    woke,
+                }) => {
+                    vcpu_restore.push(steps.iter().map(|s| s.1).sum());
+                    vcpu_wake.push(woke);
+                    if id == 0 {
+                        self.timings.restore_steps.extend(steps);
+                    }
+                }
+                Some(Ack {
+                    result: Err(e),
+                    woke,
+                }) => {
+                    vcpu_restore.push(Duration::ZERO);
+                    vcpu_wake.push(woke);
+                    if failed.is_none() {
+                        failed = Some(VmRunError::RestoreFailed {
+                            vcpu: id,
+                            source: Box::new(e),
+                        });
+                    }
+                }
+                None => {
+                    vcpu_restore.push(Duration::ZERO);
+                    vcpu_wake.push(Duration::ZERO);
+                }
+            }
+        }
+        self.timings.vcpu_restore = vcpu_restore;
+        self.timings.vcpu_wake = vcpu_wake;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if !go {
+            // Decided no-go without a failure recorded: a thread gave up waiting.
+            return Err(VmRunError::RestoreTimeout {
+                vcpu: 0,
+                ms: u64::try_from(RESTORE_ACK_TIMEOUT.as_millis()).unwrap_or(u64::MAX),
+            });
+        }
+        tracing::debug!(
+            resume_us = micros(t0.elapsed()),
+            wake_us = ?self.timings.vcpu_wake.iter().map(|d| micros(*d)).collect::<Vec<_>>(),
+            restore_us = ?self.timings.vcpu_restore.iter().map(|d| micros(*d)).collect::<Vec<_>>(),
+            "vCPUs restored on resume"
+        );
         Ok(())
     }
 
@@ -1065,26 +1497,48 @@ impl KvmVm {
         ]
     }
 
-    /// Captures the complete state (the VM must be paused).
+    /// Captures the complete state (the VM must be paused). Uses the vCPU states the threads
+    /// saved while parking for this pause when every vCPU has one, else saves the vCPUs here.
     pub fn save(&mut self) -> Result<VmState, SaveStateError> {
         if self.running {
             return Err(VmRunError::NotPaused("save_state").into());
         }
         let t0 = Instant::now();
+        // State handed to the threads but not applied yet is the vCPUs' state: apply it now.
+        if let Err(e) = self.apply_pending_restore() {
+            self.has_state = false;
+            return Err(SaveStateError::PendingRestore(Box::new(e)));
+        }
         let mut t = StepTimer::new();
-        let caps = self.caps.clone();
         let mut vcpus = Vec::with_capacity(self.ctls.len());
         let mut vcpu0_steps = Vec::new();
         self.timings.vcpu_save.clear();
-        for r in self.on_vcpus(move |id, v| save_vcpu(id, v, &caps))? {
-            let (st, steps) = r?;
-            self.timings.vcpu_save.push(steps.iter().map(|s| s.1).sum());
-            if st.id == 0 {
-                vcpu0_steps = steps;
+        let captured: Vec<Option<Captured>> =
+            self.ctls.iter().map(|c| c.lock().captured.take()).collect();
+        self.timings.save_captured = captured.iter().all(Option::is_some);
+        if self.timings.save_captured {
+            for cap in captured.into_iter().flatten() {
+                self.timings
+                    .vcpu_save
+                    .push(cap.steps.iter().map(|s| s.1).sum());
+                if cap.state.id == 0 {
+                    vcpu0_steps = cap.steps;
+                }
+                vcpus.push(cap.state);
             }
-            vcpus.push(st);
+            t.mark("vcpus (captured while parking)");
+        } else {
+            let caps = self.caps.clone();
+            for r in self.on_vcpus(move |id, v| save_vcpu(id, v, &caps))? {
+                let (st, steps) = r?;
+                self.timings.vcpu_save.push(steps.iter().map(|s| s.1).sum());
+                if st.id == 0 {
+                    vcpu0_steps = steps;
+                }
+                vcpus.push(st);
+            }
+            t.mark("vcpus");
         }
-        t.mark("vcpus");
         let vm = &self.core.vm;
         let vm_err = |what| {
             move |e: kvm_ioctls::Error| SaveStateError::Vm {
@@ -1117,30 +1571,59 @@ impl KvmVm {
         };
         self.timings.last_save = t0.elapsed();
         self.state_tsc = tsc_by_vcpu(&st.vcpus);
+        self.first_touch = first_touch(&self.core.memory, &st.vcpus);
+        tracing::debug!(
+            save_us = micros(self.timings.last_save),
+            captured = self.timings.save_captured,
+            vcpu_save_us = ?self.timings.vcpu_save.iter().map(|d| micros(*d)).collect::<Vec<_>>(),
+            "vCPU state saved"
+        );
         t.steps.extend(vcpu0_steps);
         self.timings.save_steps = t.steps;
         Ok(st)
     }
 
-    /// Applies a saved state (the VM must be paused; normally a fresh destination).
+    /// Applies a saved state (the VM must be paused; normally a fresh destination). The
+    /// VM-wide state is applied here; the vCPUs' own state here too, or, with restore on resume
+    /// (the default), by their threads when [`VmControl::resume`] wakes them, which reports
+    /// any failure.
     pub fn restore(&mut self, st: &VmState) -> Result<(), RestoreStateError> {
         if self.running {
             return Err(VmRunError::NotPaused("restore_state").into());
         }
         let mine = self.guest_identity();
+        let mismatch = || RestoreStateError::Mismatch {
+            blob_vcpus: st.vcpus.len(),
+            blob_guest: st.guest.clone(),
+            vcpus: self.ctls.len(),
+            guest: mine.clone(),
+        };
         if st.vcpus.len() != self.ctls.len()
             || st.guest.len() != mine.len()
             || st.guest[..IDENTITY_LEN] != mine[..IDENTITY_LEN]
         {
-            return Err(RestoreStateError::Mismatch {
-                blob_vcpus: st.vcpus.len(),
-                blob_guest: st.guest.clone(),
-                vcpus: self.ctls.len(),
-                guest: mine,
-            });
+            return Err(mismatch());
         }
         let t0 = Instant::now();
         let mut t = StepTimer::new();
+        // Each vCPU's state, by vCPU index.
+        let mut states = Vec::with_capacity(self.ctls.len());
+        for c in &self.ctls {
+            states.push(
+                st.vcpus
+                    .iter()
+                    .find(|s| s.id == c.id)
+                    .ok_or_else(mismatch)?
+                    .clone(),
+            );
+        }
+        // Whatever the threads captured or were handed before is superseded from here on.
+        self.pending_round = None;
+        for c in &self.ctls {
+            let mut g = c.lock();
+            g.captured = None;
+            g.restore = None;
+        }
         let vm = &self.core.vm;
         let vm_err = |what| {
             move |e: kvm_ioctls::Error| RestoreStateError::Vm {
@@ -1164,6 +1647,8 @@ impl KvmVm {
         vm.set_clock(&clock).map_err(vm_err("clock"))?;
         t.mark("vm clock");
         // The KVM_VCPU_TSC_OFFSET algorithm needs the (host TSC, realtime) pairs of both ends.
+        // Any consistent pair of this host serves: the offset it yields makes the guest TSC
+        // the saved one plus the wall-clock time since, whenever it is applied.
         let host_pair_src = (st.clock.flags & (KVM_CLOCK_HOST_TSC | KVM_CLOCK_REALTIME)
             == (KVM_CLOCK_HOST_TSC | KVM_CLOCK_REALTIME))
             .then_some((st.clock.host_tsc, st.clock.realtime));
@@ -1182,38 +1667,36 @@ impl KvmVm {
         // is reported but not fatal.
         let scale_tsc = src_khz != caps.tsc_khz;
         caps.tsc_khz = src_khz;
-        let states = Arc::new(st.vcpus.clone());
-        let results = self.on_vcpus(move |id, v| {
-            let s = states
-                .iter()
-                .find(|s| s.id == id)
-                .ok_or(RestoreStateError::Mismatch {
-                    blob_vcpus: states.len(),
-                    blob_guest: Vec::new(),
-                    vcpus: 0,
-                    guest: Vec::new(),
-                })?;
-            if scale_tsc && let Err(e) = v.set_tsc_khz(caps.tsc_khz) {
-                tracing::warn!(
-                    "vCPU {id}: cannot scale the TSC to the source's {} kHz: {e}",
-                    caps.tsc_khz
-                );
-            }
-            restore_vcpu(id, v, s, &caps, host_pair_src.zip(host_pair_dst)).map(|st| (id, st))
-        })?;
-        t.mark("vcpus");
+        let caps = Arc::new(caps);
+        let jobs: Vec<RestoreJob> = states
+            .into_iter()
+            .map(|state| RestoreJob {
+                state,
+                caps: Arc::clone(&caps),
+                host_pairs: host_pair_src.zip(host_pair_dst),
+                scale_tsc,
+            })
+            .collect();
         self.timings.vcpu_restore.clear();
-        for r in results {
-            let (id, steps) = r?;
-            self.timings
-                .vcpu_restore
-                .push(steps.iter().map(|s| s.1).sum());
-            if id == 0 {
-                t.steps.extend(steps);
+        self.timings.vcpu_wake.clear();
+        if self.restore_on_resume {
+            let round = Arc::new(RestoreRound::new(jobs.len()));
+            for (c, job) in self.ctls.iter().zip(jobs) {
+                c.lock().restore = Some(PendingRestore {
+                    job,
+                    round: Arc::clone(&round),
+                });
             }
+            self.pending_round = Some(round);
+            t.mark("vcpus handed to their threads");
+            self.timings.restore_steps = t.steps;
+        } else {
+            let steps = self.restore_inline(jobs)?;
+            t.mark("vcpus");
+            t.steps.extend(steps);
+            self.timings.restore_steps = t.steps;
         }
         self.timings.last_restore = t0.elapsed();
-        self.timings.restore_steps = t.steps;
         // The guest keeps the source's parameters (they are in its memory); so does the model.
         self.plan.ticks_per_page = st.guest[5];
         self.plan.tsc_khz = st.guest[6];
@@ -1221,9 +1704,76 @@ impl KvmVm {
         self.has_state = true;
         Ok(())
     }
+
+    /// Restores every vCPU from this thread ([`Self::on_vcpus`]); `jobs` by vCPU index.
+    /// Returns vCPU 0's steps and records the per-vCPU times.
+    fn restore_inline(&mut self, jobs: Vec<RestoreJob>) -> Result<Steps, RestoreStateError> {
+        let jobs = Arc::new(jobs);
+        let results = self.on_vcpus(move |id, v| match jobs.get(id as usize) {
+            Some(job) => job.apply(id, v),
+            None => Err(RestoreStateError::Run(VmRunError::ThreadGone(id))),
+        })?;
+        self.timings.vcpu_restore.clear();
+        let mut vcpu0 = Vec::new();
+        for (id, r) in results.into_iter().enumerate() {
+            let steps = r?;
+            self.timings
+                .vcpu_restore
+                .push(steps.iter().map(|s| s.1).sum());
+            if id == 0 {
+                vcpu0 = steps;
+            }
+        }
+        Ok(vcpu0)
+    }
+
+    /// Applies, from this thread, vCPU states handed to their threads and not yet resumed (a
+    /// `save` between `restore` and `resume` must see them).
+    fn apply_pending_restore(&mut self) -> Result<(), RestoreStateError> {
+        if self.pending_round.take().is_none() {
+            return Ok(());
+        }
+        let mut jobs = Vec::with_capacity(self.ctls.len());
+        for c in &self.ctls {
+            match c.lock().restore.take() {
+                Some(p) => jobs.push(p.job),
+                None => return Err(VmRunError::ThreadGone(c.id).into()),
+            }
+        }
+        let steps = self.restore_inline(jobs)?;
+        self.timings.restore_steps.extend(steps);
+        Ok(())
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Each vCPU's saved guest TSC, by vCPU index.
+/// The pages `vcpus` touch first when they run again, interleaved across vCPUs so each one's
+/// most urgent pages (code, stack) come first.
+fn first_touch(mem: &KvmMemory, vcpus: &[VcpuState]) -> Vec<u64> {
+    let read = |gpa: u64| mem.gpa_to_ram_offset(gpa).and_then(|off| mem.read_u64(off));
+    let is_ram = |gpa: u64| mem.gpa_to_ram_offset(gpa).is_some();
+    let per_vcpu: Vec<Vec<u64>> = vcpus
+        .iter()
+        .map(|v| crate::hot::first_touch_pages(&v.regs, &v.sregs, &read, &is_ram))
+        .collect();
+    let longest = per_vcpu.iter().map(Vec::len).max().unwrap_or(0);
+    let mut out = Vec::new();
+    for i in 0..longest {
+        for pages in &per_vcpu {
+            if let Some(&p) = pages.get(i)
+                && !out.contains(&p)
+            {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
 fn tsc_by_vcpu(vcpus: &[VcpuState]) -> Vec<u64> {
     let mut v: Vec<(u32, u64)> = vcpus.iter().map(|s| (s.id, s.tsc.tsc)).collect();
     v.sort_unstable();
@@ -1507,7 +2057,8 @@ fn restore_vcpu(
 
 impl VmControl for KvmVm {
     fn pause(&mut self) -> Result<(), BoxError> {
-        Ok(self.pause_inner()?)
+        let capture = self.capture_on_pause;
+        Ok(self.pause_inner(capture)?)
     }
 
     fn save_state(&mut self) -> Result<Vec<u8>, BoxError> {
@@ -1521,6 +2072,12 @@ impl VmControl for KvmVm {
 
     fn resume(&mut self) -> Result<(), BoxError> {
         Ok(self.resume_inner()?)
+    }
+
+    /// From the last saved state: the page tables, code, stack, descriptor tables and
+    /// register-held addresses of every vCPU (see [`crate::hot`]).
+    fn first_touch_pages(&mut self) -> Vec<u64> {
+        self.first_touch.clone()
     }
 
     /// Auto-converge: every 10 ms each vCPU is kicked out of `KVM_RUN` and sleeps
@@ -1567,7 +2124,7 @@ impl Drop for KvmVm {
         }
         // Park everything first: kicks touch the vCPU's kvm_run, which its thread unmaps on
         // exit, so no kick may follow `exit`.
-        if let Err(e) = self.pause_inner() {
+        if let Err(e) = self.pause_inner(false) {
             tracing::warn!("pause before drop: {e}");
         }
         for c in &self.ctls {
@@ -1588,12 +2145,12 @@ enum Stop {
     Fault(String),
 }
 
-fn vcpu_thread(ctl: &VcpuCtl, core: &Core) {
+fn vcpu_thread(ctl: &VcpuCtl, core: &Core, caps: &VcpuCaps) {
     let lock_vcpu = || ctl.vcpu.lock().unwrap_or_else(|e| e.into_inner());
     let _ = ctl.tid.set(rustix::thread::gettid().as_raw_nonzero().get());
     let _ = ctl.kicker.set(Kicker::for_current_thread(&mut lock_vcpu()));
     loop {
-        {
+        let restore = {
             let mut g = ctl.lock();
             loop {
                 if let Some(job) = g.jobs.pop_front() {
@@ -1604,6 +2161,7 @@ fn vcpu_thread(ctl: &VcpuCtl, core: &Core) {
                 }
                 if g.exit {
                     g.parked = true;
+                    ctl.parked_flag.store(true, Ordering::SeqCst);
                     ctl.cv.notify_all();
                     return;
                 }
@@ -1612,21 +2170,55 @@ fn vcpu_thread(ctl: &VcpuCtl, core: &Core) {
                 }
                 if !g.parked {
                     g.parked = true;
+                    ctl.parked_flag.store(true, Ordering::SeqCst);
                     ctl.cv.notify_all();
                 }
                 g = ctl.cv.wait(g).unwrap_or_else(|e| e.into_inner());
             }
             g.parked = false;
+            ctl.parked_flag.store(false, Ordering::SeqCst);
+            // The vCPU is about to change: what was captured at the pause no longer holds.
+            g.captured = None;
+            g.restore.take()
+        };
+        if let Some(p) = restore {
+            let woke = Instant::now();
+            let result = p.job.apply(ctl.id, &mut lock_vcpu());
+            if !p.round.ack(ctl.id, result, woke) {
+                // No-go: some vCPU could not be restored (or resume gave up). Do not run.
+                ctl.lock().run = false;
+                continue;
+            }
         }
         if let Some(k) = ctl.kicker.get() {
             k.set_immediate_exit(0);
         }
+        *ctl.entered_run.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         let stop = run_loop(&mut lock_vcpu(), ctl, core);
-        if let Stop::Fault(reason) = stop {
-            tracing::warn!("vCPU {} stopped: {reason}", ctl.id);
-            let mut g = ctl.lock();
-            g.fault = Some(reason);
-            g.run = false;
+        match stop {
+            Stop::Paused => {
+                if ctl.lock().capture {
+                    // Still awake from the kick: save the state here, in parallel with the
+                    // other vCPUs, before reporting parked.
+                    let r = save_vcpu(ctl.id, &mut lock_vcpu(), caps);
+                    let mut g = ctl.lock();
+                    match r {
+                        Ok((state, steps)) => g.captured = Some(Captured { state, steps }),
+                        Err(e) => {
+                            // `save` then saves this vCPU itself and reports the error if it
+                            // is real.
+                            tracing::debug!("vCPU {}: saving while parking failed: {e}", ctl.id);
+                            g.captured = None;
+                        }
+                    }
+                }
+            }
+            Stop::Fault(reason) => {
+                tracing::warn!("vCPU {} stopped: {reason}", ctl.id);
+                let mut g = ctl.lock();
+                g.fault = Some(reason);
+                g.run = false;
+            }
         }
     }
 }

@@ -125,6 +125,15 @@ mod tests {
             after.stall_us_over_100
         );
         assert!(r.verified, "source digest not confirmed");
+        if mode == Mode::PostCopy {
+            // Pure post-copy: every page is stale, so the vCPUs' first-touch pages (code,
+            // stack, page tables, parameters...) all went out at the switchover.
+            assert!(
+                r.first_touch_pages >= 4,
+                "only {} first-touch pages sent",
+                r.first_touch_pages
+            );
+        }
         assert!(
             after.iterations > before.iterations,
             "guest did not continue: {before:?} -> {after:?}"

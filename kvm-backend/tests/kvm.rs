@@ -346,6 +346,288 @@ mod tests {
         Ok(())
     }
 
+    /// The verifier guest keeps its iteration counter in r12 and publishes it to its stats
+    /// page right after incrementing it, so a paused vCPU's r12 is the published count or one
+    /// more.
+    fn assert_state_is_current(st: &VmState, vm: &KvmVm) {
+        let stats = vm.guest_stats();
+        for (v, g) in st.vcpus.iter().zip(&stats.per_vcpu) {
+            assert!(
+                v.regs.r12 == g.iterations || v.regs.r12 == g.iterations + 1,
+                "vCPU {}: saved r12 {} but the guest published {} iterations",
+                v.id,
+                v.regs.r12,
+                g.iterations
+            );
+        }
+    }
+
+    /// Waits (at most 5 s) until every vCPU of the guest made progress past `since`, so every
+    /// vCPU thread is in its run loop (a pause then stops each one inside it).
+    fn wait_progress(vm: &KvmVm, since: &ferry_kvm::GuestStats) -> Result<()> {
+        let t = Instant::now();
+        loop {
+            let now = vm.guest_stats();
+            if now
+                .per_vcpu
+                .iter()
+                .zip(&since.per_vcpu)
+                .all(|(a, b)| a.iterations > b.iterations)
+            {
+                return Ok(());
+            }
+            if t.elapsed() > Duration::from_secs(5) {
+                return Err(anyhow!("guest made no progress in 5 s: {now:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn save_while_parking_is_fresh_and_equals_an_inline_save() -> Result<()> {
+        if !kvm() {
+            return Ok(());
+        }
+        let mut vm = KvmVm::new_source(&cfg(Workload::Verifier, 2, 32))?;
+        let start = vm.guest_stats();
+        vm.start()?;
+        std::thread::sleep(Duration::from_millis(100));
+        wait_progress(&vm, &start)?;
+        pause(&mut vm)?;
+        let s1 = VmState::decode(&vm.save_state().map_err(|e| anyhow!(e))?)?;
+        assert!(
+            vm.timings().save_captured,
+            "first save did not use the captures"
+        );
+        eprintln!(
+            "captured: save {:?}, per-vCPU capture {:?}, steps {:?}",
+            vm.timings().last_save,
+            vm.timings().vcpu_save,
+            vm.timings().save_steps
+        );
+        assert_state_is_current(&s1, &vm);
+        // The captures are consumed: the same pause saved again is saved inline, and must be
+        // the same state.
+        let s2 = VmState::decode(&vm.save_state().map_err(|e| anyhow!(e))?)?;
+        assert!(!vm.timings().save_captured, "a capture was used twice");
+        eprintln!(
+            "inline: save {:?}, per vCPU {:?}",
+            vm.timings().last_save,
+            vm.timings().vcpu_save
+        );
+        assert_same_state(&s1, &s2);
+        // Run on, pause again: a fresh capture, not the previous one.
+        let before = vm.guest_stats();
+        vm.resume().map_err(|e| anyhow!(e))?;
+        std::thread::sleep(Duration::from_millis(50));
+        wait_progress(&vm, &before)?;
+        pause(&mut vm)?;
+        let s3 = VmState::decode(&vm.save_state().map_err(|e| anyhow!(e))?)?;
+        assert!(vm.timings().save_captured);
+        assert_state_is_current(&s3, &vm);
+        for (a, b) in s1.vcpus.iter().zip(&s3.vcpus) {
+            assert!(
+                b.regs.r12 > a.regs.r12,
+                "vCPU {}: second capture r12 {} did not move on from {}",
+                a.id,
+                b.regs.r12,
+                a.regs.r12
+            );
+        }
+        // A capture does not outlive its pause: pause (captured, never saved), run on, pause
+        // with capture off. The save must not use the stale capture.
+        let before = vm.guest_stats();
+        vm.resume().map_err(|e| anyhow!(e))?;
+        wait_progress(&vm, &before)?;
+        pause(&mut vm)?;
+        vm.set_capture_on_pause(false);
+        let before = vm.guest_stats();
+        vm.resume().map_err(|e| anyhow!(e))?;
+        wait_progress(&vm, &before)?;
+        std::thread::sleep(Duration::from_millis(20));
+        pause(&mut vm)?;
+        let s4 = VmState::decode(&vm.save_state().map_err(|e| anyhow!(e))?)?;
+        assert!(!vm.timings().save_captured, "a stale capture was used");
+        assert_state_is_current(&s4, &vm);
+        assert!(vm.verify_memory()?.ok());
+        Ok(())
+    }
+
+    #[test]
+    fn failed_vcpu_restore_on_resume_runs_no_vcpu() -> Result<()> {
+        if !kvm() {
+            return Ok(());
+        }
+        let c = cfg(Workload::Verifier, 2, 32);
+        let mut src = KvmVm::new_source(&c)?;
+        src.start()?;
+        std::thread::sleep(Duration::from_millis(100));
+        pause(&mut src)?;
+        let before = src.guest_stats();
+        let good = src.save_state().map_err(|e| anyhow!(e))?;
+        // vCPU 1 in long mode (EFER.LME, CR0.PG) without CR4.PAE: KVM_SET_SREGS refuses it
+        // (EINVAL), while the blob itself decodes and vCPU 0 restores fine.
+        let mut st = VmState::decode(&good)?;
+        assert!(st.vcpus[1].sregs.efer & 0x100 != 0 && st.vcpus[1].sregs.cr0 >> 31 == 1);
+        st.vcpus[1].sregs.cr4 &= !0x20;
+        let bad = st.encode();
+
+        let mut dst = KvmVm::new_destination(&c)?;
+        assert!(dst.memory().copy_from(&src.memory()));
+        dst.restore_state(&bad).map_err(|e| anyhow!(e))?;
+        let t = Instant::now();
+        let err = dst
+            .resume()
+            .expect_err("resume with a state KVM refuses succeeded");
+        eprintln!("resume failed after {:?}: {err}", t.elapsed());
+        match err.downcast_ref::<ferry_kvm::VmRunError>() {
+            Some(ferry_kvm::VmRunError::RestoreFailed { vcpu: 1, source }) => assert!(
+                matches!(
+                    **source,
+                    ferry_kvm::RestoreStateError::Vcpu {
+                        vcpu: 1,
+                        what: "sregs",
+                        ..
+                    }
+                ),
+                "{source:?}"
+            ),
+            other => panic!("unexpected error {other:?} ({err})"),
+        }
+        assert!(!dst.is_running());
+        // No vCPU entered KVM_RUN, now or later, and the guest made no progress.
+        std::thread::sleep(Duration::from_millis(100));
+        let runs = |vm: &KvmVm| {
+            vm.exit_counters()
+                .runs
+                .load(std::sync::atomic::Ordering::SeqCst)
+        };
+        assert_eq!(runs(&dst), 0, "a vCPU ran after a failed restore");
+        assert_eq!(dst.resume_to_run(), None, "a vCPU went on to run");
+        let stuck = dst.guest_stats();
+        for (b, a) in before.per_vcpu.iter().zip(&stuck.per_vcpu) {
+            assert_eq!(a.iterations, b.iterations, "the guest ran");
+        }
+        // It is left without a state: resuming again is refused, not a run of half a state.
+        assert!(
+            dst.resume().is_err_and(|e| matches!(
+                e.downcast_ref::<ferry_kvm::VmRunError>(),
+                Some(ferry_kvm::VmRunError::NotRestored)
+            )),
+            "resume after a failed restore"
+        );
+        assert_eq!(runs(&dst), 0);
+        // A good state then restores and runs.
+        dst.restore_state(&good).map_err(|e| anyhow!(e))?;
+        dst.resume().map_err(|e| anyhow!(e))?;
+        std::thread::sleep(Duration::from_millis(100));
+        pause(&mut dst)?;
+        let after = dst.guest_stats();
+        for (b, a) in before.per_vcpu.iter().zip(&after.per_vcpu) {
+            assert!(
+                a.iterations > b.iterations + 100,
+                "no progress after restore"
+            );
+        }
+        assert!(dst.verify_memory()?.ok());
+
+        // Restoring on the calling thread instead, the same state fails in restore_state.
+        let mut inline = KvmVm::new_destination(&c)?;
+        inline.set_restore_on_resume(false);
+        assert!(inline.restore_state(&bad).is_err());
+        Ok(())
+    }
+
+    /// Restore on resume against restore on the calling thread, and save while parking against
+    /// saving on the calling thread, in-process on 2 vCPUs: prints the figures (measured, not
+    /// asserted; use a release build).
+    #[test]
+    fn state_transfer_modes_measured() -> Result<()> {
+        if !kvm() {
+            return Ok(());
+        }
+        let c = cfg(Workload::Verifier, 2, 32);
+        let mut src = KvmVm::new_source(&c)?;
+        let mut dst = KvmVm::new_destination(&c)?;
+        let pct = |v: &mut Vec<Duration>, p: usize| {
+            v.sort();
+            v[(v.len() - 1) * p / 100]
+        };
+        let rounds = 30;
+        // (pause, save, pause + save, slowest vCPU's own save) for capture off/on; (restore, resume, to run,
+        // restore + to run) for restore on resume off/on. Alternated so both see the same load.
+        let mut save = [[(); 4].map(|_| Vec::new()), [(); 4].map(|_| Vec::new())];
+        let mut rest = [[(); 4].map(|_| Vec::new()), [(); 4].map(|_| Vec::new())];
+        for i in 0..rounds * 2 {
+            let m = i % 2;
+            src.set_capture_on_pause(m == 1);
+            // Only one VM runs at a time, as in a migration's blackout.
+            let before = src.guest_stats();
+            src.resume().map_err(|e| anyhow!(e))?;
+            std::thread::sleep(Duration::from_millis(5));
+            wait_progress(&src, &before)?;
+            pause(&mut src)?;
+            let blob = src.save_state().map_err(|e| anyhow!(e))?;
+            let t = src.timings();
+            assert_eq!(t.save_captured, m == 1);
+            save[m][0].push(t.last_pause);
+            save[m][1].push(t.last_save);
+            save[m][2].push(t.last_pause + t.last_save);
+            save[m][3].push(t.vcpu_save.iter().copied().max().unwrap_or_default());
+            assert!(dst.memory().copy_from(&src.memory()));
+
+            dst.set_restore_on_resume(m == 1);
+            dst.restore_state(&blob).map_err(|e| anyhow!(e))?;
+            dst.resume().map_err(|e| anyhow!(e))?;
+            let t = Instant::now();
+            let to_run = loop {
+                if let Some(d) = dst.resume_to_run() {
+                    break d;
+                }
+                assert!(t.elapsed() < Duration::from_secs(5), "vCPUs never ran");
+                std::thread::sleep(Duration::from_micros(200));
+            };
+            let t = dst.timings();
+            rest[m][0].push(t.last_restore);
+            rest[m][1].push(t.last_resume);
+            rest[m][2].push(to_run);
+            rest[m][3].push(t.last_restore + to_run);
+            pause(&mut dst)?;
+        }
+        for (m, name) in [(0, "save on the calling thread"), (1, "save while parking")] {
+            let [p, s, ps, v] = &mut save[m];
+            eprintln!(
+                "{name}: pause p50 {:?} p90 {:?}; save p50 {:?} p90 {:?}; pause+save p50 {:?} p90 {:?}; slowest vCPU's save p50 {:?}",
+                pct(p, 50),
+                pct(p, 90),
+                pct(s, 50),
+                pct(s, 90),
+                pct(ps, 50),
+                pct(ps, 90),
+                pct(v, 50)
+            );
+        }
+        for (m, name) in [
+            (0, "restore on the calling thread"),
+            (1, "restore on resume"),
+        ] {
+            let [r, re, tr, total] = &mut rest[m];
+            eprintln!(
+                "{name}: restore p50 {:?} p90 {:?}; resume p50 {:?} p90 {:?}; resume until every vCPU about to run p50 {:?} p90 {:?}; restore + that p50 {:?} p90 {:?}",
+                pct(r, 50),
+                pct(r, 90),
+                pct(re, 50),
+                pct(re, 90),
+                pct(tr, 50),
+                pct(tr, 90),
+                pct(total, 50),
+                pct(total, 90)
+            );
+        }
+        assert!(dst.verify_memory()?.ok());
+        Ok(())
+    }
+
     #[test]
     fn guest_sees_blackout_as_a_gap() -> Result<()> {
         if !kvm() {
