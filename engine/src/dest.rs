@@ -177,6 +177,13 @@ struct PostCopy {
 /// Pages the sweep maps with one `UFFDIO_CONTINUE` (2 MiB of 4 KiB pages).
 const SWEEP_PAGES: u64 = 512;
 
+/// The sweep's nice value: the lowest CPU priority.
+const SWEEP_NICE: i32 = 19;
+
+/// Arrived pages mapped after a locally resolved fault on a data page, the page included
+/// (a guest walking memory then faults once per 256 KiB, not once per page).
+const LOCAL_NEIGHBOURHOOD: u64 = 64;
+
 struct Shared<'a> {
     layout: &'a Layout,
     states: Vec<AtomicU8>,
@@ -555,6 +562,38 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                 .map_err(|_| MigrateError::Worker("fault handler"))?;
             spawn_reply_receiver(s, replies, shared, &self.note_tx, Some(started))?;
         }
+        // The mapper: at a post-copy switchover it maps the arrived pages the source named as
+        // touched first (concurrently with restore and resume), then sweeps the rest at the
+        // lowest priority. Spawned here for the same reason as the fault path.
+        let (mapper, first_touch_rx) = bounded::<Vec<GpaRange>>(1);
+        if has_urgent && shared.aliases.iter().any(Option::is_some) {
+            let note_tx = self.note_tx.clone();
+            thread::Builder::new()
+                .name("ferry-mapper".into())
+                .spawn_scoped(s, move || {
+                    let Ok(first_touch) = first_touch_rx.recv() else {
+                        return;
+                    };
+                    let t = Instant::now();
+                    let r = map_first_touch(shared, &first_touch).and_then(|hot| {
+                        let t_hot = t.elapsed();
+                        sweep(shared).map(|swept| (hot, t_hot, swept))
+                    });
+                    match r {
+                        Ok((hot, t_hot, swept)) => debug!(
+                            hot,
+                            hot_us = t_hot.as_micros() as u64,
+                            swept,
+                            ms = t.elapsed().as_millis() as u64,
+                            "arrived pages mapped"
+                        ),
+                        Err(e) => {
+                            let _ = note_tx.send(Note::Fatal(e));
+                        }
+                    }
+                })
+                .map_err(|_| MigrateError::Worker("mapper"))?;
+        }
         // Make sure no page is populated before anything arrives (see `apply_stale`), here
         // rather than inside the blackout: on untouched memory this is a page-table walk whose
         // cost grows with guest size. Only pure post-copy relies on it (nothing is written to
@@ -616,11 +655,21 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                     let mut next = self.next_ctl()?;
                     if post_copy {
                         let mut stale = Vec::new();
-                        while let (Frame::StaleSet { ranges }, _) = &next {
-                            for r in ranges {
-                                layout.locate(*r)?;
+                        let mut first_touch = Vec::new();
+                        loop {
+                            match &next {
+                                (Frame::StaleSet { ranges }, _) => {
+                                    for r in ranges {
+                                        layout.locate(*r)?;
+                                    }
+                                    stale.extend_from_slice(ranges);
+                                }
+                                // A hint, checked against the memory map like every frame.
+                                (Frame::FirstTouch { ranges }, _) => {
+                                    first_touch.extend_from_slice(ranges);
+                                }
+                                _ => break,
                             }
-                            stale.extend_from_slice(ranges);
                             next = self.next_ctl()?;
                         }
                         let t_state = Instant::now();
@@ -642,6 +691,7 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                                 .send(())
                                 .map_err(|_| MigrateError::Worker("fault handler"))?;
                         }
+                        let _ = mapper.try_send(first_touch);
                         self.workers += 1;
                         debug!(
                             barrier_us = (t_barrier - t_sw).as_micros() as u64,
@@ -679,25 +729,6 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                     let t_resume = Instant::now();
                     let _ = shared.resumed_at.set(t_resume);
                     resumed = true;
-                    if post_copy && shared.aliases.iter().any(Option::is_some) {
-                        let note_tx = self.note_tx.clone();
-                        thread::Builder::new()
-                            .name("ferry-sweep".into())
-                            .spawn_scoped(s, move || {
-                                let t = Instant::now();
-                                match sweep(shared) {
-                                    Ok(pages) => debug!(
-                                        pages,
-                                        ms = t.elapsed().as_millis() as u64,
-                                        "arrived pages mapped after resume"
-                                    ),
-                                    Err(e) => {
-                                        let _ = note_tx.send(Note::Fatal(e));
-                                    }
-                                }
-                            })
-                            .map_err(|_| MigrateError::Worker("sweep"))?;
-                    }
                     let timings = ResumeTimings {
                         receive_us: (t_apply - t_sw).as_micros() as u64,
                         restore_us: (t_restore - t_apply).as_micros() as u64,
@@ -1844,7 +1875,8 @@ fn fault_loop(shared: &Shared<'_>) -> Result<(), MigrateError> {
 /// shared-backed region is in the page cache (`UFFDIO_CONTINUE`); a zero page may be a hole
 /// that was never written (`UFFDIO_ZEROPAGE`), or, in a shared-backed region, a page-cache page
 /// cleared through the alias (`EEXIST` from the zero page, then `UFFDIO_CONTINUE`). `EEXIST`
-/// from the last step means someone mapped it meanwhile: wake the waiters.
+/// from the last step means someone mapped it meanwhile: wake the waiters. After mapping a
+/// data page, maps its arrived neighbours too ([`LOCAL_NEIGHBOURHOOD`]).
 fn map_arrived(shared: &Shared<'_>, p: u64, gpa: u64) -> Result<(), MigrateError> {
     let layout = shared.layout;
     let ps = layout.page_size();
@@ -1871,7 +1903,14 @@ fn map_arrived(shared: &Shared<'_>, p: u64, gpa: u64) -> Result<(), MigrateError
             _ => post.uffd.continue_(addr, ps, PlaceMode::WAKE),
         };
         match r.map_err(uffd_err)? {
-            Fill::Done | Fill::Partial { .. } => return Ok(()),
+            Fill::Done | Fill::Partial { .. } => {
+                if staged && !zero {
+                    // Its neighbours are likely next; map those that arrived too.
+                    let q = p - layout.first_pages()[region];
+                    map_arrived_run(shared, region, q + 1, q + LOCAL_NEIGHBOURHOOD)?;
+                }
+                return Ok(());
+            }
             Fill::Exists => steps = &steps[1..],
             Fill::Again if tries < 100 => {
                 tries += 1;
@@ -1883,61 +1922,106 @@ fn map_arrived(shared: &Shared<'_>, p: u64, gpa: u64) -> Result<(), MigrateError
     post.uffd.wake(addr, ps).map_err(uffd_err)
 }
 
+/// At a post-copy switchover: maps the arrived data pages among `ranges` (the pages the
+/// source's vCPUs touch first) at once, so the guest's first steps do not take a local fault
+/// on each. Runs concurrently with restore and resume. Returns the pages mapped.
+fn map_first_touch(shared: &Shared<'_>, ranges: &[GpaRange]) -> Result<u64, MigrateError> {
+    let layout = shared.layout;
+    let ps = layout.page_size();
+    let mut mapped = 0;
+    for r in ranges {
+        let Ok((region, off, _)) = layout.locate(*r) else {
+            continue;
+        };
+        if !shared.staged(region) {
+            continue;
+        }
+        match map_arrived_run(shared, region, off / ps, (off + r.len) / ps)? {
+            Some(n) => mapped += n,
+            None => break,
+        }
+    }
+    Ok(mapped)
+}
+
 /// After a post-copy resume: maps every arrived data page of the shared-backed regions
-/// (received into the page cache, not mapped) with `UFFDIO_CONTINUE` in runs of up to
-/// [`SWEEP_PAGES`], so the guest takes few local faults. Pages mapped meanwhile (by a fault or
-/// the push) are skipped. Stops early when post-copy ends (guest memory is unregistered and the
-/// kernel maps page-cache pages itself). Returns the pages it mapped.
+/// (received into the page cache, not mapped), so the guest takes few local faults. Runs at the
+/// lowest CPU priority (nice 19): on a busy host it must not take CPU from the vCPUs, the
+/// fault path or the receivers; a page the guest reaches first is mapped by its fault (with its
+/// neighbourhood, see [`map_arrived`]). Stops early when post-copy ends (guest memory is
+/// unregistered and the kernel maps page-cache pages itself). Returns the pages it mapped.
 fn sweep(shared: &Shared<'_>) -> Result<u64, MigrateError> {
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), SWEEP_NICE)
+    {
+        debug!(%e, "sweep keeps normal priority");
+    }
+    let mut mapped = 0;
+    for (i, r) in shared.layout.regions().iter().enumerate() {
+        if shared.staged(i) {
+            match map_arrived_run(shared, i, 0, r.pages())? {
+                Some(n) => mapped += n,
+                None => break,
+            }
+        }
+    }
+    Ok(mapped)
+}
+
+/// Maps the arrived, unmapped data pages among region `region`'s pages `from..to` (region-
+/// relative) with `UFFDIO_CONTINUE`, in runs of up to [`SWEEP_PAGES`]; pages mapped meanwhile
+/// are skipped. Returns the pages mapped, or `None` when post-copy ended meanwhile (guest
+/// memory unregistered: the kernel maps the rest on first touch).
+fn map_arrived_run(
+    shared: &Shared<'_>,
+    region: usize,
+    from: u64,
+    to: u64,
+) -> Result<Option<u64>, MigrateError> {
     let layout = shared.layout;
     let ps = layout.page_size();
     let post = shared.post()?;
+    let r = &layout.regions()[region];
+    let first = layout.first_pages()[region];
+    let to = to.min(r.pages());
     let ready = |p: u64| {
         shared.states[p as usize].load(Ordering::Acquire) == PRESENT
             && shared.hashes[p as usize].load(Ordering::Acquire) != ZERO_PAGE
     };
     let mut mapped = 0;
-    for (i, r) in layout.regions().iter().enumerate() {
-        if !shared.staged(i) {
+    let mut q = from;
+    while q < to {
+        if shared.done.load(Ordering::Acquire) || post.released.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        if !ready(first + q) {
+            q += 1;
             continue;
         }
-        let first = layout.first_pages()[i];
-        let mut q = 0;
-        while q < r.pages() {
-            if shared.done.load(Ordering::Acquire) || post.released.load(Ordering::Acquire) {
-                return Ok(mapped);
+        let start = q;
+        while q < to && q - start < SWEEP_PAGES && ready(first + q) {
+            q += 1;
+        }
+        let addr = r.host_addr as u64 + start * ps;
+        let sum = match post
+            .uffd
+            .continue_all(addr, (q - start) * ps, PlaceMode::WAKE)
+        {
+            Ok(sum) => sum,
+            Err(_) if post.released.load(Ordering::Acquire) => return Ok(None),
+            Err(e) => {
+                return Err(MigrateError::Uffd {
+                    what: ferry_protocol::handshake::error_chain(&e),
+                });
             }
-            if !ready(first + q) {
-                q += 1;
-                continue;
-            }
-            let start = q;
-            while q < r.pages() && q - start < SWEEP_PAGES && ready(first + q) {
-                q += 1;
-            }
-            let addr = r.host_addr as u64 + start * ps;
-            let sum = match post
-                .uffd
-                .continue_all(addr, (q - start) * ps, PlaceMode::WAKE)
-            {
-                Ok(sum) => sum,
-                // Unregistered meanwhile: the kernel maps the rest on first touch.
-                Err(_) if post.released.load(Ordering::Acquire) => return Ok(mapped),
-                Err(e) => {
-                    return Err(MigrateError::Uffd {
-                        what: ferry_protocol::handshake::error_chain(&e),
-                    });
-                }
-            };
-            mapped += sum.placed / ps;
-            if let Some(at) = sum.again_at {
-                // The mapping is changing; retry the rest of the run.
-                q = start + at / ps;
-                thread::yield_now();
-            }
+        };
+        mapped += sum.placed / ps;
+        if let Some(at) = sum.again_at {
+            // The mapping is changing; retry the rest of the run.
+            q = start + at / ps;
+            thread::yield_now();
         }
     }
-    Ok(mapped)
+    Ok(Some(mapped))
 }
 
 fn host_to_page(layout: &Layout, addr: u64) -> Option<(u64, u64)> {

@@ -1062,11 +1062,14 @@ impl Run<'_, '_> {
                     let (_, _, first) = self.layout.locate(*r)?;
                     to_send.set_range(first, r.len / ps);
                 }
-                let first_touch = self.take_first_touch(control.first_touch_pages(), to_send);
-                if !first_touch.is_empty() {
-                    self.report.first_touch_pages =
-                        first_touch.iter().map(|r| r.len).sum::<u64>() / ps;
-                    self.dispatch(&first_touch, true, Phase::Switchover)?;
+                let (hint, stale) = self.take_first_touch(control.first_touch_pages(), to_send);
+                if !hint.is_empty() {
+                    // The destination maps the ones it has before the guest touches them.
+                    self.ctl.send(&Frame::FirstTouch { ranges: hint }, &[])?;
+                }
+                if !stale.is_empty() {
+                    self.report.first_touch_pages = stale.iter().map(|r| r.len).sum::<u64>() / ps;
+                    self.dispatch(&stale, true, Phase::Switchover)?;
                 }
             }
             self.ctl.send(
@@ -1241,22 +1244,33 @@ impl Run<'_, '_> {
         self.barrier(PUSH_DONE_ROUND, Phase::PostCopy)
     }
 
-    /// Claims the still-unsent pages among `hint` (guest-physical addresses the VM says its
-    /// vCPUs touch first; at most [`MAX_FIRST_TOUCH`] are taken, addresses outside guest
-    /// memory are ignored) and returns them as sorted, merged ranges.
-    fn take_first_touch(&self, hint: Vec<u64>, to_send: &AtomicBitmap) -> Vec<GpaRange> {
+    /// The pages among `hint` (guest-physical addresses the VM says its vCPUs touch first;
+    /// the first [`MAX_FIRST_TOUCH`] in guest memory count, others are ignored) as sorted,
+    /// merged ranges, and those of them still unsent, claimed from `to_send`.
+    fn take_first_touch(
+        &self,
+        hint: Vec<u64>,
+        to_send: &AtomicBitmap,
+    ) -> (Vec<GpaRange>, Vec<GpaRange>) {
         let ps = self.layout.page_size();
-        let mut pages: Vec<GpaRange> = hint
-            .into_iter()
-            .filter_map(|gpa| {
-                let page = GpaRange::new(gpa & !(ps - 1), ps);
-                let (_, _, p) = self.layout.locate(page).ok()?;
-                to_send.take(p).then_some(page)
-            })
-            .take(MAX_FIRST_TOUCH)
-            .collect();
-        pages.sort_unstable();
-        merge_ranges(pages)
+        let mut all = Vec::new();
+        let mut stale = Vec::new();
+        for gpa in hint {
+            let page = GpaRange::new(gpa & !(ps - 1), ps);
+            let Ok((_, _, p)) = self.layout.locate(page) else {
+                continue;
+            };
+            if all.len() == MAX_FIRST_TOUCH {
+                break;
+            }
+            all.push(page);
+            if to_send.take(p) {
+                stale.push(page);
+            }
+        }
+        all.sort_unstable();
+        stale.sort_unstable();
+        (merge_ranges(all), merge_ranges(stale))
     }
 
     /// Claims the still-unsent pages in `[lo, hi)` and returns them as ranges.

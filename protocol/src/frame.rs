@@ -83,6 +83,9 @@ commands! {
     /// Post-copy recovery, destination to source on a resumed session's control stream: the
     /// ranges the destination still lacks (version 3).
     Missing = 0x0014,
+    /// Post-copy, at the switchover: the ranges the source's vCPUs touch first, so the
+    /// destination maps the ones it already has before the guest faults on them (version 3).
+    FirstTouch = 0x0015,
     /// Post-copy: the destination asks for a page range, urgently.
     PageRequest = 0x0020,
     /// Post-copy: the reply to a request; payload = the bytes.
@@ -299,6 +302,12 @@ pub enum Frame {
         /// The ranges.
         ranges: Vec<GpaRange>,
     },
+    /// Post-copy switchover: the pages the vCPUs touch first (a hint; pages still stale are
+    /// on their way separately).
+    FirstTouch {
+        /// The ranges.
+        ranges: Vec<GpaRange>,
+    },
     /// Post-copy recovery: ranges the destination still lacks after a lost connection (every
     /// page not placed yet); `last` marks the final frame of the set.
     Missing {
@@ -445,6 +454,7 @@ impl Frame {
             Frame::ZeroPages { .. } => Command::ZeroPages,
             Frame::CompressedPages { .. } => Command::CompressedPages,
             Frame::StaleSet { .. } => Command::StaleSet,
+            Frame::FirstTouch { .. } => Command::FirstTouch,
             Frame::Missing { .. } => Command::Missing,
             Frame::PageRequest { .. } => Command::PageRequest,
             Frame::PageReply { .. } => Command::PageReply,
@@ -498,7 +508,10 @@ impl Frame {
                     flag_bits |= flags::FINAL;
                 }
             }
-            Frame::ZeroPages { ranges } | Frame::StaleSet { ranges } | Frame::Resend { ranges } => {
+            Frame::ZeroPages { ranges }
+            | Frame::StaleSet { ranges }
+            | Frame::FirstTouch { ranges }
+            | Frame::Resend { ranges } => {
                 write_ranges(&mut w, ranges);
             }
             Frame::CompressedPages { ranges, .. } => write_ranges(&mut w, ranges),
@@ -639,6 +652,9 @@ impl Frame {
             },
             Command::StaleSet => Frame::StaleSet {
                 ranges: read_ranges(&mut r, "stale ranges")?,
+            },
+            Command::FirstTouch => Frame::FirstTouch {
+                ranges: read_ranges(&mut r, "first-touch ranges")?,
             },
             Command::Missing => Frame::Missing {
                 ranges: read_ranges(&mut r, "missing ranges")?,
@@ -811,6 +827,7 @@ impl Frame {
             | Frame::ZeroPages { ranges }
             | Frame::CompressedPages { ranges, .. }
             | Frame::StaleSet { ranges }
+            | Frame::FirstTouch { ranges }
             | Frame::Missing { ranges, .. }
             | Frame::Resend { ranges } => ranges,
             Frame::PageRequest { range, .. } | Frame::PageReply { range, .. } => {
@@ -914,6 +931,7 @@ mod tests {
                 }
             }),
             arb_ranges().prop_map(|ranges| Frame::StaleSet { ranges }),
+            arb_ranges().prop_map(|ranges| Frame::FirstTouch { ranges }),
             (arb_ranges(), any::<bool>())
                 .prop_map(|(ranges, last)| Frame::Missing { ranges, last }),
             arb_ranges().prop_map(|ranges| Frame::Resend { ranges }),
@@ -1049,7 +1067,7 @@ mod tests {
             Command::AuthOk,
             Command::Refused,
         ];
-        assert_eq!(Command::ALL.len(), handshake.len() + 20);
+        assert_eq!(Command::ALL.len(), handshake.len() + 21);
     }
 
     #[test]

@@ -49,7 +49,7 @@ pub const MAGIC: [u8; 8] = *b"FERRYMIG";
 ///
 /// History: 1, the first; 2, `FaultStats` carries the count of locally resolved faults; 3,
 /// post-copy recovery: a control stream may name an existing session to resume it, and the
-/// `Missing` frame.
+/// `Missing` frame; the `FirstTouch` hint at a post-copy switchover.
 pub const PROTOCOL_VERSION: u16 = 3;
 /// The oldest protocol version this build speaks (3: a version-2 peer can neither resume a
 /// session nor answer `Missing`, so a post-copy migration with it could not recover).

@@ -46,6 +46,8 @@
 //!         S->>D: Pages(last) with the final dirty set [bulk]
 //!     else post-copy
 //!         S->>D: StaleSet(ranges) [control]
+//!         S->>D: FirstTouch(ranges): pages the vCPUs touch first [control]
+//!         S->>D: Pages: the stale ones among them [bulk]
 //!     end
 //!     S->>D: State(vCPU + device blob) [control]
 //!     Note over D: restore, resume vCPUs (blackout ends)
