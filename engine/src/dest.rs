@@ -8,10 +8,11 @@
 //! page cache only: the guest's own mapping stays empty until the VM runs. A page that turns
 //! stale at a post-copy switchover therefore needs no unmapping inside the blackout (unmapping
 //! cost ~0.2 µs per page here, ~0.7 ms for a hybrid switch with 3,500 stale pages); marking it
-//! is enough. After a post-copy resume the guest's first touch of a page that did arrive is a
-//! minor fault resolved locally (`UFFDIO_CONTINUE`, no request), and a sweep thread maps the
-//! arrived pages in 2 MiB runs so that few such faults happen. Without post-copy no
-//! userfaultfd is registered and the kernel maps page-cache pages on first touch.
+//! is enough. At the switchover the arrived pages the source names as touched first
+//! (`FirstTouch`) are mapped before the VM resumes; after it, the guest's first touch of another
+//! page that did arrive is a minor fault resolved locally (`UFFDIO_CONTINUE` of the page and its
+//! arrived neighbours, no request). When the last page is here, guest memory is unregistered
+//! and the kernel maps page-cache pages on first touch, as it does without post-copy.
 //!
 //! Every frame is checked against the negotiated memory map before a byte of its payload is
 //! read into guest memory. Before the switchover, a failure leaves this VM unstarted (the source
@@ -174,11 +175,8 @@ struct PostCopy {
     released: AtomicBool,
 }
 
-/// Pages the sweep maps with one `UFFDIO_CONTINUE` (2 MiB of 4 KiB pages).
-const SWEEP_PAGES: u64 = 512;
-
-/// The sweep's nice value: the lowest CPU priority.
-const SWEEP_NICE: i32 = 19;
+/// Most pages mapped with one `UFFDIO_CONTINUE` (2 MiB of 4 KiB pages).
+const MAP_RUN_PAGES: u64 = 512;
 
 /// Arrived pages mapped after a locally resolved fault on a data page, the page included
 /// (a guest walking memory then faults once per 256 KiB, not once per page).
@@ -562,38 +560,6 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                 .map_err(|_| MigrateError::Worker("fault handler"))?;
             spawn_reply_receiver(s, replies, shared, &self.note_tx, Some(started))?;
         }
-        // The mapper: at a post-copy switchover it maps the arrived pages the source named as
-        // touched first (concurrently with restore and resume), then sweeps the rest at the
-        // lowest priority. Spawned here for the same reason as the fault path.
-        let (mapper, first_touch_rx) = bounded::<Vec<GpaRange>>(1);
-        if has_urgent && shared.aliases.iter().any(Option::is_some) {
-            let note_tx = self.note_tx.clone();
-            thread::Builder::new()
-                .name("ferry-mapper".into())
-                .spawn_scoped(s, move || {
-                    let Ok(first_touch) = first_touch_rx.recv() else {
-                        return;
-                    };
-                    let t = Instant::now();
-                    let r = map_first_touch(shared, &first_touch).and_then(|hot| {
-                        let t_hot = t.elapsed();
-                        sweep(shared).map(|swept| (hot, t_hot, swept))
-                    });
-                    match r {
-                        Ok((hot, t_hot, swept)) => debug!(
-                            hot,
-                            hot_us = t_hot.as_micros() as u64,
-                            swept,
-                            ms = t.elapsed().as_millis() as u64,
-                            "arrived pages mapped"
-                        ),
-                        Err(e) => {
-                            let _ = note_tx.send(Note::Fatal(e));
-                        }
-                    }
-                })
-                .map_err(|_| MigrateError::Worker("mapper"))?;
-        }
         // Make sure no page is populated before anything arrives (see `apply_stale`), here
         // rather than inside the blackout: on untouched memory this is a page-table walk whose
         // cost grows with guest size. Only pure post-copy relies on it (nothing is written to
@@ -683,6 +649,13 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                             None => return Err(MigrateError::Worker("uffd")),
                         };
                         self.report.stale_pages = self.apply_stale(&stale, uffd)?;
+                        // The arrived pages the vCPUs touch first are mapped now (a few pages,
+                        // tens of µs), or each would be a local fault in the guest's first
+                        // steps. A thread doing this beside restore, then sweeping everything
+                        // at low priority, was measured here to add ~3 ms to most blackouts
+                        // (it held the CPU, or mmap_lock, when the control and vCPU threads
+                        // needed them).
+                        let hot = map_first_touch(shared, &first_touch)?;
                         post_flag.store(true, Ordering::Release);
                         let t_applied = Instant::now();
                         // Fault handling and urgent replies.
@@ -691,12 +664,12 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                                 .send(())
                                 .map_err(|_| MigrateError::Worker("fault handler"))?;
                         }
-                        let _ = mapper.try_send(first_touch);
                         self.workers += 1;
                         debug!(
                             barrier_us = (t_barrier - t_sw).as_micros() as u64,
                             stale_and_state_us = (t_state - t_barrier).as_micros() as u64,
                             apply_us = (t_applied - t_state).as_micros() as u64,
+                            first_touch_mapped = hot,
                             start_us = t_applied.elapsed().as_micros() as u64,
                             "post-copy switchover"
                         );
@@ -1924,7 +1897,7 @@ fn map_arrived(shared: &Shared<'_>, p: u64, gpa: u64) -> Result<(), MigrateError
 
 /// At a post-copy switchover: maps the arrived data pages among `ranges` (the pages the
 /// source's vCPUs touch first) at once, so the guest's first steps do not take a local fault
-/// on each. Runs concurrently with restore and resume. Returns the pages mapped.
+/// on each. Returns the pages mapped.
 fn map_first_touch(shared: &Shared<'_>, ranges: &[GpaRange]) -> Result<u64, MigrateError> {
     let layout = shared.layout;
     let ps = layout.page_size();
@@ -1944,31 +1917,8 @@ fn map_first_touch(shared: &Shared<'_>, ranges: &[GpaRange]) -> Result<u64, Migr
     Ok(mapped)
 }
 
-/// After a post-copy resume: maps every arrived data page of the shared-backed regions
-/// (received into the page cache, not mapped), so the guest takes few local faults. Runs at the
-/// lowest CPU priority (nice 19): on a busy host it must not take CPU from the vCPUs, the
-/// fault path or the receivers; a page the guest reaches first is mapped by its fault (with its
-/// neighbourhood, see [`map_arrived`]). Stops early when post-copy ends (guest memory is
-/// unregistered and the kernel maps page-cache pages itself). Returns the pages it mapped.
-fn sweep(shared: &Shared<'_>) -> Result<u64, MigrateError> {
-    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), SWEEP_NICE)
-    {
-        debug!(%e, "sweep keeps normal priority");
-    }
-    let mut mapped = 0;
-    for (i, r) in shared.layout.regions().iter().enumerate() {
-        if shared.staged(i) {
-            match map_arrived_run(shared, i, 0, r.pages())? {
-                Some(n) => mapped += n,
-                None => break,
-            }
-        }
-    }
-    Ok(mapped)
-}
-
 /// Maps the arrived, unmapped data pages among region `region`'s pages `from..to` (region-
-/// relative) with `UFFDIO_CONTINUE`, in runs of up to [`SWEEP_PAGES`]; pages mapped meanwhile
+/// relative) with `UFFDIO_CONTINUE`, in runs of up to [`MAP_RUN_PAGES`]; pages mapped meanwhile
 /// are skipped. Returns the pages mapped, or `None` when post-copy ended meanwhile (guest
 /// memory unregistered: the kernel maps the rest on first touch).
 fn map_arrived_run(
@@ -1998,7 +1948,7 @@ fn map_arrived_run(
             continue;
         }
         let start = q;
-        while q < to && q - start < SWEEP_PAGES && ready(first + q) {
+        while q < to && q - start < MAP_RUN_PAGES && ready(first + q) {
             q += 1;
         }
         let addr = r.host_addr as u64 + start * ps;
