@@ -1000,7 +1000,7 @@ impl VmControl for ProcessVm {
         Ok(true)
     }
 
-    /// The next [`FIRST_TOUCH_PER_WRITER`] pages each writer will write, from its saved
+    /// The next 32 pages each writer will write, from its saved
     /// position and random state (the writers are deterministic), round-robin over writers.
     fn first_touch_pages(&mut self) -> Vec<u64> {
         let sh = &self.shared;
