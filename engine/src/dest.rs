@@ -175,6 +175,12 @@ struct PostCopy {
     released: AtomicBool,
 }
 
+/// Most `FirstTouch` ranges the destination keeps at a switchover, and most pages it maps
+/// from them (the source sends at most 256 pages).
+const MAX_FIRST_TOUCH_RANGES: usize = 256;
+/// See [`MAX_FIRST_TOUCH_RANGES`].
+const MAX_FIRST_TOUCH_PAGES: u64 = 256;
+
 /// Most pages mapped with one `UFFDIO_CONTINUE` (2 MiB of 4 KiB pages).
 const MAP_RUN_PAGES: u64 = 512;
 
@@ -632,7 +638,11 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                                 }
                                 // A hint, checked against the memory map like every frame.
                                 (Frame::FirstTouch { ranges }, _) => {
-                                    first_touch.extend_from_slice(ranges);
+                                    // Bounded like the source's list: it is mapped inside the
+                                    // blackout.
+                                    let room =
+                                        MAX_FIRST_TOUCH_RANGES.saturating_sub(first_touch.len());
+                                    first_touch.extend(ranges.iter().take(room));
                                 }
                                 _ => break,
                             }
@@ -1074,10 +1084,13 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
     /// memory registered MINOR, not mapped but in the page cache. A page that something else
     /// populated (a pinning registration, a stray write) never faults: the guest would read
     /// whatever is there, and placing our data later fails with `EEXIST` (anonymous memory),
-    /// so it never lands. Every page not PRESENT is therefore dropped from the mapping here
-    /// (`MADV_DONTNEED`), just before registering: anonymous pages become missing, shared ones
-    /// stay in the page cache and fault as minor. On memory nobody populated this costs a page
-    /// table walk.
+    /// so it never lands. Every page not PRESENT of a region received into guest memory is
+    /// therefore dropped from the mapping here (`MADV_DONTNEED`), just before registering:
+    /// anonymous pages become missing. Memfd regions are received into the page cache only
+    /// (see [`Shared::staged`]), so their guest mapping holds nothing the engine wrote: their
+    /// stale pages are only marked. This relies on nothing else populating the destination's
+    /// guest mapping before the VM runs (the `DestVm` contract: freshly mapped, not running);
+    /// session start drops whatever was there.
     fn apply_stale(&mut self, stale: &[GpaRange], uffd: Uffd) -> Result<u64, MigrateError> {
         let shared = self.shared;
         let layout = shared.layout;
@@ -1262,9 +1275,15 @@ impl Shared<'_> {
         self.aliases.get(region).and_then(Option::as_ref)
     }
 
-    /// Whether region `region` is received through its alias (into the page cache only).
+    /// Whether region `region` is received through its alias (into the page cache only): memfd
+    /// regions. hugetlbfs regions keep the alias for post-copy placement only (local mapping
+    /// of arrived pages assumes 4 KiB pages and `UFFDIO_ZEROPAGE`, which hugetlbfs lacks).
     fn staged(&self, region: usize) -> bool {
         self.alias(region).is_some()
+            && matches!(
+                self.layout.regions().get(region).map(|r| &r.backing),
+                Some(Backing::Memfd { .. })
+            )
     }
 
     /// Where data for `range` (inside one region, checked) is written before the VM runs, and
@@ -1273,8 +1292,8 @@ impl Shared<'_> {
         let (region, off, _) = self.layout.locate(range)?;
         Ok(match self.alias(region) {
             // `off` < region length, which fits the address space (the alias maps it all).
-            Some(a) => (a.addr() as usize + off as usize, Target::Alias),
-            None => (self.layout.host_addr(range)?, Target::Guest),
+            Some(a) if self.staged(region) => (a.addr() as usize + off as usize, Target::Alias),
+            _ => (self.layout.host_addr(range)?, Target::Guest),
         })
     }
 
@@ -1687,7 +1706,7 @@ fn place_zero_post(shared: &Shared<'_>, p: u64, gpa: u64) -> Result<(), MigrateE
     let layout = shared.layout;
     let ps = layout.page_size();
     let (region, _, _) = layout.locate(GpaRange::new(gpa, ps))?;
-    if shared.staged(region) {
+    if shared.alias(region).is_some() {
         place_bytes_post(shared, gpa, &shared.zero_hash_scratch)?;
     } else {
         fill(shared, GpaRange::new(gpa, ps), Src::Zero)?;
@@ -1786,7 +1805,12 @@ fn fault_loop(shared: &Shared<'_>) -> Result<(), MigrateError> {
             if shared.states[p as usize].load(Ordering::Acquire) == PRESENT {
                 // The page is here but not mapped: pre-copy data in the page cache, or a zero
                 // page that was never written. No request needed.
-                map_arrived(shared, p, gpa)?;
+                // A failure here must not end the fault thread: every later fault would wait
+                // forever. Wake the thread; if the page still is not mapped it faults again.
+                if let Err(e) = map_arrived(shared, p, gpa) {
+                    warn!(%e, gpa = format_args!("{gpa:#x}"), "mapping an arrived page failed");
+                    let _ = post.uffd.wake(addr & !(ps - 1), ps);
+                }
                 shared.local_faults.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
@@ -1902,6 +1926,9 @@ fn map_first_touch(shared: &Shared<'_>, ranges: &[GpaRange]) -> Result<u64, Migr
     let layout = shared.layout;
     let ps = layout.page_size();
     let mut mapped = 0;
+    // The hint comes from the network and is mapped inside the blackout: at most
+    // MAX_FIRST_TOUCH_PAGES pages are considered, whatever the ranges say.
+    let mut budget = MAX_FIRST_TOUCH_PAGES;
     for r in ranges {
         let Ok((region, off, _)) = layout.locate(*r) else {
             continue;
@@ -1909,7 +1936,12 @@ fn map_first_touch(shared: &Shared<'_>, ranges: &[GpaRange]) -> Result<u64, Migr
         if !shared.staged(region) {
             continue;
         }
-        match map_arrived_run(shared, region, off / ps, (off + r.len) / ps)? {
+        let n = (r.len / ps).min(budget);
+        budget -= n;
+        if n == 0 {
+            break;
+        }
+        match map_arrived_run(shared, region, off / ps, off / ps + n)? {
             Some(n) => mapped += n,
             None => break,
         }

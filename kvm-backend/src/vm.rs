@@ -1761,11 +1761,12 @@ fn first_touch(mem: &KvmMemory, vcpus: &[VcpuState]) -> Vec<u64> {
         .map(|v| crate::hot::first_touch_pages(&v.regs, &v.sregs, &read, &is_ram))
         .collect();
     let longest = per_vcpu.iter().map(Vec::len).max().unwrap_or(0);
+    let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
     for i in 0..longest {
         for pages in &per_vcpu {
             if let Some(&p) = pages.get(i)
-                && !out.contains(&p)
+                && seen.insert(p)
             {
                 out.push(p);
             }
