@@ -4,7 +4,7 @@
 //! post-copy resolve faults with userfaultfd (demand requests on the urgent stream, pushed pages
 //! placed as they arrive), and verify the whole-memory digest.
 //!
-//! Shared-backed regions (memfd, hugetlbfs) are received through their alias mapping, into the
+//! memfd regions are received through their alias mapping, into the
 //! page cache only: the guest's own mapping stays empty until the VM runs. A page that turns
 //! stale at a post-copy switchover therefore needs no unmapping inside the blackout (unmapping
 //! cost ~0.2 µs per page here, ~0.7 ms for a hybrid switch with 3,500 stale pages); marking it
