@@ -17,14 +17,13 @@ mod common;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::common::{NoResume, uffd_available};
+    use super::common::{NoResume, differing_pages, uffd_available};
     use std::sync::mpsc;
     use std::thread;
     use std::time::Duration;
 
     use anyhow::Result;
     use ferry_engine::dest::DestVm;
-    use ferry_engine::layout::Layout;
     use ferry_engine::memory::MemBacking;
     use ferry_engine::policy::{Mode, Policy};
     use ferry_engine::procmem::{ProcVmConfig, ProcessVm, WritePattern};
@@ -143,7 +142,6 @@ mod tests {
             &mut still
         };
         let src_mem = src.memory();
-        let layout_s = Layout::new(&*src_mem)?;
         let mut tracker = src.tracker();
         let done = migrate_local(
             SourceVm {
@@ -182,22 +180,11 @@ mod tests {
             r.zero_pages > 0,
             "no zero pages: the zero-page path is untested"
         );
-        let layout_d = Layout::new(&*dst_mem)?;
-        for region in layout_s.regions() {
-            let range = ferry_protocol::GpaRange::new(region.gpa, region.len);
-            let a = layout_s.bytes(range)?;
-            let b = layout_d.bytes(range)?;
-            let differing = a
-                .chunks(4096)
-                .zip(b.chunks(4096))
-                .filter(|(x, y)| x != y)
-                .count();
-            assert_eq!(
-                differing, 0,
-                "{backing:?} over {transport:?}: pages differ in region {:#x}",
-                region.gpa
-            );
-        }
+        let differing = differing_pages(&*src_mem, &*dst_mem)?;
+        assert_eq!(
+            differing, 0,
+            "{backing:?} over {transport:?}: {differing} pages differ from the paused source"
+        );
         Ok(())
     }
 

@@ -10,7 +10,7 @@ mod common;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::common::{NoResume, uffd_available};
+    use super::common::{NoResume, differing_pages, uffd_available};
 
     use std::net::{Ipv4Addr, SocketAddr};
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -127,22 +127,6 @@ mod tests {
         Ok((out, cuts.load(Ordering::Relaxed)))
     }
 
-    fn compare_memory(a: &dyn GuestMemory, b: &dyn GuestMemory) -> Result<usize> {
-        let la = Layout::new(a)?;
-        let lb = Layout::new(b)?;
-        let mut differing = 0;
-        for region in la.regions() {
-            let range = GpaRange::new(region.gpa, region.len);
-            differing += la
-                .bytes(range)?
-                .chunks(4096)
-                .zip(lb.bytes(range)?.chunks(4096))
-                .filter(|(x, y)| x != y)
-                .count();
-        }
-        Ok(differing)
-    }
-
     fn recovers(backing: MemBacking, transport: TransportKind, writers_run: bool) -> Result<()> {
         recovers_from(backing, transport, writers_run, &[1])
     }
@@ -213,7 +197,7 @@ mod tests {
             dst.pause().map_err(|e| anyhow!("pause: {e}"))?;
         } else {
             // Nothing ran at the destination: its memory is the paused source's, exactly.
-            let differing = compare_memory(&*src.memory(), &*dst_mem)?;
+            let differing = differing_pages(&*src.memory(), &*dst_mem)?;
             assert_eq!(differing, 0, "{differing} pages differ from the source");
         }
         Ok(())

@@ -1,8 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0 OR MIT
 //! Helpers shared by the engine's integration tests.
 
+use ferry_engine::layout::Layout;
 use ferry_engine::procmem::ProcessVm;
-use ferry_engine::vm::{BoxError, VmControl};
+use ferry_engine::vm::{BoxError, GuestMemory, VmControl};
+use ferry_protocol::GpaRange;
 
 /// Whether a kernel-mode userfaultfd can be created; prints why not (and fails under
 /// `FERRY_REQUIRE_CAPS=1`, where the machine is supposed to have it).
@@ -37,4 +39,21 @@ impl VmControl for NoResume<'_> {
     fn resume(&mut self) -> Result<(), BoxError> {
         Ok(())
     }
+}
+
+/// How many 4 KiB pages of `a` and `b` differ (same layout), region by region.
+pub fn differing_pages(a: &dyn GuestMemory, b: &dyn GuestMemory) -> anyhow::Result<usize> {
+    let la = Layout::new(a)?;
+    let lb = Layout::new(b)?;
+    let mut differing = 0;
+    for region in la.regions() {
+        let range = GpaRange::new(region.gpa, region.len);
+        differing += la
+            .bytes(range)?
+            .chunks(4096)
+            .zip(lb.bytes(range)?.chunks(4096))
+            .filter(|(x, y)| x != y)
+            .count();
+    }
+    Ok(differing)
 }
