@@ -59,7 +59,7 @@ use crate::error::MigrateError;
 use crate::layout::Layout;
 use crate::memory::AliasMapping;
 use crate::pages::page_hash;
-use crate::source::{PRE_STALE_ROUND, SWITCH_ROUND};
+use crate::source::{PRE_STALE_ROUND, SWITCH_ROUND, SWITCHOVER_SPIN};
 use crate::sys;
 use crate::uffd::{Event, Features, Fill, PlaceMode, RegisterMode, Uffd};
 use crate::vm::{Backing, GuestMemory, VmControl};
@@ -305,6 +305,7 @@ pub fn receive_with(
             recovery,
             workers: n,
             ctl_rx,
+            spin_until: None,
             notes: note_rx,
             note_tx: note_tx.clone(),
             go: go_tx,
@@ -415,6 +416,13 @@ fn dest_control_reader(ctl: ControlChannel, tx: Sender<Result<(Frame, Vec<u8>), 
             };
             Ok((f, payload))
         });
+        if let Ok((f, _)) = &r {
+            match f {
+                Frame::Switchover { .. } => crate::timeline::mark("dst reader got switchover"),
+                Frame::State { .. } => crate::timeline::mark("dst reader got state"),
+                _ => {}
+            }
+        }
         let stop = r.is_err();
         if tx.send(r).is_err() || stop {
             return;
@@ -434,6 +442,8 @@ struct DestRun<'s, 'a, 'r> {
     /// `Note::Ended` or `Note::Failed`.
     workers: usize,
     ctl_rx: Receiver<Result<(Frame, Vec<u8>), SessionError>>,
+    /// Until when waits poll instead of sleeping (set inside the blackout).
+    spin_until: Option<Instant>,
     notes: Receiver<Note>,
     note_tx: Sender<Note>,
     go: Sender<()>,
@@ -477,6 +487,18 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
             while let Ok(note) = self.notes.try_recv() {
                 self.handle_note(note)?;
             }
+            if self.spinning() {
+                match self.ctl_rx.try_recv() {
+                    Ok(r) => return Ok(r?),
+                    Err(crossbeam_channel::TryRecvError::Empty) => {
+                        thread::yield_now();
+                        continue;
+                    }
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                        return Err(MigrateError::Worker("control reader"));
+                    }
+                }
+            }
             match self.ctl_rx.recv_timeout(Duration::from_millis(20)) {
                 Ok(r) => return Ok(r?),
                 Err(RecvTimeoutError::Timeout) => {
@@ -501,6 +523,11 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
         }
     }
 
+    /// Whether waits poll (yielding the CPU) instead of sleeping: inside the blackout.
+    fn spinning(&self) -> bool {
+        self.spin_until.is_some_and(|t| Instant::now() < t)
+    }
+
     fn wait_until(
         &mut self,
         what: &'static str,
@@ -508,6 +535,16 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
     ) -> Result<(), MigrateError> {
         let deadline = Instant::now() + self.timeout;
         while !pred(self) {
+            if self.spinning() {
+                match self.notes.try_recv() {
+                    Ok(note) => self.handle_note(note)?,
+                    Err(crossbeam_channel::TryRecvError::Empty) => thread::yield_now(),
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                        return Err(MigrateError::Worker("receiver"));
+                    }
+                }
+                continue;
+            }
             match self.notes.recv_timeout(Duration::from_millis(5)) {
                 Ok(note) => self.handle_note(note)?,
                 Err(RecvTimeoutError::Timeout) => {
@@ -613,6 +650,11 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                 Frame::RoundEnd { .. } | Frame::Progress(_) => {}
                 Frame::Switchover { kind, .. } => {
                     let t_sw = Instant::now();
+                    crate::timeline::mark("dst main got switchover");
+                    // Inside the blackout: poll for what follows rather than sleep, and have
+                    // the VM get ready to restore.
+                    self.spin_until = Some(t_sw + SWITCHOVER_SPIN);
+                    control.prepare_restore();
                     post_copy = kind == SwitchoverKind::PostCopy;
                     if post_copy && !has_urgent {
                         return Err(MigrateError::Unexpected {
@@ -624,6 +666,7 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                         d.barriers >= d.n
                     })?;
                     let t_barrier = Instant::now();
+                    crate::timeline::mark("dst barrier");
                     let mut next = self.next_ctl()?;
                     if post_copy {
                         let mut stale = Vec::new();
@@ -649,6 +692,7 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                             next = self.next_ctl()?;
                         }
                         let t_state = Instant::now();
+                        crate::timeline::mark("dst main got state");
                         let uffd = match uffd.take() {
                             Some(Ok(u)) => u,
                             Some(Err(e)) => {
@@ -668,6 +712,7 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                         let hot = map_first_touch(shared, &first_touch)?;
                         post_flag.store(true, Ordering::Release);
                         let t_applied = Instant::now();
+                        crate::timeline::mark("dst applied");
                         // Fault handling and urgent replies.
                         for _ in 0..2 {
                             fault_path
@@ -708,9 +753,12 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                         .restore_state(&blob)
                         .map_err(MigrateError::vm("restore state"))?;
                     let t_restore = Instant::now();
+                    crate::timeline::mark("dst restored");
                     control.resume().map_err(MigrateError::vm("resume"))?;
                     let t_resume = Instant::now();
+                    crate::timeline::mark("dst resumed");
                     let _ = shared.resumed_at.set(t_resume);
+                    self.spin_until = None;
                     resumed = true;
                     let timings = ResumeTimings {
                         receive_us: (t_apply - t_sw).as_micros() as u64,
@@ -727,6 +775,7 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                     }
                     .into();
                     self.ctl.send(&Frame::Resumed { timings }, &[])?;
+                    crate::timeline::mark("dst resumed sent");
                     info!(?timings, post_copy, "resumed");
                 }
                 Frame::Complete { digest: theirs, .. } => match self.complete(theirs, post_copy) {

@@ -34,6 +34,7 @@ pub mod procmem;
 pub mod report;
 mod sender;
 pub mod session;
+pub mod timeline;
 pub mod source;
 mod sys;
 pub mod uffd;

@@ -39,6 +39,11 @@ use crate::vm::{DirtyBitmap, DirtyTracker, GuestMemory, VmControl};
 
 /// The barrier round number that marks the switchover on every bulk stream.
 pub const SWITCH_ROUND: u32 = u32::MAX;
+
+/// How long a side waiting for its peer inside the blackout polls (yielding the CPU between
+/// polls) before it sleeps. A blackout lasts about a millisecond; waking a sleeping thread
+/// costs tens of µs on a loaded or nested host.
+pub(crate) const SWITCHOVER_SPIN: Duration = Duration::from_millis(5);
 /// Round number of the control-stream handshake that confirms the destination dropped the
 /// pre-switch stale set (hybrid): the source sends `RoundEnd` with it, the destination echoes.
 pub const PRE_STALE_ROUND: u32 = u32::MAX - 2;
@@ -537,6 +542,9 @@ fn control_reader(ctl: ControlChannel, tx: Sender<Ctl>) {
                     }));
                     return;
                 }
+                if matches!(f, Frame::Resumed { .. }) {
+                    crate::timeline::mark("src reader got resumed");
+                }
                 if tx.send(Ctl::Frame(f)).is_err() {
                     return;
                 }
@@ -653,8 +661,26 @@ impl Run<'_, '_> {
         pred: impl Fn(&Self) -> bool,
         phase: Phase,
     ) -> Result<(), MigrateError> {
-        let deadline = Instant::now() + self.policy.timeout;
+        let start = Instant::now();
+        let deadline = start + self.policy.timeout;
+        // Inside the blackout, poll for the answer instead of sleeping: waking a sleeping
+        // thread costs tens of µs here, and this side's VM is paused, so its CPU is idle.
+        let spin = if matches!(phase, Phase::Switchover) {
+            SWITCHOVER_SPIN
+        } else {
+            Duration::ZERO
+        };
         while !pred(self) {
+            if start.elapsed() < spin {
+                match self.ctl_rx.try_recv() {
+                    Ok(c) => self.on_ctl(c)?,
+                    Err(crossbeam_channel::TryRecvError::Empty) => std::thread::yield_now(),
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                        return Err(MigrateError::Worker("control reader"));
+                    }
+                }
+                continue;
+            }
             match self.ctl_rx.recv_timeout(Duration::from_millis(20)) {
                 Ok(c) => self.on_ctl(c)?,
                 Err(RecvTimeoutError::Timeout) => {
@@ -1006,16 +1032,32 @@ impl Run<'_, '_> {
         } else {
             SwitchoverKind::StopAndCopy
         };
+        // Post-copy: no page is dispatched between here and the push, so the switchover
+        // marker leaves before the pause, and we wait until every stream has sent it. The
+        // stream threads then sleep again before the blackout starts (on two cores, waking
+        // them inside it preempted this thread or the vCPU threads for ~100 µs), and the
+        // destination's receivers have passed it by the time its `Switchover` frame arrives.
+        if post_copy && let Err(e) = self.barrier(SWITCH_ROUND, Phase::Round(round)) {
+            let _ = dirty.stop();
+            return Err(e);
+        }
         let t0 = Instant::now();
+        crate::timeline::mark("src pause start");
         self.report.blackout_start_ms = self.elapsed_ms();
         control.pause().map_err(MigrateError::vm("pause"))?;
         let t_pause = Instant::now();
+        crate::timeline::mark("src paused");
         let switched = (|| -> Result<(Instant, Instant, Instant, u64), MigrateError> {
-            // Post-copy: the switchover marker needs nothing from the harvest, so it leaves
-            // first and reaches the destination's receivers while we harvest and save.
-            if post_copy {
-                self.marker(SWITCH_ROUND, Phase::Switchover)?;
-            }
+            // The destination gets ready (its vCPU threads wake, its control thread waits
+            // actively) while this side harvests and saves.
+            self.ctl.send(
+                &Frame::Switchover {
+                    kind,
+                    pause_us: (t_pause - t0).as_micros() as u64,
+                },
+                &[],
+            )?;
+            crate::timeline::mark("src switchover sent");
             // The pages harvested after the last round were not sent yet: they join the
             // final set (pre-copy) or the stale set (post-copy), with what was written since.
             let final_ranges = if round == 0 {
@@ -1027,6 +1069,7 @@ impl Run<'_, '_> {
                 merge_ranges(r)
             };
             let t_harvest = Instant::now();
+            crate::timeline::mark("src harvested");
             // Stop-and-copy: the final pages (then the marker) go out while the state is saved.
             if !post_copy {
                 self.dispatch(&final_ranges, true, Phase::Switchover)?;
@@ -1037,14 +1080,9 @@ impl Run<'_, '_> {
                 .save_state()
                 .map_err(MigrateError::vm("save state"))?;
             let t_save_done = Instant::now();
-            self.ctl.send(
-                &Frame::Switchover {
-                    kind,
-                    pause_us: (t_pause - t0).as_micros() as u64,
-                },
-                &[],
-            )?;
+            crate::timeline::mark("src saved");
             let stale_pages = final_ranges.iter().map(|r| r.len).sum::<u64>() / ps;
+            let mut first_touch = Vec::new();
             if post_copy {
                 for chunk in final_ranges.chunks(MAX_LIST_RANGES) {
                     self.ctl.send(
@@ -1055,9 +1093,10 @@ impl Run<'_, '_> {
                     )?;
                 }
                 // The push list (the urgent server answers requests whether or not a page is
-                // on it), and the pages the vCPUs will touch first pushed now, ahead of the
-                // state: the destination places them while it restores, instead of the
-                // guest's first steps faulting on them one round trip after another.
+                // on it), and the pages the vCPUs will touch first, pushed right behind the
+                // state, ahead of everything else: the destination places them while it
+                // restores, instead of the guest's first steps faulting on them one round trip
+                // after another.
                 for r in final_ranges.iter().chain(&pre_stale) {
                     let (_, _, first) = self.layout.locate(*r)?;
                     to_send.set_range(first, r.len / ps);
@@ -1067,10 +1106,7 @@ impl Run<'_, '_> {
                     // The destination maps the ones it has before the guest touches them.
                     self.ctl.send(&Frame::FirstTouch { ranges: hint }, &[])?;
                 }
-                if !stale.is_empty() {
-                    self.report.first_touch_pages = stale.iter().map(|r| r.len).sum::<u64>() / ps;
-                    self.dispatch(&stale, true, Phase::Switchover)?;
-                }
+                first_touch = stale;
             }
             self.ctl.send(
                 &Frame::State {
@@ -1080,6 +1116,13 @@ impl Run<'_, '_> {
                 },
                 &blob,
             )?;
+            // After the state: waking the stream threads must not delay it (on two cores they
+            // preempt this thread).
+            if !first_touch.is_empty() {
+                self.report.first_touch_pages =
+                    first_touch.iter().map(|r| r.len).sum::<u64>() / ps;
+                self.dispatch(&first_touch, true, Phase::Switchover)?;
+            }
             // Every page the destination must fetch, counted once.
             let stale_pages = if post_copy {
                 to_send.count()
@@ -1089,6 +1132,7 @@ impl Run<'_, '_> {
             // Report dispatching the final pages as part of `send`, not of `save`.
             let t_save = t_harvest + (t_save_done - t_dispatched);
             let t_send = Instant::now();
+            crate::timeline::mark("src state sent");
             self.wait_ctl(
                 "the destination to resume",
                 |r| r.resumed.is_some(),
@@ -1109,6 +1153,7 @@ impl Run<'_, '_> {
             }
         };
         let t_resumed = Instant::now();
+        crate::timeline::mark("src saw resumed");
         let _ = dirty.stop();
         let timings = self.resumed.unwrap_or_default();
         let us = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e6;

@@ -153,6 +153,11 @@ pub trait VmControl: Send {
     fn restore_state(&mut self, blob: &[u8]) -> Result<(), BoxError>;
     /// Lets the vCPUs run again.
     fn resume(&mut self) -> Result<(), BoxError>;
+    /// The destination's switchover has begun: `restore_state` and `resume` follow within
+    /// about a millisecond. Get ready without blocking (the KVM backend has its vCPU threads
+    /// poll instead of sleep, so the resume does not wait for them to wake). A hint: the
+    /// default does nothing.
+    fn prepare_restore(&mut self) {}
     /// Slows the guest down to `percent` of its speed (auto-converge); 100 = full speed.
     /// The default does nothing and says so by returning `false`.
     fn throttle(&mut self, percent: u8) -> Result<bool, BoxError> {

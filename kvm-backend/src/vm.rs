@@ -406,6 +406,10 @@ const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
 /// How long `resume` waits for every vCPU to acknowledge its state restore.
 const RESTORE_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the vCPU threads stand by for a restore once the switchover began
+/// ([`KvmVm::standby`]).
+const STANDBY: Duration = Duration::from_millis(5);
+
 /// How long either side of a restore round spins before it sleeps (see [`RestoreRound`]).
 const SPIN_BUDGET: Duration = Duration::from_millis(2);
 
@@ -441,6 +445,9 @@ struct CtlState {
     captured: Option<Captured>,
     /// A state the thread applies when it is next told to run (restore on resume).
     restore: Option<PendingRestore>,
+    /// Until when the parked thread polls for its resume instead of sleeping (set by
+    /// `prepare_restore`, cleared when it runs).
+    standby: Option<Instant>,
 }
 
 /// A vCPU state saved by the vCPU's own thread as it parked.
@@ -619,6 +626,12 @@ struct VcpuCtl {
     entered_run: Mutex<Option<Instant>>,
     /// Mirrors `CtlState::parked`, so that `pause` can spin on it.
     parked_flag: AtomicBool,
+    /// Set by the thread as soon as it is out of `KVM_RUN` for a pause (before it saves its
+    /// state and parks); cleared when it leaves its parking to run. From then on the vCPU no
+    /// longer changes guest memory: the dirty log can be harvested while it saves.
+    stopped_flag: AtomicBool,
+    /// Set whenever the thread's state changes (resume, a job, exit), for a thread standing by.
+    poke: AtomicBool,
 }
 
 impl std::fmt::Debug for VcpuCtl {
@@ -1060,6 +1073,8 @@ impl KvmVm {
                 thread: OnceLock::new(),
                 entered_run: Mutex::new(None),
                 parked_flag: AtomicBool::new(false),
+                stopped_flag: AtomicBool::new(false),
+                poke: AtomicBool::new(false),
             });
             let (c2, core2, caps2) = (
                 Arc::clone(&ctl),
@@ -1271,6 +1286,18 @@ impl KvmVm {
         Ok(())
     }
 
+    /// Has every parked vCPU thread poll for its resume for up to `for_` instead of sleeping,
+    /// so that a restore and resume coming within that time do not wait for the threads to
+    /// wake (tens to hundreds of µs here). The threads yield the CPU between polls.
+    pub fn standby(&self, for_: Duration) {
+        let until = Instant::now() + for_;
+        for c in &self.ctls {
+            let mut g = c.lock();
+            g.standby = Some(until);
+            c.cv.notify_all();
+        }
+    }
+
     /// Parks every vCPU; with `capture`, each thread leaving `KVM_RUN` saves its state first.
     fn pause_inner(&mut self, capture: bool) -> Result<(), VmRunError> {
         let t0 = Instant::now();
@@ -1288,14 +1315,20 @@ impl KvmVm {
                 t.unpark();
             }
         }
-        // The threads park within a few hundred µs (a kick, completing a pending exit, the
-        // capture): spin rather than sleep, a wake-up costs as much here (see `RestoreRound`).
-        spin_until(|| {
-            self.ctls
-                .iter()
-                .all(|c| c.parked_flag.load(Ordering::SeqCst))
+        ferry_engine::timeline::mark("kvm kicked");
+        // The threads stop within a few hundred µs (a kick, completing a pending exit): spin
+        // rather than sleep, a wake-up costs as much here (see `RestoreRound`). With capture,
+        // the pause ends when every vCPU is out of `KVM_RUN`: the threads save their state
+        // while the caller harvests the dirty log, and `save` waits for them to park.
+        let stopped = spin_until(|| {
+            self.ctls.iter().all(|c| {
+                c.parked_flag.load(Ordering::SeqCst)
+                    || (capture && c.stopped_flag.load(Ordering::SeqCst))
+            })
         });
-        self.wait_parked(Duration::from_secs(10))?;
+        if !(capture && stopped) {
+            self.wait_parked(Duration::from_secs(10))?;
+        }
         self.running = false;
         self.timings.last_pause = t0.elapsed();
         Ok(())
@@ -1323,6 +1356,7 @@ impl KvmVm {
             g.run = true;
             // The vCPU may run from here on: its capture belongs to the pause that ends.
             g.captured = None;
+            c.poke.store(true, Ordering::SeqCst);
             c.cv.notify_all();
         }
         if let Some(round) = round
@@ -1459,6 +1493,7 @@ impl KvmVm {
             g.jobs.push_back(Box::new(move |v: &mut VcpuFd| {
                 let _ = tx.send((id, f(id, v)));
             }));
+            c.poke.store(true, Ordering::SeqCst);
             c.cv.notify_all();
         }
         drop(tx);
@@ -1504,6 +1539,8 @@ impl KvmVm {
             return Err(VmRunError::NotPaused("save_state").into());
         }
         let t0 = Instant::now();
+        // A pause with capture returns before the threads have saved and parked.
+        self.wait_parked(Duration::from_secs(10))?;
         // State handed to the threads but not applied yet is the vCPUs' state: apply it now.
         if let Err(e) = self.apply_pending_restore() {
             self.has_state = false;
@@ -1591,6 +1628,8 @@ impl KvmVm {
         if self.running {
             return Err(VmRunError::NotPaused("restore_state").into());
         }
+        // A pause with capture returns before the threads have saved and parked.
+        self.wait_parked(Duration::from_secs(10))?;
         let mine = self.guest_identity();
         let mismatch = || RestoreStateError::Mismatch {
             blob_vcpus: st.vcpus.len(),
@@ -2075,6 +2114,10 @@ impl VmControl for KvmVm {
         Ok(self.resume_inner()?)
     }
 
+    fn prepare_restore(&mut self) {
+        self.standby(STANDBY);
+    }
+
     /// From the last saved state: the page tables, code, stack, descriptor tables and
     /// register-held addresses of every vCPU (see [`crate::hot`]).
     fn first_touch_pages(&mut self) -> Vec<u64> {
@@ -2132,6 +2175,7 @@ impl Drop for KvmVm {
             let mut g = c.lock();
             g.exit = true;
             g.run = false;
+            c.poke.store(true, Ordering::SeqCst);
             c.cv.notify_all();
         }
         for h in self.threads.drain(..) {
@@ -2174,15 +2218,31 @@ fn vcpu_thread(ctl: &VcpuCtl, core: &Core, caps: &VcpuCaps) {
                     ctl.parked_flag.store(true, Ordering::SeqCst);
                     ctl.cv.notify_all();
                 }
+                // Standing by for a restore (see `KvmVm::prepare_restore`): poll for the
+                // resume instead of sleeping until the deadline.
+                if let Some(until) = g.standby {
+                    drop(g);
+                    while !ctl.poke.swap(false, Ordering::SeqCst) && Instant::now() < until {
+                        std::thread::yield_now();
+                    }
+                    g = ctl.lock();
+                    if g.standby.is_some_and(|t| Instant::now() >= t) {
+                        g.standby = None;
+                    }
+                    continue;
+                }
                 g = ctl.cv.wait(g).unwrap_or_else(|e| e.into_inner());
             }
+            g.standby = None;
             g.parked = false;
             ctl.parked_flag.store(false, Ordering::SeqCst);
+            ctl.stopped_flag.store(false, Ordering::SeqCst);
             // The vCPU is about to change: what was captured at the pause no longer holds.
             g.captured = None;
             g.restore.take()
         };
         if let Some(p) = restore {
+            ferry_engine::timeline::mark("kvm vcpu woke for restore");
             let woke = Instant::now();
             let result = p.job.apply(ctl.id, &mut lock_vcpu());
             if !p.round.ack(ctl.id, result, woke) {
@@ -2198,13 +2258,19 @@ fn vcpu_thread(ctl: &VcpuCtl, core: &Core, caps: &VcpuCaps) {
         let stop = run_loop(&mut lock_vcpu(), ctl, core);
         match stop {
             Stop::Paused => {
+                ferry_engine::timeline::mark("kvm vcpu out of run");
+                // Out of `KVM_RUN`, any pending I/O completed: guest memory is quiet.
+                ctl.stopped_flag.store(true, Ordering::SeqCst);
                 if ctl.lock().capture {
                     // Still awake from the kick: save the state here, in parallel with the
                     // other vCPUs, before reporting parked.
                     let r = save_vcpu(ctl.id, &mut lock_vcpu(), caps);
                     let mut g = ctl.lock();
                     match r {
-                        Ok((state, steps)) => g.captured = Some(Captured { state, steps }),
+                        Ok((state, steps)) => {
+                            ferry_engine::timeline::mark("kvm vcpu saved");
+                            g.captured = Some(Captured { state, steps })
+                        }
                         Err(e) => {
                             // `save` then saves this vCPU itself and reports the error if it
                             // is real.
@@ -2230,6 +2296,7 @@ fn run_loop(vcpu: &mut VcpuFd, ctl: &VcpuCtl, core: &Core) -> Stop {
     let mut exit_pending = false;
     loop {
         if ctl.pause_req.load(Ordering::SeqCst) {
+            ferry_engine::timeline::mark("kvm vcpu saw pause");
             if exit_pending {
                 // KVM completes a PIO/MMIO exit (e.g. advances RIP past an OUT, stores the
                 // data of an IN) only on the next KVM_RUN, and KVM_GET_* do not show the
