@@ -201,6 +201,10 @@ struct Shared<'a> {
     hist: Mutex<Histogram<u64>>,
     points: Mutex<Vec<(u32, u32)>>,
     resumed_at: OnceLock<Instant>,
+    /// The switchover's stale set is applied. The fault path starts before that (inside the
+    /// blackout, while the source saves) and must neither resolve a fault nor end (every page
+    /// may look present until then) before it.
+    stale_applied: AtomicBool,
     resolved_by_push: AtomicU64,
     fault_count: AtomicU64,
     local_faults: AtomicU64,
@@ -269,6 +273,7 @@ pub fn receive_with(
         ),
         points: Mutex::new(Vec::new()),
         resumed_at: OnceLock::new(),
+        stale_applied: AtomicBool::new(false),
         resolved_by_push: AtomicU64::new(0),
         fault_count: AtomicU64::new(0),
         local_faults: AtomicU64::new(0),
@@ -407,6 +412,8 @@ fn spawn_reply_receiver<'scope>(
 fn dest_control_reader(ctl: ControlChannel, tx: Sender<Result<(Frame, Vec<u8>), SessionError>>) {
     // Timeouts are the control thread's business; this thread blocks until the socket closes.
     let _ = ctl.set_read_timeout(None);
+    // Mostly idle; inside the blackout it delivers the switchover's frames.
+    crate::boost::raise(None);
     loop {
         let r = ctl.recv().and_then(|(h, f)| {
             let payload = if h.payload_len > 0 {
@@ -653,7 +660,10 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                     crate::timeline::mark("dst main got switchover");
                     // Inside the blackout: poll for what follows rather than sleep, and have
                     // the VM get ready to restore.
-                    self.spin_until = Some(t_sw + SWITCHOVER_SPIN);
+                    if std::env::var_os("FERRY_X_SPIN").is_some() {
+                        self.spin_until = Some(t_sw + SWITCHOVER_SPIN);
+                    }
+                    let boost = crate::boost::Boost::current();
                     control.prepare_restore();
                     post_copy = kind == SwitchoverKind::PostCopy;
                     if post_copy && !has_urgent {
@@ -667,6 +677,30 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                     })?;
                     let t_barrier = Instant::now();
                     crate::timeline::mark("dst barrier");
+                    if post_copy {
+                        // While the source saves: register guest memory with userfaultfd and
+                        // start the fault path. Nothing touches the guest mapping before the
+                        // state is restored (the receivers are past the marker and wait for
+                        // `go`; pages are received through the alias mapping), so no fault
+                        // can reach the handler before the stale set below is applied.
+                        let uffd = match uffd.take() {
+                            Some(Ok(u)) => u,
+                            Some(Err(e)) => {
+                                return Err(MigrateError::Uffd {
+                                    what: ferry_protocol::handshake::error_chain(&e),
+                                });
+                            }
+                            None => return Err(MigrateError::Worker("uffd")),
+                        };
+                        self.register_post_copy(uffd)?;
+                        // Fault handling and urgent replies.
+                        for _ in 0..2 {
+                            fault_path
+                                .send(())
+                                .map_err(|_| MigrateError::Worker("fault handler"))?;
+                        }
+                        self.workers += 1;
+                    }
                     let mut next = self.next_ctl()?;
                     if post_copy {
                         let mut stale = Vec::new();
@@ -693,16 +727,8 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                         }
                         let t_state = Instant::now();
                         crate::timeline::mark("dst main got state");
-                        let uffd = match uffd.take() {
-                            Some(Ok(u)) => u,
-                            Some(Err(e)) => {
-                                return Err(MigrateError::Uffd {
-                                    what: ferry_protocol::handshake::error_chain(&e),
-                                });
-                            }
-                            None => return Err(MigrateError::Worker("uffd")),
-                        };
-                        self.report.stale_pages = self.apply_stale(&stale, uffd)?;
+                        self.report.stale_pages = self.apply_stale(&stale)?;
+                        shared.stale_applied.store(true, Ordering::Release);
                         // The arrived pages the vCPUs touch first are mapped now (a few pages,
                         // tens of µs), or each would be a local fault in the guest's first
                         // steps. A thread doing this beside restore, then sweeping everything
@@ -713,13 +739,6 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                         post_flag.store(true, Ordering::Release);
                         let t_applied = Instant::now();
                         crate::timeline::mark("dst applied");
-                        // Fault handling and urgent replies.
-                        for _ in 0..2 {
-                            fault_path
-                                .send(())
-                                .map_err(|_| MigrateError::Worker("fault handler"))?;
-                        }
-                        self.workers += 1;
                         debug!(
                             barrier_us = (t_barrier - t_sw).as_micros() as u64,
                             stale_and_state_us = (t_state - t_barrier).as_micros() as u64,
@@ -759,6 +778,7 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                     crate::timeline::mark("dst resumed");
                     let _ = shared.resumed_at.set(t_resume);
                     self.spin_until = None;
+                    drop(boost);
                     resumed = true;
                     let timings = ResumeTimings {
                         receive_us: (t_apply - t_sw).as_micros() as u64,
@@ -1140,7 +1160,7 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
     /// stale pages are only marked. This relies on nothing else populating the destination's
     /// guest mapping before the VM runs (the `DestVm` contract: freshly mapped, not running);
     /// session start drops whatever was there.
-    fn apply_stale(&mut self, stale: &[GpaRange], uffd: Uffd) -> Result<u64, MigrateError> {
+    fn apply_stale(&mut self, stale: &[GpaRange]) -> Result<u64, MigrateError> {
         let shared = self.shared;
         let layout = shared.layout;
         let ps = layout.page_size();
@@ -1179,7 +1199,21 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                 }
             }
         }
-        let t_discard = Instant::now();
+        debug!(
+            pages,
+            ranges = stale.len(),
+            discard_us = t0.elapsed().as_micros() as u64,
+            "stale set applied"
+        );
+        Ok(pages)
+    }
+
+    /// Registers guest memory with userfaultfd for post-copy (MISSING, and MINOR where the
+    /// backing is shared) and publishes it to the fault path.
+    fn register_post_copy(&mut self, uffd: Uffd) -> Result<(), MigrateError> {
+        let shared = self.shared;
+        let layout = shared.layout;
+        let t0 = Instant::now();
         for r in layout.regions() {
             let shared_backing =
                 matches!(r.backing, Backing::Memfd { .. } | Backing::Hugetlbfs { .. });
@@ -1201,13 +1235,10 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
             released: AtomicBool::new(false),
         });
         debug!(
-            pages,
-            ranges = stale.len(),
-            discard_us = (t_discard - t0).as_micros() as u64,
-            register_us = t_discard.elapsed().as_micros() as u64,
-            "stale set applied"
+            register_us = t0.elapsed().as_micros() as u64,
+            "guest memory registered with userfaultfd"
         );
-        Ok(pages)
+        Ok(())
     }
 
     fn fault_summary(&self) -> FaultSummary {
@@ -1790,7 +1821,10 @@ fn fault_loop(shared: &Shared<'_>) -> Result<(), MigrateError> {
     let mut out = Vec::new();
     let mut id = 0u64;
     let total = layout.total_pages();
-    while !shared.done.load(Ordering::Acquire) && shared.present.load(Ordering::Acquire) < total {
+    while !shared.done.load(Ordering::Acquire)
+        && (!shared.stale_applied.load(Ordering::Acquire)
+            || shared.present.load(Ordering::Acquire) < total)
+    {
         let generation = shared.urgent_gen.load(Ordering::Acquire);
         if generation != gen_seen {
             gen_seen = generation;
@@ -1829,6 +1863,12 @@ fn fault_loop(shared: &Shared<'_>) -> Result<(), MigrateError> {
             })?;
         if !ready {
             continue;
+        }
+        // Nothing touches guest memory before the state is restored, which follows the stale
+        // set; should something fault earlier, it waits for the stale set like everyone.
+        while !shared.stale_applied.load(Ordering::Acquire) && !shared.done.load(Ordering::Acquire)
+        {
+            thread::sleep(Duration::from_micros(20));
         }
         events.clear();
         post.uffd

@@ -23,6 +23,7 @@
 #[cfg(not(target_pointer_width = "64"))]
 compile_error!("ferry-engine supports 64-bit hosts only");
 
+pub mod boost;
 pub mod dest;
 pub mod digest;
 pub mod error;
@@ -34,9 +35,9 @@ pub mod procmem;
 pub mod report;
 mod sender;
 pub mod session;
-pub mod timeline;
 pub mod source;
 mod sys;
+pub mod timeline;
 pub mod uffd;
 pub mod vm;
 

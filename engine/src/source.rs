@@ -531,6 +531,8 @@ fn mode_name(m: Mode) -> &'static str {
 fn control_reader(ctl: ControlChannel, tx: Sender<Ctl>) {
     // Timeouts are the main thread's business; this thread blocks until the socket closes.
     let _ = ctl.set_read_timeout(None);
+    // Mostly idle; inside the blackout it delivers `Resumed`.
+    crate::boost::raise(None);
     loop {
         match ctl.recv() {
             Ok((h, f)) => {
@@ -665,11 +667,12 @@ impl Run<'_, '_> {
         let deadline = start + self.policy.timeout;
         // Inside the blackout, poll for the answer instead of sleeping: waking a sleeping
         // thread costs tens of µs here, and this side's VM is paused, so its CPU is idle.
-        let spin = if matches!(phase, Phase::Switchover) {
-            SWITCHOVER_SPIN
-        } else {
-            Duration::ZERO
-        };
+        let spin =
+            if matches!(phase, Phase::Switchover) && std::env::var_os("FERRY_X_SPIN").is_some() {
+                SWITCHOVER_SPIN
+            } else {
+                Duration::ZERO
+            };
         while !pred(self) {
             if start.elapsed() < spin {
                 match self.ctl_rx.try_recv() {
@@ -1041,6 +1044,8 @@ impl Run<'_, '_> {
             let _ = dirty.stop();
             return Err(e);
         }
+        // This thread is on the blackout's critical path until the destination resumed.
+        let boost = crate::boost::Boost::current();
         let t0 = Instant::now();
         crate::timeline::mark("src pause start");
         self.report.blackout_start_ms = self.elapsed_ms();
@@ -1083,14 +1088,13 @@ impl Run<'_, '_> {
             crate::timeline::mark("src saved");
             let stale_pages = final_ranges.iter().map(|r| r.len).sum::<u64>() / ps;
             let mut first_touch = Vec::new();
+            // The stale set, the first-touch hint and the state leave in one write.
+            let mut frames = Vec::new();
             if post_copy {
                 for chunk in final_ranges.chunks(MAX_LIST_RANGES) {
-                    self.ctl.send(
-                        &Frame::StaleSet {
-                            ranges: chunk.to_vec(),
-                        },
-                        &[],
-                    )?;
+                    frames.push(Frame::StaleSet {
+                        ranges: chunk.to_vec(),
+                    });
                 }
                 // The push list (the urgent server answers requests whether or not a page is
                 // on it), and the pages the vCPUs will touch first, pushed right behind the
@@ -1102,25 +1106,25 @@ impl Run<'_, '_> {
                     to_send.set_range(first, r.len / ps);
                 }
                 let (hint, stale) = self.take_first_touch(control.first_touch_pages(), to_send);
+                crate::timeline::mark("src first touch taken");
                 if !hint.is_empty() {
                     // The destination maps the ones it has before the guest touches them.
-                    self.ctl.send(&Frame::FirstTouch { ranges: hint }, &[])?;
+                    frames.push(Frame::FirstTouch { ranges: hint });
                 }
                 first_touch = stale;
             }
-            self.ctl.send(
-                &Frame::State {
-                    kind: StateKind::Vm,
-                    version: STATE_VERSION,
-                    len: blob.len() as u64,
-                },
-                &blob,
-            )?;
+            let state = Frame::State {
+                kind: StateKind::Vm,
+                version: STATE_VERSION,
+                len: blob.len() as u64,
+            };
+            let mut batch: Vec<(&Frame, &[u8])> = frames.iter().map(|f| (f, &[][..])).collect();
+            batch.push((&state, &blob));
+            self.ctl.send_all(&batch)?;
             // After the state: waking the stream threads must not delay it (on two cores they
             // preempt this thread).
             if !first_touch.is_empty() {
-                self.report.first_touch_pages =
-                    first_touch.iter().map(|r| r.len).sum::<u64>() / ps;
+                self.report.first_touch_pages = first_touch.iter().map(|r| r.len).sum::<u64>() / ps;
                 self.dispatch(&first_touch, true, Phase::Switchover)?;
             }
             // Every page the destination must fetch, counted once.
@@ -1154,6 +1158,7 @@ impl Run<'_, '_> {
         };
         let t_resumed = Instant::now();
         crate::timeline::mark("src saw resumed");
+        drop(boost);
         let _ = dirty.stop();
         let timings = self.resumed.unwrap_or_default();
         let us = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e6;

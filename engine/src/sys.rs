@@ -35,3 +35,52 @@ pub unsafe fn remove(addr: usize, len: u64) -> io::Result<()> {
     unsafe { rustix::mm::madvise(addr as *mut c_void, len, Advice::LinuxRemove) }?;
     Ok(())
 }
+
+/// `struct sched_attr` (include/uapi/linux/sched/types.h), version 1 (56 bytes).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct SchedAttr {
+    size: u32,
+    sched_policy: u32,
+    sched_flags: u64,
+    sched_nice: i32,
+    sched_priority: u32,
+    sched_runtime: u64,
+    sched_deadline: u64,
+    sched_period: u64,
+    sched_util_min: u32,
+    sched_util_max: u32,
+}
+
+/// Sets the scheduling of thread `tid` (0: the calling thread): `SCHED_FIFO` at `fifo` when
+/// given, else `SCHED_OTHER` at `nice` with a slice of `slice_ns` (0: the default slice; a
+/// short slice lets the thread preempt on wake-up under EEVDF, Linux 6.12+).
+pub fn set_sched(tid: i32, nice: i32, slice_ns: u64, fifo: Option<u32>) -> io::Result<()> {
+    let attr = SchedAttr {
+        size: u32::try_from(std::mem::size_of::<SchedAttr>()).unwrap_or(56),
+        sched_policy: if fifo.is_some() {
+            libc::SCHED_FIFO as u32
+        } else {
+            libc::SCHED_OTHER as u32
+        },
+        sched_nice: nice,
+        sched_priority: fifo.unwrap_or(0),
+        sched_runtime: slice_ns,
+        ..SchedAttr::default()
+    };
+    // SAFETY: `attr` is a valid, initialised sched_attr whose `size` field matches its
+    // layout; the kernel only reads it. Flags 0.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_sched_setattr,
+            libc::c_long::from(tid),
+            &attr as *const SchedAttr,
+            0 as libc::c_long,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -632,6 +632,21 @@ struct VcpuCtl {
     stopped_flag: AtomicBool,
     /// Set whenever the thread's state changes (resume, a job, exit), for a thread standing by.
     poke: AtomicBool,
+    /// The thread runs at [`ferry_engine::boost::BLACKOUT_NICE`] (raised by a pause or a
+    /// standby); it goes back to its own nice value before it next enters `KVM_RUN`.
+    boosted: AtomicBool,
+}
+
+impl VcpuCtl {
+    /// Raises the thread for the blackout (see `boosted`).
+    fn boost(&self) {
+        if let Some(&tid) = self.tid.get()
+            && !self.boosted.load(Ordering::SeqCst)
+            && ferry_engine::boost::raise(Some(tid))
+        {
+            self.boosted.store(true, Ordering::SeqCst);
+        }
+    }
 }
 
 impl std::fmt::Debug for VcpuCtl {
@@ -1075,6 +1090,7 @@ impl KvmVm {
                 parked_flag: AtomicBool::new(false),
                 stopped_flag: AtomicBool::new(false),
                 poke: AtomicBool::new(false),
+                boosted: AtomicBool::new(false),
             });
             let (c2, core2, caps2) = (
                 Arc::clone(&ctl),
@@ -1265,6 +1281,33 @@ impl KvmVm {
         })
     }
 
+    /// Sleeps until `done` holds for every vCPU (the threads notify their condvar when they
+    /// stop and when they park).
+    fn wait_stopped(
+        &self,
+        done: &dyn Fn(&VcpuCtl) -> bool,
+        timeout: Duration,
+    ) -> Result<(), VmRunError> {
+        let deadline = Instant::now() + timeout;
+        for c in &self.ctls {
+            let mut g = c.lock();
+            while !done(c) && !g.exit {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(VmRunError::PauseTimeout {
+                        vcpu: c.id,
+                        ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                    });
+                }
+                g =
+                    c.cv.wait_timeout(g, deadline - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+            }
+        }
+        Ok(())
+    }
+
     fn wait_parked(&self, timeout: Duration) -> Result<(), VmRunError> {
         let deadline = Instant::now() + timeout;
         for c in &self.ctls {
@@ -1291,10 +1334,14 @@ impl KvmVm {
     /// wake (tens to hundreds of µs here). The threads yield the CPU between polls.
     pub fn standby(&self, for_: Duration) {
         let until = Instant::now() + for_;
+        let spin = std::env::var_os("FERRY_X_STANDBYSPIN").is_some();
         for c in &self.ctls {
-            let mut g = c.lock();
-            g.standby = Some(until);
-            c.cv.notify_all();
+            c.boost();
+            if spin {
+                let mut g = c.lock();
+                g.standby = Some(until);
+                c.cv.notify_all();
+            }
         }
     }
 
@@ -1308,6 +1355,7 @@ impl KvmVm {
                 g.capture = capture;
             }
             c.pause_req.store(true, Ordering::SeqCst);
+            c.boost();
             if let Some(k) = c.kicker.get() {
                 k.kick();
             }
@@ -1320,12 +1368,16 @@ impl KvmVm {
         // rather than sleep, a wake-up costs as much here (see `RestoreRound`). With capture,
         // the pause ends when every vCPU is out of `KVM_RUN`: the threads save their state
         // while the caller harvests the dirty log, and `save` waits for them to park.
-        let stopped = spin_until(|| {
-            self.ctls.iter().all(|c| {
-                c.parked_flag.load(Ordering::SeqCst)
-                    || (capture && c.stopped_flag.load(Ordering::SeqCst))
-            })
-        });
+        let done = |c: &VcpuCtl| {
+            c.parked_flag.load(Ordering::SeqCst)
+                || (capture && c.stopped_flag.load(Ordering::SeqCst))
+        };
+        let stopped = if std::env::var_os("FERRY_X_PAUSESPIN").is_none() {
+            self.wait_stopped(&done, Duration::from_secs(10))?;
+            true
+        } else {
+            spin_until(|| self.ctls.iter().all(|c| done(c)))
+        };
         if !(capture && stopped) {
             self.wait_parked(Duration::from_secs(10))?;
         }
@@ -1539,14 +1591,33 @@ impl KvmVm {
             return Err(VmRunError::NotPaused("save_state").into());
         }
         let t0 = Instant::now();
+        let mut t = StepTimer::new();
+        // The VM-wide state first: after a pause with capture, the vCPU threads are still
+        // saving theirs.
+        let vm = &self.core.vm;
+        let vm_err = |what| {
+            move |e: kvm_ioctls::Error| SaveStateError::Vm {
+                what,
+                source: e.into(),
+            }
+        };
+        let clock = vm.get_clock().map_err(vm_err("clock"))?;
+        let mut irqchips = [kvm_irqchip::default(); 3];
+        for (i, c) in irqchips.iter_mut().enumerate() {
+            c.chip_id = u32::try_from(i).unwrap_or(0);
+            vm.get_irqchip(c).map_err(vm_err("irqchip"))?;
+        }
+        let pit = vm.get_pit2().map_err(vm_err("PIT"))?;
+        t.mark("vm clock/irqchip/pit");
+        ferry_engine::timeline::mark("kvm vm state saved");
         // A pause with capture returns before the threads have saved and parked.
         self.wait_parked(Duration::from_secs(10))?;
+        ferry_engine::timeline::mark("kvm all parked");
         // State handed to the threads but not applied yet is the vCPUs' state: apply it now.
         if let Err(e) = self.apply_pending_restore() {
             self.has_state = false;
             return Err(SaveStateError::PendingRestore(Box::new(e)));
         }
-        let mut t = StepTimer::new();
         let mut vcpus = Vec::with_capacity(self.ctls.len());
         let mut vcpu0_steps = Vec::new();
         self.timings.vcpu_save.clear();
@@ -1576,21 +1647,6 @@ impl KvmVm {
             }
             t.mark("vcpus");
         }
-        let vm = &self.core.vm;
-        let vm_err = |what| {
-            move |e: kvm_ioctls::Error| SaveStateError::Vm {
-                what,
-                source: e.into(),
-            }
-        };
-        let clock = vm.get_clock().map_err(vm_err("clock"))?;
-        let mut irqchips = [kvm_irqchip::default(); 3];
-        for (i, c) in irqchips.iter_mut().enumerate() {
-            c.chip_id = u32::try_from(i).unwrap_or(0);
-            vm.get_irqchip(c).map_err(vm_err("irqchip"))?;
-        }
-        let pit = vm.get_pit2().map_err(vm_err("PIT"))?;
-        t.mark("vm clock/irqchip/pit");
         let serial = self
             .core
             .serial
@@ -1609,6 +1665,7 @@ impl KvmVm {
         self.timings.last_save = t0.elapsed();
         self.state_tsc = tsc_by_vcpu(&st.vcpus);
         self.first_touch = first_touch(&self.core.memory, &st.vcpus);
+        ferry_engine::timeline::mark("kvm first touch walked");
         tracing::debug!(
             save_us = micros(self.timings.last_save),
             captured = self.timings.save_captured,
@@ -2115,7 +2172,9 @@ impl VmControl for KvmVm {
     }
 
     fn prepare_restore(&mut self) {
-        self.standby(STANDBY);
+        if std::env::var_os("FERRY_X_NOSTANDBY").is_none() {
+            self.standby(STANDBY);
+        }
     }
 
     /// From the last saved state: the page tables, code, stack, descriptor tables and
@@ -2192,7 +2251,10 @@ enum Stop {
 
 fn vcpu_thread(ctl: &VcpuCtl, core: &Core, caps: &VcpuCaps) {
     let lock_vcpu = || ctl.vcpu.lock().unwrap_or_else(|e| e.into_inner());
-    let _ = ctl.tid.set(rustix::thread::gettid().as_raw_nonzero().get());
+    let tid = rustix::thread::gettid();
+    let _ = ctl.tid.set(tid.as_raw_nonzero().get());
+    // The nice value the thread runs the guest at (it is raised for blackouts only).
+    let base_nice = rustix::process::getpriority_process(Some(tid)).unwrap_or(0);
     let _ = ctl.kicker.set(Kicker::for_current_thread(&mut lock_vcpu()));
     loop {
         let restore = {
@@ -2251,6 +2313,9 @@ fn vcpu_thread(ctl: &VcpuCtl, core: &Core, caps: &VcpuCaps) {
                 continue;
             }
         }
+        if ctl.boosted.swap(false, Ordering::SeqCst) {
+            ferry_engine::boost::lower(None, base_nice);
+        }
         if let Some(k) = ctl.kicker.get() {
             k.set_immediate_exit(0);
         }
@@ -2260,7 +2325,11 @@ fn vcpu_thread(ctl: &VcpuCtl, core: &Core, caps: &VcpuCaps) {
             Stop::Paused => {
                 ferry_engine::timeline::mark("kvm vcpu out of run");
                 // Out of `KVM_RUN`, any pending I/O completed: guest memory is quiet.
-                ctl.stopped_flag.store(true, Ordering::SeqCst);
+                {
+                    let _g = ctl.lock();
+                    ctl.stopped_flag.store(true, Ordering::SeqCst);
+                    ctl.cv.notify_all();
+                }
                 if ctl.lock().capture {
                     // Still awake from the kick: save the state here, in parallel with the
                     // other vCPUs, before reporting parked.

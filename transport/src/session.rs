@@ -635,6 +635,18 @@ impl ControlChannel {
         write_all(&self.socket, &buf).map_err(|e| self.io("send", e))
     }
 
+    /// Sends several frames (each with its payload) in one write: one wake-up of the peer's
+    /// reader instead of one per frame (tens of µs each on a loaded host).
+    pub fn send_all(&self, frames: &[(&Frame, &[u8])]) -> Result<(), SessionError> {
+        let mut buf = Vec::new();
+        for (frame, payload) in frames {
+            debug_assert_eq!(frame.payload_len(), payload.len() as u64);
+            buf.extend_from_slice(&frame.encode());
+            buf.extend_from_slice(payload);
+        }
+        write_all(&self.socket, &buf).map_err(|e| self.io("send", e))
+    }
+
     /// Receives a frame's header and metadata; its payload (if any, `payload_len` bytes) must
     /// then be read with [`ControlChannel::read_payload`] or [`ControlChannel::read_payload_vec`].
     pub fn recv(&self) -> Result<(FrameHeader, Frame), SessionError> {

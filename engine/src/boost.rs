@@ -1,0 +1,109 @@
+// SPDX-License-Identifier: Apache-2.0 OR MIT
+//! CPU priority for the threads on the blackout's critical path.
+//!
+//! The blackout lasts under a millisecond, and on a busy host its critical path (the source's
+//! control thread and vCPU threads while they stop and save, the destination's control thread
+//! and vCPU threads while they restore) otherwise waits behind bulk transfer threads, the
+//! guest's own vCPUs or other tenants for scheduler slices of milliseconds. Those threads are
+//! raised for the blackout only (see [`Class`]). Without `CAP_SYS_NICE` nothing changes
+//! (logged at debug level).
+
+use std::sync::OnceLock;
+
+/// How a thread on the blackout's critical path is raised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Nice -10.
+    Nice,
+    /// Nice -10 and a 100 µs EEVDF slice, so that it preempts on wake-up.
+    ShortSlice,
+    /// `SCHED_FIFO` priority 1.
+    Fifo,
+    /// Not raised.
+    Off,
+}
+
+/// The nice value of a raised thread.
+pub const BLACKOUT_NICE: i32 = -10;
+const SLICE_NS: u64 = 100_000;
+
+/// The class in use (`FERRY_BOOST` = nice, slice, fifo or off; default slice).
+pub fn class() -> Class {
+    static C: OnceLock<Class> = OnceLock::new();
+    *C.get_or_init(|| match std::env::var("FERRY_BOOST").as_deref() {
+        Ok("nice") => Class::Nice,
+        Ok("fifo") => Class::Fifo,
+        Ok("off") => Class::Off,
+        _ => Class::ShortSlice,
+    })
+}
+
+/// Raises thread `tid` (the calling thread when `None`); whether it applied.
+pub fn raise(tid: Option<i32>) -> bool {
+    let r = match class() {
+        Class::Off => return false,
+        Class::Nice => crate::sys::set_sched(tid.unwrap_or(0), BLACKOUT_NICE, 0, None),
+        Class::ShortSlice => crate::sys::set_sched(tid.unwrap_or(0), BLACKOUT_NICE, SLICE_NS, None),
+        Class::Fifo => crate::sys::set_sched(tid.unwrap_or(0), 0, 0, Some(1)),
+    };
+    match r {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(?tid, %e, "cannot raise a thread's priority");
+            false
+        }
+    }
+}
+
+/// Puts thread `tid` (the calling thread when `None`) back to normal scheduling at `nice`.
+pub fn lower(tid: Option<i32>, nice: i32) {
+    if let Err(e) = crate::sys::set_sched(tid.unwrap_or(0), nice, 0, None) {
+        tracing::debug!(?tid, %e, "cannot restore a thread's priority");
+    }
+}
+
+/// The calling thread's nice value.
+pub fn current_nice() -> i32 {
+    rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap_or(0)
+}
+
+/// The calling thread raised until dropped, then back at its previous nice value.
+#[derive(Debug)]
+pub struct Boost {
+    prev: Option<i32>,
+}
+
+impl Boost {
+    /// Raises the calling thread.
+    pub fn current() -> Self {
+        let prev = current_nice();
+        Self {
+            prev: raise(None).then_some(prev),
+        }
+    }
+}
+
+impl Drop for Boost {
+    fn drop(&mut self) {
+        if let Some(p) = self.prev {
+            lower(None, p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boost_is_undone_on_drop() {
+        let before = current_nice();
+        {
+            let b = Boost::current();
+            if b.prev.is_none() {
+                eprintln!("skipped: cannot raise the thread (no CAP_SYS_NICE?)");
+            }
+        }
+        assert_eq!(current_nice(), before);
+    }
+}
