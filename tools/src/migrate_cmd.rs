@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, ValueEnum};
+use ferry_engine::MigrateError;
 use ferry_engine::dest::{DestRecovery, DestVm, receive_with};
 use ferry_engine::layout::Layout;
 use ferry_engine::policy::{Compression, Mode, Policy};
@@ -383,11 +384,15 @@ fn run_source(
         Ok(r) => r,
         Err(e) => {
             let running = vm.is_running();
-            return Err(anyhow!(e)).context(if running {
-                "Migration failed; the VM keeps running on the source"
-            } else {
-                "Migration failed"
-            });
+            let what = match &e {
+                // Never resumed here: the destination may run the VM.
+                MigrateError::SwitchoverUnconfirmed { .. } => {
+                    "Migration NOT confirmed: the source VM is left PAUSED, not resumed, because the destination may be running it (this process discards it when it exits); check the destination (`ferry recv` reports whether it runs the VM)"
+                }
+                _ if running => "Migration failed; the VM keeps running on the source",
+                _ => "Migration failed",
+            };
+            return Err(anyhow!(e)).context(what);
         }
     };
     let _ = t0;
@@ -419,7 +424,7 @@ fn run_dest(
         window: recovery_window,
         accept: &mut accept,
     });
-    let report = receive_with(
+    let report = match receive_with(
         DestVm {
             memory: &*mem,
             control: &mut vm,
@@ -427,8 +432,17 @@ fn run_dest(
         streams,
         Duration::from_secs(60),
         recovery,
-    )
-    .context("Receiving the VM failed")?;
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            let what = if vm.is_running() {
+                "Receiving the VM failed after it was resumed here: the VM runs on this side, which owns it (the source keeps its copy paused); this process stops it when it exits"
+            } else {
+                "Receiving the VM failed; the VM does not run here"
+            };
+            return Err(anyhow!(e)).context(what);
+        }
+    };
     let before = vm.guest_stats();
     std::thread::sleep(run_after);
     let fault = vm.fault().map(|f| f.to_string());
