@@ -34,16 +34,17 @@
 //! source that handed over its state learns it may resume its own VM.
 //!
 //! In post-copy the VM keeps running; a thread that touches a missing page keeps waiting (the
-//! fault thread keeps reading events and remembers what it asked for). The destination shuts the old connections down, waits until every
-//! receiver of them has stopped, and gives back every page claim whose data did not arrive
-//! whole (FILLING becomes STALE: a page is marked present only after all its bytes arrived
-//! and were placed). It then waits, at most the recovery window, for the source to resume the
-//! same session with the same key (`ferry_transport::session::SessionListener::accept_resume`),
-//! sends `Resumed`, then the pages it still lacks as `Missing` ranges (every page not PRESENT), re-sends its
-//! outstanding page requests on the new urgent stream, and post-copy carries on to the digest
-//! as before. If the window passes it fails with [`MigrateError::NotRecovered`] naming the
-//! missing pages; guest memory then stays registered with userfaultfd, so whatever touches a
-//! missing page stays blocked instead of reading zeroes.
+//! fault thread keeps reading events and remembers what it asked for). The destination shuts
+//! the old connections down, waits until every receiver of them has stopped, and gives back
+//! every page claim whose data did not arrive whole (FILLING becomes STALE: a page is marked
+//! present only after all its bytes arrived and were placed). It then waits, at most the
+//! recovery window, for the source to resume the same session with the same key
+//! (`ferry_transport::session::SessionListener::accept_resume`), sends `Resumed`, then the
+//! pages it still lacks as `Missing` ranges (every page not PRESENT), re-sends its outstanding
+//! page requests on the new urgent stream, and post-copy carries on to the digest as before.
+//! If the window passes it fails with [`MigrateError::NotRecovered`] naming the missing pages;
+//! guest memory then stays registered with userfaultfd, so whatever touches a missing page
+//! stays blocked instead of reading zeroes.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
