@@ -1167,7 +1167,7 @@ impl Run<'_, '_> {
         control.pause().map_err(MigrateError::vm("pause"))?;
         let t_pause = Instant::now();
         crate::timeline::mark("src paused");
-        // Set once the state may have reached the destination (when, and the stale pages).
+        // Set once the state may have reached the destination (when, and the final pages).
         let mut handed: Option<(Instant, u64)> = None;
         let switched = (|| -> Result<(Instant, Instant, Instant, u64), MigrateError> {
             // The destination gets ready (its vCPU threads wake, its control thread waits
@@ -1232,14 +1232,7 @@ impl Run<'_, '_> {
             }
             // The point of no return: from the first byte of the state on, the destination
             // may restore and run the VM.
-            handed = Some((
-                Instant::now(),
-                if post_copy {
-                    to_send.count()
-                } else {
-                    stale_pages
-                },
-            ));
+            handed = Some((Instant::now(), stale_pages));
             self.ctl.send(
                 &Frame::State {
                     kind: StateKind::Vm,
@@ -1280,7 +1273,13 @@ impl Run<'_, '_> {
                     // The destination may have the state and run the VM: only its own refusal
                     // (`Error`/`Abort` before any `Resumed`: it promises its VM never runs)
                     // lets this side resume.
-                    Some((at, stale_pages)) if !refused => {
+                    Some((at, final_pages)) if !refused => {
+                        // As reported on success: post-copy, every page still to fetch.
+                        let stale_pages = if post_copy {
+                            to_send.count()
+                        } else {
+                            final_pages
+                        };
                         warn!(
                             error = %ferry_protocol::handshake::error_chain(&e),
                             "switchover unconfirmed: the destination may run the VM; the source VM stays paused"

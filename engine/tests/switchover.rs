@@ -156,6 +156,7 @@ mod tests {
         dest: &mut DestControl<'_>,
         mode: Mode,
         recovery: &LocalRecovery,
+        opts: &SessionOptions,
     ) -> Result<LocalOutcome> {
         let src_mem = src.memory();
         let mut tracker = src.tracker();
@@ -170,7 +171,7 @@ mod tests {
                 control: dest,
             },
             &policy(mode),
-            &options(),
+            opts,
             recovery,
             &mut |_| {},
         )?)
@@ -216,7 +217,7 @@ mod tests {
         // Post-copy: the destination misses pages forever (nobody serves them); its writers
         // would block on them for good.
         dest.run_writers = mode != Mode::PostCopy;
-        let out = migrate(&mut src, &*dst_mem, &mut dest, mode, &recovery)?;
+        let out = migrate(&mut src, &*dst_mem, &mut dest, mode, &recovery, &options())?;
         assert_source_paused(&src, &out.source)?;
         match &out.dest {
             Err(e @ MigrateError::ResumedUnconfirmed { .. }) => eprintln!("destination: {e}"),
@@ -265,8 +266,21 @@ mod tests {
         };
         let mut dest = DestControl::new(&mut dst);
         dest.cut_after_resume = Some(recovery.dest_tap.clone());
+        // Each attempt waits for the handshake at most this long (the destination's listener
+        // still accepts connections, but nobody answers them).
+        let opts = SessionOptions {
+            timeout: Duration::from_secs(1),
+            ..options()
+        };
         let t0 = Instant::now();
-        let out = migrate(&mut src, &*dst_mem, &mut dest, Mode::PreCopy, &recovery)?;
+        let out = migrate(
+            &mut src,
+            &*dst_mem,
+            &mut dest,
+            Mode::PreCopy,
+            &recovery,
+            &opts,
+        )?;
         assert_source_paused(&src, &out.source)?;
         if let Err(MigrateError::SwitchoverUnconfirmed { waited, .. }) = &out.source {
             assert!(*waited >= window, "gave up before the window: {waited:?}");
@@ -291,7 +305,7 @@ mod tests {
         let recovery = LocalRecovery::default();
         let mut dest = DestControl::new(&mut dst);
         dest.fail_restore = Some(None);
-        let out = migrate(&mut src, &*dst_mem, &mut dest, mode, &recovery)?;
+        let out = migrate(&mut src, &*dst_mem, &mut dest, mode, &recovery, &options())?;
         match &out.source {
             Err(MigrateError::PeerAborted { reason }) => {
                 eprintln!("source: the destination refused: {reason}");
@@ -344,7 +358,7 @@ mod tests {
         };
         let mut dest = DestControl::new(&mut dst);
         dest.cut_after_resume = Some(recovery.dest_tap.clone());
-        let out = migrate(&mut src, &*dst_mem, &mut dest, mode, &recovery)?;
+        let out = migrate(&mut src, &*dst_mem, &mut dest, mode, &recovery, &options())?;
         let source = out.source.map_err(|e| anyhow!("source: {e:#}"))?;
         let dreport = out.dest.map_err(|e| anyhow!("destination: {e:#}"))?;
         eprintln!(
@@ -400,7 +414,14 @@ mod tests {
         let mut dest = DestControl::new(&mut dst);
         // The restore cuts the connection and fails: the destination's `Error` cannot go out.
         dest.fail_restore = Some(Some(recovery.dest_tap.clone()));
-        let out = migrate(&mut src, &*dst_mem, &mut dest, Mode::PreCopy, &recovery)?;
+        let out = migrate(
+            &mut src,
+            &*dst_mem,
+            &mut dest,
+            Mode::PreCopy,
+            &recovery,
+            &options(),
+        )?;
         match &out.source {
             Err(MigrateError::PeerAborted { reason }) => {
                 eprintln!("source: the destination answered: {reason}");
