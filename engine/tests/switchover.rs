@@ -9,7 +9,8 @@
 //! that the destination runs the VM, and the migration ends verified. A destination whose
 //! restore fails sends `Error` and the source resumes its VM; if the connection is cut in that
 //! restore too, the destination answers `Abort` on the resumed session and the source resumes
-//! its VM then.
+//! its VM then. A destination whose resume fails pauses its VM again before sending `Error`; if
+//! that pause fails too it says nothing, and the source stays paused.
 
 #[allow(dead_code)]
 mod common;
@@ -92,6 +93,9 @@ mod tests {
         cut_after_resume: Option<ConnectionTap>,
         /// Fail `restore_state` (after cutting this tap, if any).
         fail_restore: Option<Option<ConnectionTap>>,
+        /// Fail `resume` (after starting the writers: some vCPUs ran), and then `pause` too
+        /// when the flag says so.
+        fail_resume: Option<bool>,
         /// Really run the writers on `resume` (else only record it: in post-copy without
         /// recovery, writers touching a missing page would block forever, and so would
         /// dropping the VM).
@@ -105,6 +109,7 @@ mod tests {
                 vm,
                 cut_after_resume: None,
                 fail_restore: None,
+                fail_resume: None,
                 run_writers: true,
                 calls: Calls::default(),
             }
@@ -118,6 +123,9 @@ mod tests {
 
     impl VmControl for DestControl<'_> {
         fn pause(&mut self) -> Result<(), BoxError> {
+            if self.fail_resume == Some(true) {
+                return Err("injected pause failure".into());
+            }
             self.calls.pauses += 1;
             if self.run_writers {
                 self.vm.pause()?;
@@ -145,6 +153,9 @@ mod tests {
             if let Some(tap) = &self.cut_after_resume {
                 let n = tap.cut();
                 eprintln!("destination resumed, then cut its {n} sockets");
+            }
+            if self.fail_resume.is_some() {
+                return Err("injected resume failure".into());
             }
             Ok(())
         }
@@ -442,6 +453,75 @@ mod tests {
             dest.calls
         );
         src.pause().map_err(|e| anyhow!("pause: {e}"))?;
+        Ok(())
+    }
+
+    #[test]
+    fn destination_resume_failure_pauses_it_and_resumes_the_source() -> Result<()> {
+        init_log();
+        let cfg = vm_config();
+        let mut src = ProcessVm::new(cfg.clone())?;
+        src.start()?;
+        let mut dst = ProcessVm::new_destination(&cfg)?;
+        let dst_mem = dst.memory();
+        let recovery = LocalRecovery::default();
+        let mut dest = DestControl::new(&mut dst);
+        dest.fail_resume = Some(false);
+        let out = migrate(
+            &mut src,
+            &*dst_mem,
+            &mut dest,
+            Mode::PreCopy,
+            &recovery,
+            &options(),
+        )?;
+        match &out.source {
+            Err(MigrateError::PeerAborted { reason }) => {
+                eprintln!("source: the destination refused: {reason}");
+                assert!(reason.contains("injected resume failure"), "{reason}");
+                assert!(reason.contains("paused again"), "{reason}");
+            }
+            other => bail!("source: expected PeerAborted, got {other:?}"),
+        }
+        assert!(!src.is_paused(), "the source VM stayed paused");
+        assert!(
+            writes_meanwhile(&src) > 0,
+            "the source's writers do not run"
+        );
+        assert!(!dest.runs(), "the destination VM runs: {:?}", dest.calls);
+        assert!(dst.is_paused(), "the destination's writers were not paused");
+        assert_eq!(writes_meanwhile(&dst), 0, "the destination's writers run");
+        src.pause().map_err(|e| anyhow!("pause: {e}"))?;
+        Ok(())
+    }
+
+    #[test]
+    fn destination_that_cannot_pause_after_a_failed_resume_keeps_the_source_paused() -> Result<()> {
+        init_log();
+        let cfg = vm_config();
+        let mut src = ProcessVm::new(cfg.clone())?;
+        src.start()?;
+        let mut dst = ProcessVm::new_destination(&cfg)?;
+        let dst_mem = dst.memory();
+        let recovery = LocalRecovery::default();
+        let mut dest = DestControl::new(&mut dst);
+        dest.fail_resume = Some(true);
+        let out = migrate(
+            &mut src,
+            &*dst_mem,
+            &mut dest,
+            Mode::PreCopy,
+            &recovery,
+            &options(),
+        )?;
+        // The destination's VM may run: it says nothing, and the source must not resume.
+        assert_source_paused(&src, &out.source)?;
+        match &out.dest {
+            Err(MigrateError::Vm { op, .. }) => assert_eq!(*op, "resume"),
+            other => bail!("destination: expected the resume error, got {other:?}"),
+        }
+        dest.fail_resume = None;
+        dest.pause().map_err(|e| anyhow!("pause: {e}"))?;
         Ok(())
     }
 }
