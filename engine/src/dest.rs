@@ -121,8 +121,8 @@ pub struct DestStreams {
     pub session: SessionId,
 }
 
-/// How the destination recovers a post-copy migration whose connection was lost (see the
-/// module docs).
+/// How the destination recovers a migration whose connection was lost after the switchover
+/// (see the module docs).
 #[allow(missing_debug_implementations)]
 pub struct DestRecovery<'r> {
     /// How long to wait for the source to resume the session after a loss.
@@ -673,6 +673,7 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                 }
                 Err(e) => return Err(e),
             };
+            self.switching |= matches!(frame, Frame::Switchover { .. });
             match frame {
                 Frame::RoundBegin { round, .. } => self.report.rounds = round,
                 // Hybrid, before the switchover: the source will switch to post-copy and names
@@ -701,7 +702,6 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                 Frame::RoundEnd { .. } | Frame::Progress(_) => {}
                 Frame::Switchover { kind, .. } => {
                     let t_sw = Instant::now();
-                    self.switching = true;
                     crate::timeline::mark("dst main got switchover");
                     // Inside the blackout: poll for what follows rather than sleep, and have
                     // the VM get ready to restore.

@@ -341,7 +341,8 @@ impl ConnectionTap {
     }
 }
 
-/// Post-copy recovery in a [`migrate_local_with`] migration.
+/// Recovery (post-copy, and of a switchover whose `Resumed` was lost) in a
+/// [`migrate_local_with`] migration.
 #[derive(Debug, Clone, Default)]
 pub struct LocalRecovery {
     /// How long the source tries to resume the session after losing it (`None`: it does not).
@@ -364,7 +365,7 @@ pub struct LocalOutcome {
     pub dest: Result<DestReport, MigrateError>,
 }
 
-/// As [`migrate_local`], with post-copy recovery on either side as `recovery` says, and both
+/// As [`migrate_local`], with recovery on either side as `recovery` says, and both
 /// sides' results.
 pub fn migrate_local_with(
     src: SourceVm<'_>,

@@ -100,8 +100,8 @@ pub struct SourceStreams {
     pub session: SessionId,
 }
 
-/// How the source recovers a post-copy migration whose connection was lost (see the module
-/// docs).
+/// How the source recovers a migration whose connection was lost after the state was sent
+/// (see the module docs).
 #[allow(missing_debug_implementations)]
 pub struct SourceRecovery<'r> {
     /// How long to keep trying to resume the session after a loss.
@@ -375,8 +375,8 @@ fn reconnect_within(
     }
 }
 
-/// As [`migrate`]; with `recovery`, a post-copy migration survives lost connections (see the
-/// module docs).
+/// As [`migrate`]; with `recovery`, a migration survives connections lost after the state was
+/// sent (see the module docs).
 pub fn migrate_with(
     vm: SourceVm<'_>,
     streams: SourceStreams,
