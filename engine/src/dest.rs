@@ -16,23 +16,35 @@
 //!
 //! Every frame is checked against the negotiated memory map before a byte of its payload is
 //! read into guest memory. Before the switchover, a failure leaves this VM unstarted (the source
-//! still runs it). After resuming in post-copy, this side owns the VM.
+//! still runs it). Once the whole `State` arrived, this side restores and resumes the VM
+//! whatever happens to the connection, and from then on owns it: if `Resumed` cannot be sent
+//! the VM keeps running here ([`MigrateError::ResumedUnconfirmed`] without recovery). An
+//! `Error` sent before `Resumed` promises the source that the VM does not run here and never
+//! will (a failed restore, or a failed resume whose vCPUs were paused again); the source then
+//! resumes its own, so it is never sent while the VM may run here unannounced.
 //!
-//! ## Post-copy recovery
+//! ## Recovery
 //!
 //! With [`receive_with`] and a [`DestRecovery`], losing the control, a bulk or the urgent stream
-//! after `Resumed` in post-copy does not end the migration. The VM keeps running; a thread that
-//! touches a missing page keeps waiting (the fault thread keeps reading events and remembers
-//! what it asked for). The destination shuts the old connections down, waits until every
-//! receiver of them has stopped, and gives back every page claim whose data did not arrive
-//! whole (FILLING becomes STALE: a page is marked present only after all its bytes arrived
-//! and were placed). It then waits, at most the recovery window, for the source to resume the
-//! same session with the same key (`ferry_transport::session::SessionListener::accept_resume`),
-//! sends the pages it still lacks as `Missing` ranges (every page not PRESENT), re-sends its
-//! outstanding page requests on the new urgent stream, and post-copy carries on to the digest
-//! as before. If the window passes it fails with [`MigrateError::NotRecovered`] naming the
-//! missing pages; guest memory then stays registered with userfaultfd, so whatever touches a
-//! missing page stays blocked instead of reading zeroes.
+//! after resuming the VM does not end the migration. On every resumed session this side first
+//! sends `Resumed` again (the source may have lost the first one and kept its VM paused); in
+//! stop-and-copy the source then goes on to `Complete`. A loss between `Switchover` and
+//! resuming ends the migration here for good (the VM is never resumed), but this side still
+//! waits, at most the window, for the source to resume the session and answers `Abort`, so a
+//! source that handed over its state learns it may resume its own VM.
+//!
+//! In post-copy the VM keeps running; a thread that touches a missing page keeps waiting (the
+//! fault thread keeps reading events and remembers what it asked for). The destination shuts
+//! the old connections down, waits until every receiver of them has stopped, and gives back
+//! every page claim whose data did not arrive whole (FILLING becomes STALE: a page is marked
+//! present only after all its bytes arrived and were placed). It then waits, at most the
+//! recovery window, for the source to resume the same session with the same key
+//! (`ferry_transport::session::SessionListener::accept_resume`), sends `Resumed`, then the
+//! pages it still lacks as `Missing` ranges (every page not PRESENT), re-sends its outstanding
+//! page requests on the new urgent stream, and post-copy carries on to the digest as before.
+//! If the window passes it fails with [`MigrateError::NotRecovered`] naming the missing pages;
+//! guest memory then stays registered with userfaultfd, so whatever touches a missing page
+//! stays blocked instead of reading zeroes.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
@@ -109,8 +121,8 @@ pub struct DestStreams {
     pub session: SessionId,
 }
 
-/// How the destination recovers a post-copy migration whose connection was lost (see the
-/// module docs).
+/// How the destination recovers a migration whose connection was lost after the switchover
+/// (see the module docs).
 #[allow(missing_debug_implementations)]
 pub struct DestRecovery<'r> {
     /// How long to wait for the source to resume the session after a loss.
@@ -321,17 +333,31 @@ pub fn receive_with(
             pre_stale_pages: 0,
             pre_barriers: 0,
             pre_rounds: 0,
+            switching: false,
+            vm_may_run: false,
+            resumed_sent: false,
+            error_sent: false,
+            timings: None,
         };
         let r = d.drive(vm.control, uffd, urgent, s, &post_flag);
         shared.done.store(true, Ordering::Release);
-        if let Err(e) = &r {
-            let _ = d.ctl.send(
-                &Frame::Error {
-                    code: 1,
-                    message: ferry_protocol::handshake::error_chain(e),
-                },
-                &[],
-            );
+        // An `Error` before `Resumed` tells the source that this side does not run the VM (it
+        // may then resume its own): never send one while the VM may run here unannounced.
+        let mut told = d.error_sent;
+        if let Err(e) = &r
+            && !d.error_sent
+            && (!d.vm_may_run || d.resumed_sent)
+        {
+            told = d
+                .ctl
+                .send(
+                    &Frame::Error {
+                        code: 1,
+                        message: ferry_protocol::handshake::error_chain(e),
+                    },
+                    &[],
+                )
+                .is_ok();
         }
         // Unblocks the control reader (the source sends nothing more after `Verified`) and
         // any receiver still waiting.
@@ -339,7 +365,21 @@ pub fn receive_with(
         for s in &d.sockets {
             let _ = s.shutdown();
         }
-        r
+        match r {
+            // The source may have handed over the state and lost the connection: it then
+            // resumes the session to learn whether this side runs the VM. It does not, and
+            // never will: answer `Abort` if it comes back within the window.
+            Err(e)
+                if d.switching
+                    && !d.vm_may_run
+                    && d.recovery.is_some()
+                    && (!told || e.is_connection_loss()) =>
+            {
+                d.give_up(&e);
+                Err(e)
+            }
+            r => r,
+        }
     });
     if result.is_err()
         && let Some(post) = shared.post.take()
@@ -464,6 +504,17 @@ struct DestRun<'s, 'a, 'r> {
     pre_barriers: usize,
     /// Pre-switch drop rounds completed (acknowledged).
     pre_rounds: usize,
+    /// `Switchover` arrived: the source may hand over the state (and then, after a loss,
+    /// resume the session to learn whether this side runs the VM).
+    switching: bool,
+    /// `resume` was called and the VM was not paused again: it may run here.
+    vm_may_run: bool,
+    /// `Resumed` went out on the control stream (anything sent later follows it).
+    resumed_sent: bool,
+    /// An `Error` frame was sent already.
+    error_sent: bool,
+    /// The resume's timings, sent in `Resumed` (again on every resumed session).
+    timings: Option<ResumeTimings>,
 }
 
 impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
@@ -623,12 +674,13 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                     debug!(%e, "control closed after completion");
                     break;
                 }
-                Err(e) if resumed && post_copy && self.can_recover(&e) => {
+                Err(e) if resumed && self.can_recover(&e) => {
                     self.recover(e, s, post_flag)?;
                     continue;
                 }
                 Err(e) => return Err(e),
             };
+            self.switching |= matches!(frame, Frame::Switchover { .. });
             match frame {
                 Frame::RoundBegin { round, .. } => self.report.rounds = round,
                 // Hybrid, before the switchover: the source will switch to post-copy and names
@@ -768,12 +820,32 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                         }
                     };
                     let t_apply = Instant::now();
-                    control
-                        .restore_state(&blob)
-                        .map_err(MigrateError::vm("restore state"))?;
+                    if let Err(e) = control.restore_state(&blob) {
+                        // No vCPU ran: say so before giving up, so the source may resume its VM.
+                        let e = MigrateError::vm("restore state")(e);
+                        self.refuse_vm(&e, "");
+                        return Err(e);
+                    }
                     let t_restore = Instant::now();
                     crate::timeline::mark("dst restored");
-                    control.resume().map_err(MigrateError::vm("resume"))?;
+                    self.vm_may_run = true;
+                    if let Err(e) = control.resume() {
+                        // Some vCPUs may have started: stop them all before saying this side
+                        // does not run the VM. If even that fails, say nothing: the source must
+                        // not resume a VM that may run here.
+                        let e = MigrateError::vm("resume")(e);
+                        match control.pause() {
+                            Ok(()) => {
+                                self.vm_may_run = false;
+                                self.refuse_vm(&e, "; its vCPUs were paused again");
+                            }
+                            Err(pe) => warn!(
+                                error = %pe,
+                                "pausing the VM after a failed resume failed: it may run here; not telling the source to resume its own"
+                            ),
+                        }
+                        return Err(e);
+                    }
                     let t_resume = Instant::now();
                     crate::timeline::mark("dst resumed");
                     let _ = shared.resumed_at.set(t_resume);
@@ -794,14 +866,30 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                         "stop-and-copy"
                     }
                     .into();
-                    self.ctl.send(&Frame::Resumed { timings }, &[])?;
+                    self.timings = Some(timings);
+                    match self.ctl.send(&Frame::Resumed { timings }, &[]) {
+                        Ok(()) => self.resumed_sent = true,
+                        // This side owns the VM now, and keeps it running. With recovery, the
+                        // source resumes the session and is told (`Resumed` again).
+                        Err(e) => {
+                            let e = MigrateError::from(e);
+                            if !self.can_recover(&e) {
+                                return Err(MigrateError::ResumedUnconfirmed {
+                                    missing: layout.total_pages()
+                                        - shared.present.load(Ordering::Acquire),
+                                    source: Box::new(e),
+                                });
+                            }
+                            self.recover(e, s, post_flag)?;
+                        }
+                    }
                     crate::timeline::mark("dst resumed sent");
                     info!(?timings, post_copy, "resumed");
                 }
                 Frame::Complete { digest: theirs, .. } => match self.complete(theirs, post_copy) {
                     // The source closes the streams next.
                     Ok(()) => break,
-                    Err(e) if post_copy && self.can_recover(&e) => {
+                    Err(e) if self.can_recover(&e) => {
                         self.recover(e, s, post_flag)?;
                     }
                     Err(e) => return Err(e),
@@ -832,7 +920,76 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
         Ok(self.report.clone())
     }
 
-    /// Whether `e`, after `Resumed` in post-copy, is a lost connection this side may recover.
+    /// Tells the source that this side does not run the VM and never will (an `Error` before
+    /// `Resumed`): the source may then resume its own.
+    fn refuse_vm(&mut self, e: &MigrateError, what: &str) {
+        let message = format!(
+            "{}{what}; the VM does not run on the destination",
+            ferry_protocol::handshake::error_chain(e)
+        );
+        warn!(%message, "giving the VM up");
+        self.error_sent = self
+            .ctl
+            .send(&Frame::Error { code: 1, message }, &[])
+            .is_ok();
+    }
+
+    /// After a failure between `Switchover` and resuming that the source may not have heard
+    /// of (a lost connection): this side never resumes the VM. Waits, at most the recovery
+    /// window, for the source to resume the session, and answers `Abort` so it may resume its
+    /// own VM (without that answer it keeps it paused).
+    fn give_up(&mut self, cause: &MigrateError) {
+        let Some(rec) = self.recovery.as_mut() else {
+            return;
+        };
+        let end = Instant::now() + rec.window;
+        let reason = format!(
+            "The destination never resumed the VM and never will ({})",
+            ferry_protocol::handshake::error_chain(cause)
+        );
+        warn!(window = ?rec.window, %reason, "waiting for the source to resume the session, to tell it");
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                warn!(
+                    "the source did not resume the session: it was not told that the VM does not run here"
+                );
+                return;
+            }
+            match (rec.accept)(self.session, left) {
+                Ok(st) => {
+                    let sent = st.control.send(
+                        &Frame::Abort {
+                            reason: reason.clone(),
+                        },
+                        &[],
+                    );
+                    // Let the source read it and close first (bounded).
+                    if sent.is_ok() {
+                        let _ = st.control.set_read_timeout(Some(Duration::from_secs(2)));
+                        while st.control.recv().is_ok() {}
+                    }
+                    st.control.shutdown();
+                    for sock in &st.sockets {
+                        let _ = sock.shutdown();
+                    }
+                    match sent {
+                        Ok(()) => {
+                            info!("told the resumed session that the VM does not run here");
+                            return;
+                        }
+                        Err(e) => debug!(%e, "telling the source failed; waiting again"),
+                    }
+                }
+                Err(e) => {
+                    debug!(%e, "no resumption yet");
+                    thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    /// Whether `e`, after the VM was resumed here, is a lost connection this side may recover.
     fn can_recover(&self, e: &MigrateError) -> bool {
         self.recovery.is_some() && e.is_connection_loss()
     }
@@ -953,6 +1110,21 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
             }
         };
         self.start_connection(streams, s, post_flag)?;
+        // First: this side runs the VM (the source may have missed the first `Resumed`).
+        let timings = self.timings.unwrap_or_default();
+        self.ctl.send(&Frame::Resumed { timings }, &[])?;
+        self.resumed_sent = true;
+        if shared.post.get().is_none() {
+            // Stop-and-copy: every page is here; the source goes on to `Complete`.
+            let gap = t_lost.elapsed();
+            self.report.recoveries += 1;
+            self.report.disconnected_ms += gap.as_secs_f64() * 1000.0;
+            info!(
+                disconnected_ms = gap.as_millis() as u64,
+                "session resumed after the switchover"
+            );
+            return Ok(());
+        }
         // Every page not placed, as ranges, in order.
         let missing = shared.missing_ranges();
         let pages: u64 = missing.iter().map(|r| r.len).sum::<u64>() / shared.layout.page_size();
@@ -1007,11 +1179,17 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
             sockets,
             ..
         } = streams;
-        let Some((replies, requests)) = urgent else {
-            return Err(MigrateError::Unexpected {
-                got: "a resumed session",
-                state: "without an urgent stream",
-            });
+        let post = shared.post.get().is_some();
+        let urgent = match urgent {
+            Some(u) if post => Some(u),
+            None if post => {
+                return Err(MigrateError::Unexpected {
+                    got: "a resumed session",
+                    state: "without an urgent stream",
+                });
+            }
+            // Stop-and-copy: no page is requested; its socket is shut down with the others.
+            _ => None,
         };
         let reader = control.try_clone()?;
         let (ctl_tx, ctl_rx) = unbounded();
@@ -1037,9 +1215,11 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
             )?;
             self.workers += 1;
         }
-        spawn_reply_receiver(s, replies, shared, &self.note_tx, None)?;
-        self.workers += 1;
-        shared.set_urgent_writer(requests);
+        if let Some((replies, requests)) = urgent {
+            spawn_reply_receiver(s, replies, shared, &self.note_tx, None)?;
+            self.workers += 1;
+            shared.set_urgent_writer(requests);
+        }
         Ok(())
     }
 

@@ -11,8 +11,10 @@ use ferry_transport::{ConnectError, StreamError};
 use crate::layout::LayoutError;
 use crate::vm::BoxError;
 
-/// Why a migration failed. On the source, every error before the destination confirmed that
-/// it runs the VM leaves the VM running on the source.
+/// Why a migration failed. On the source, every error before the VM state was handed to the
+/// connection leaves the VM running on the source; after that, only an error the destination
+/// sent (`PeerAborted`: it does not run the VM) does, and otherwise the source returns
+/// [`MigrateError::SwitchoverUnconfirmed`] with its VM paused.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
     /// Guest memory could not be described or registered.
@@ -152,10 +154,42 @@ pub enum MigrateError {
         #[source]
         source: Box<MigrateError>,
     },
-    /// Post-copy lost its connection and the source did not resume the session within the
+    /// Source: the VM was paused and its state handed to the connection, then the connection
+    /// (or the wait for the answer) failed before the destination confirmed that it resumed
+    /// the VM, and nothing (no `Error`/`Abort` from it, no resumed session) said it will not.
+    /// The destination may be running the VM, so the source VM is left paused: resuming it
+    /// could run the same VM on both hosts.
+    #[error(
+        "Switchover unconfirmed after {waited:?}: the destination may be running the VM, so the source VM is left paused (not resumed); check the destination: if it runs the VM, discard the source's copy; only if it never resumed it, resume the source VM"
+    )]
+    SwitchoverUnconfirmed {
+        /// Time from handing the state to the connection until the source gave up (recovery
+        /// attempts included).
+        waited: Duration,
+        /// Post-copy: pages the destination may still lack (0 for stop-and-copy).
+        stale_pages: u64,
+        /// What ended the wait.
+        #[source]
+        source: Box<MigrateError>,
+    },
+    /// Destination: the VM was resumed here, but the `Resumed` frame could not be sent (and no
+    /// recovery re-sent it). This side owns the VM and keeps it running; the source, which
+    /// never heard of it, keeps its copy paused.
+    #[error(
+        "The VM runs here but the source was not told (Resumed could not be sent): this side owns the VM and keeps it running, {missing} pages still missing; the source keeps its copy paused"
+    )]
+    ResumedUnconfirmed {
+        /// Pages not yet here (post-copy; threads touching them stay blocked).
+        missing: u64,
+        /// Why sending failed.
+        #[source]
+        source: Box<MigrateError>,
+    },
+    /// The connection was lost after the VM was resumed here (post-copy, or stop-and-copy
+    /// before the digests were compared) and the source did not resume the session within the
     /// recovery window (destination side).
     #[error(
-        "Connection lost in post-copy and not resumed within {window:?}: {missing} pages never arrived; the VM stays blocked on them (userfaultfd stays registered, they are never read as zeroes)"
+        "Connection lost after the VM was resumed here and not resumed within {window:?}: {missing} pages never arrived; the VM runs on here, blocked on any of them it touches (userfaultfd stays registered, they are never read as zeroes)"
     )]
     NotRecovered {
         /// Pages still missing at the destination.
@@ -177,7 +211,9 @@ impl MigrateError {
             MigrateError::Session(SessionError::Closed { .. } | SessionError::Io { .. })
             | MigrateError::Stream { .. }
             | MigrateError::Timeout { .. } => true,
-            MigrateError::PostCopyLost { source, .. } => source.is_connection_loss(),
+            MigrateError::PostCopyLost { source, .. }
+            | MigrateError::SwitchoverUnconfirmed { source, .. }
+            | MigrateError::ResumedUnconfirmed { source, .. } => source.is_connection_loss(),
             _ => false,
         }
     }

@@ -317,7 +317,7 @@ pub fn migrate_local(
     })
 }
 
-/// Every socket of the source's connections (control, bulk, urgent; the first session's and
+/// Every socket of one side's connections (control, bulk, urgent; the first session's and
 /// each resumed one's), so that a test can cut them all at once.
 #[derive(Debug, Clone, Default)]
 pub struct ConnectionTap(Arc<Mutex<Vec<Socket>>>);
@@ -341,7 +341,8 @@ impl ConnectionTap {
     }
 }
 
-/// Post-copy recovery in a [`migrate_local_with`] migration.
+/// Recovery (post-copy, and of a switchover whose `Resumed` was lost) in a
+/// [`migrate_local_with`] migration.
 #[derive(Debug, Clone, Default)]
 pub struct LocalRecovery {
     /// How long the source tries to resume the session after losing it (`None`: it does not).
@@ -350,6 +351,9 @@ pub struct LocalRecovery {
     pub dest_window: Option<Duration>,
     /// Receives every source socket.
     pub tap: ConnectionTap,
+    /// Receives every destination socket (cutting these makes the destination's own sends
+    /// fail, e.g. its `Resumed`).
+    pub dest_tap: ConnectionTap,
 }
 
 /// Both ends' results of a [`migrate_local_with`] migration.
@@ -361,7 +365,7 @@ pub struct LocalOutcome {
     pub dest: Result<DestReport, MigrateError>,
 }
 
-/// As [`migrate_local`], with post-copy recovery on either side as `recovery` says, and both
+/// As [`migrate_local`], with recovery on either side as `recovery` says, and both
 /// sides' results.
 pub fn migrate_local_with(
     src: SourceVm<'_>,
@@ -387,14 +391,24 @@ pub fn migrate_local_with(
     )?;
     let endpoint = listener.endpoint()?;
     let tap = &recovery.tap;
+    let dest_tap = &recovery.dest_tap;
+    let tap_dest = |st: &DestStreams| {
+        dest_tap.add(&st.sockets);
+        if let Ok(c) = st.control.socket().try_clone() {
+            dest_tap.add(&[c]);
+        }
+    };
     std::thread::scope(|s| {
         let dest = std::thread::Builder::new()
             .name("ferry-local-dest".into())
             .spawn_scoped(s, || -> Result<DestReport, MigrateError> {
                 let (streams, reg, _) =
                     accept_destination(&listener, &layout_d, opts, policy.timeout)?;
+                tap_dest(&streams);
                 let mut accept = |id: SessionId, left: Duration| {
-                    accept_recovery(&listener, id, &reg, opts, left)
+                    let st = accept_recovery(&listener, id, &reg, opts, left)?;
+                    tap_dest(&st);
+                    Ok(st)
                 };
                 let rec = recovery.dest_window.map(|window| DestRecovery {
                     window,

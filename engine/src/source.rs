@@ -3,16 +3,27 @@
 //! service (demand replies on the urgent stream, background push ordered by fault
 //! neighbourhood), and the final digest.
 //!
-//! Failure rule: until the destination confirms (`Resumed`) that it runs the VM, any error
-//! resumes the VM here (if it was paused) and returns the error: the VM keeps running on the
-//! source, unharmed. After `Resumed` in post-copy, the destination owns the VM; the source keeps
-//! its (paused) memory and reports [`MigrateError::PostCopyLost`].
+//! Failure rule (the point of no return is handing `State` to the connection):
+//! - Before it (rounds, pause, harvest, save, stale set), any error resumes the VM here (if
+//!   it was paused) and returns the error: the VM keeps running on the source, unharmed.
+//! - After it, the destination may have the state and run the VM, so the source resumes its VM
+//!   only when it positively knows the destination will not run it: the destination sent
+//!   `Error`/`Abort` (it sends them before `Resumed` only when its VM does not run and never
+//!   will, e.g. its restore failed), or a resumed session's first frame is `Abort`. Otherwise
+//!   (connection lost, the wait for `Resumed` timed out, a protocol violation) the VM stays
+//!   paused and the source returns [`MigrateError::SwitchoverUnconfirmed`]. With a
+//!   [`SourceRecovery`], a lost connection there is first recovered like post-copy's: the
+//!   session is resumed and the destination's first frame settles it (`Resumed`: the migration
+//!   goes on, in post-copy with the `Missing` pages; `Abort`: the source resumes its VM).
+//! - After `Resumed`, the destination owns the VM; in post-copy the source keeps its (paused)
+//!   memory and reports [`MigrateError::PostCopyLost`].
 //!
-//! Post-copy recovery ([`migrate_with`] and a [`SourceRecovery`]): when the connection is lost
-//! after `Resumed` in post-copy, the source ends the old connections and their threads, keeps
-//! the paused memory, and resumes the same session (same endpoint, same key, see
-//! `ferry_transport::session::reconnect`), retrying until the recovery window passes. The
-//! destination then names the pages it still lacks (`Missing`); exactly those are pushed,
+//! Recovery ([`migrate_with`] and a [`SourceRecovery`]): when the connection is lost after
+//! `State` was sent (post-copy, or stop-and-copy before the verdict), the source ends the old
+//! connections and their threads, keeps the paused memory, and resumes the same session (same
+//! endpoint, same key, see `ferry_transport::session::reconnect`), retrying until the recovery
+//! window passes. The destination first says whether it runs the VM (`Resumed`, again), then
+//! in post-copy names the pages it still lacks (`Missing`); exactly those are pushed,
 //! requests are served again, and the migration ends with the digest as before. The report
 //! counts the recoveries and the time without a connection.
 
@@ -89,8 +100,8 @@ pub struct SourceStreams {
     pub session: SessionId,
 }
 
-/// How the source recovers a post-copy migration whose connection was lost (see the module
-/// docs).
+/// How the source recovers a migration whose connection was lost after the state was sent
+/// (see the module docs).
 #[allow(missing_debug_implementations)]
 pub struct SourceRecovery<'r> {
     /// How long to keep trying to resume the session after a loss.
@@ -135,6 +146,28 @@ enum Ctl {
     Error(SessionError),
 }
 
+/// How the switchover ended in [`Run::drive`].
+enum Switched {
+    /// The destination confirmed (`Resumed`) that it runs the VM.
+    Confirmed {
+        /// Whether it switched over to post-copy.
+        post_copy: bool,
+    },
+    /// The state was handed to the connection, then something failed without the destination
+    /// refusing the VM: the source VM is left paused (dirty tracking stopped). Unless a
+    /// `Resumed` arrived meanwhile ([`Run::confirmed`]), the switchover is unconfirmed.
+    Unconfirmed {
+        /// Whether it switched over to post-copy.
+        post_copy: bool,
+        /// What ended the wait.
+        cause: MigrateError,
+        /// When the state was handed to the connection.
+        handed: Instant,
+        /// When the blackout began.
+        t0: Instant,
+    },
+}
+
 struct Run<'s, 'a> {
     layout: &'a Layout,
     policy: &'a Policy,
@@ -159,6 +192,8 @@ struct Run<'s, 'a> {
     fault_stats: Option<FaultReport>,
     verified: Option<(bool, [u8; 16])>,
     resumed: Option<ferry_protocol::frame::ResumeTimings>,
+    /// The destination said it runs the VM (a `Resumed` frame arrived, on any connection).
+    confirmed: bool,
     /// Barrier completions that `check_workers` took off the channel while `barrier` was still
     /// queueing work; `barrier` counts them first (else it waits for them forever).
     early_barriers: Vec<u32>,
@@ -340,8 +375,8 @@ fn reconnect_within(
     }
 }
 
-/// As [`migrate`]; with `recovery`, a post-copy migration survives lost connections (see the
-/// module docs).
+/// As [`migrate`]; with `recovery`, a migration survives connections lost after the state was
+/// sent (see the module docs).
 pub fn migrate_with(
     vm: SourceVm<'_>,
     streams: SourceStreams,
@@ -399,12 +434,26 @@ pub fn migrate_with(
             fault_stats: None,
             verified: None,
             resumed: None,
+            confirmed: false,
             pre_stale_acked: false,
             early_barriers: Vec::new(),
         };
         let mut handles = Handles { sockets, urgent };
-        let r = run.drive(vm, &to_send).and_then(|post_copy| {
-            finish_with_recovery(
+        let SourceVm {
+            memory,
+            dirty,
+            control,
+        } = vm;
+        let switched = run.drive(
+            SourceVm {
+                memory,
+                dirty,
+                control: &mut *control,
+            },
+            &to_send,
+        );
+        let r = switched.and_then(|sw| match sw {
+            Switched::Confirmed { post_copy } => finish_with_recovery(
                 s,
                 &ctx,
                 &mut run,
@@ -412,7 +461,36 @@ pub fn migrate_with(
                 post_copy,
                 recovery,
                 &hint_rx,
-            )
+                None,
+            ),
+            Switched::Unconfirmed {
+                post_copy,
+                cause,
+                handed,
+                t0,
+            } => {
+                let r = finish_with_recovery(
+                    s,
+                    &ctx,
+                    &mut run,
+                    &mut handles,
+                    post_copy,
+                    recovery,
+                    &hint_rx,
+                    Some(Unanswered { cause, handed, t0 }),
+                );
+                if let Err(e @ MigrateError::PeerAborted { .. }) = &r
+                    && !run.confirmed
+                {
+                    // The destination answered on the resumed session that it never ran the
+                    // VM and never will: it is ours again.
+                    warn!(%e, "the destination gave the VM up; resuming it on the source");
+                    if let Err(re) = control.resume() {
+                        warn!(%re, "resuming the source VM failed");
+                    }
+                }
+                r
+            }
         });
         if let Err(e) = &r {
             let _ = run.ctl.send(
@@ -467,9 +545,24 @@ struct Handles<'scope> {
     urgent: Option<thread::ScopedJoinHandle<'scope, Result<(), MigrateError>>>,
 }
 
-/// After the destination resumed: [`Run::finish`]; in post-copy with `recovery`, each lost
-/// connection is followed by resuming the session, taking the destination's missing pages
-/// and finishing again, for as long as resuming succeeds within the window.
+/// A switchover that passed the point of no return without the destination's answer.
+struct Unanswered {
+    /// What ended the wait for `Resumed`.
+    cause: MigrateError,
+    /// When the state was handed to the connection.
+    handed: Instant,
+    /// When the blackout began.
+    t0: Instant,
+}
+
+/// After the switchover: [`Run::finish`]. With `recovery`, each lost connection is followed by
+/// resuming the session; the destination first says whether it runs the VM (`Resumed`) or
+/// never will (`Abort`), then, in post-copy, names its missing pages, and the migration
+/// finishes again, for as long as resuming succeeds within the window. With `unanswered`, the
+/// switchover itself is not confirmed yet: the first step is that recovery. An `Abort` before
+/// any `Resumed` is returned as [`MigrateError::PeerAborted`] (the caller resumes the VM);
+/// other failures before it as [`MigrateError::SwitchoverUnconfirmed`].
+#[allow(clippy::too_many_arguments)]
 fn finish_with_recovery<'scope>(
     s: &'scope thread::Scope<'scope, '_>,
     ctx: &Ctx<'scope>,
@@ -478,34 +571,55 @@ fn finish_with_recovery<'scope>(
     post_copy: bool,
     mut recovery: Option<SourceRecovery<'_>>,
     hints: &Receiver<u64>,
+    unanswered: Option<Unanswered>,
 ) -> Result<MigrationReport, MigrateError> {
     let to_send = ctx.to_send;
     let mut resumed_session = false;
+    let (mut pending, since) = match unanswered {
+        Some(u) => (Some(u.cause), Some((u.handed, u.t0))),
+        None => (None, None),
+    };
     loop {
-        let step = if resumed_session {
-            run.take_missing(to_send)
-                .and_then(|()| run.finish(post_copy, to_send, hints))
-        } else {
-            run.finish(post_copy, to_send, hints)
+        let e = match pending.take() {
+            Some(e) => e,
+            None => {
+                let step = if resumed_session {
+                    run.await_answer(post_copy, since)
+                        .and_then(|()| {
+                            if post_copy {
+                                run.take_missing(to_send)
+                            } else {
+                                Ok(())
+                            }
+                        })
+                        .and_then(|()| run.finish(post_copy, to_send, hints))
+                } else {
+                    run.finish(post_copy, to_send, hints)
+                };
+                match step {
+                    Ok(rep) => return Ok(rep),
+                    Err(e) => e,
+                }
+            }
         };
-        let e = match step {
-            Ok(rep) => return Ok(rep),
-            Err(e) if !post_copy => return Err(e),
-            Err(e) => e,
-        };
-        let lost = |e: MigrateError| MigrateError::PostCopyLost {
-            missing: to_send.count(),
-            source: Box::new(e),
-        };
+        if !run.confirmed && matches!(e, MigrateError::PeerAborted { .. }) {
+            // The destination never ran the VM and never will.
+            return Err(e);
+        }
         let Some(rec) = recovery.as_mut().filter(|_| e.is_connection_loss()) else {
-            return Err(lost(e));
+            return Err(run.lost(e, post_copy, to_send, since));
         };
         let t_lost = Instant::now();
-        warn!(error = %ferry_protocol::handshake::error_chain(&e), "post-copy connection lost; resuming the session");
+        warn!(
+            error = %ferry_protocol::handshake::error_chain(&e),
+            confirmed = run.confirmed,
+            "connection lost after the switchover; resuming the session"
+        );
         end_conn(run, &handles.sockets, handles.urgent.take());
         handles.sockets.clear();
-        let Ok(conn) = reconnect_within(rec, t_lost).and_then(|st| start_conn(s, ctx, st)) else {
-            return Err(lost(e));
+        let conn = match reconnect_within(rec, t_lost).and_then(|st| start_conn(s, ctx, st)) {
+            Ok(conn) => conn,
+            Err(_) => return Err(run.lost(e, post_copy, to_send, since)),
         };
         run.ctl = conn.ctl;
         run.work = conn.work;
@@ -619,6 +733,7 @@ impl Run<'_, '_> {
                 Frame::Progress(_) => Ok(()),
                 Frame::Resumed { timings } => {
                     self.resumed = Some(timings);
+                    self.confirmed = true;
                     Ok(())
                 }
                 Frame::FaultStats(s) => {
@@ -827,9 +942,14 @@ impl Run<'_, '_> {
         Ok(ranges)
     }
 
-    /// Pre-copy rounds and the switchover, until the destination runs the VM. Returns whether
-    /// it switched over to post-copy.
-    fn drive(&mut self, vm: SourceVm<'_>, to_send: &AtomicBitmap) -> Result<bool, MigrateError> {
+    /// Pre-copy rounds and the switchover, until the destination runs the VM, or until the
+    /// switchover passed the point of no return (the state handed to the connection) without
+    /// the destination's answer ([`Switched::Unconfirmed`]: the VM stays paused).
+    fn drive(
+        &mut self,
+        vm: SourceVm<'_>,
+        to_send: &AtomicBitmap,
+    ) -> Result<Switched, MigrateError> {
         let SourceVm {
             memory: _,
             dirty,
@@ -1052,6 +1172,8 @@ impl Run<'_, '_> {
         control.pause().map_err(MigrateError::vm("pause"))?;
         let t_pause = Instant::now();
         crate::timeline::mark("src paused");
+        // Set once the state may have reached the destination (when, and the final pages).
+        let mut handed: Option<(Instant, u64)> = None;
         let switched = (|| -> Result<(Instant, Instant, Instant, u64), MigrateError> {
             // The destination gets ready (its vCPU threads wake, its control thread waits
             // actively) while this side harvests and saves.
@@ -1120,6 +1242,9 @@ impl Run<'_, '_> {
             };
             let mut batch: Vec<(&Frame, &[u8])> = frames.iter().map(|f| (f, &[][..])).collect();
             batch.push((&state, &blob));
+            // The point of no return: from the first byte of the state on, the destination
+            // may restore and run the VM.
+            handed = Some((Instant::now(), stale_pages));
             self.ctl.send_all(&batch)?;
             // After the state: waking the stream threads must not delay it (on two cores they
             // preempt this thread).
@@ -1147,13 +1272,41 @@ impl Run<'_, '_> {
         let (t_harvest, t_save, t_send, stale_pages) = match switched {
             Ok(x) => x,
             Err(e) => {
-                // The destination never confirmed: the VM is still ours. Resume it.
-                warn!(%e, "switchover failed; resuming the VM on the source");
                 let _ = dirty.stop();
-                if let Err(re) = control.resume() {
-                    warn!(%re, "resuming the source VM failed");
+                let refused = matches!(e, MigrateError::PeerAborted { .. }) && !self.confirmed;
+                match handed {
+                    // The destination may have the state and run the VM: only its own refusal
+                    // (`Error`/`Abort` before any `Resumed`: it promises its VM never runs)
+                    // lets this side resume.
+                    Some((at, final_pages)) if !refused => {
+                        // As reported on success: post-copy, every page still to fetch.
+                        let stale_pages = if post_copy {
+                            to_send.count()
+                        } else {
+                            final_pages
+                        };
+                        warn!(
+                            error = %ferry_protocol::handshake::error_chain(&e),
+                            "switchover unconfirmed: the destination may run the VM; the source VM stays paused"
+                        );
+                        self.report.stale_pages = stale_pages;
+                        return Ok(Switched::Unconfirmed {
+                            post_copy,
+                            cause: e,
+                            handed: at,
+                            t0,
+                        });
+                    }
+                    // Before the state left, or the destination refused it: the VM is still
+                    // ours. Resume it.
+                    _ => {
+                        warn!(%e, "switchover failed; resuming the VM on the source");
+                        if let Err(re) = control.resume() {
+                            warn!(%re, "resuming the source VM failed");
+                        }
+                        return Err(e);
+                    }
                 }
-                return Err(e);
             }
         };
         let t_resumed = Instant::now();
@@ -1186,7 +1339,7 @@ impl Run<'_, '_> {
             "destination resumed"
         );
 
-        Ok(post_copy)
+        Ok(Switched::Confirmed { post_copy })
     }
 
     /// After the destination resumed: post-copy push (stale pages, fault neighbourhoods
@@ -1240,6 +1393,71 @@ impl Run<'_, '_> {
             .map(|c| c.zero_pages.load(Ordering::Relaxed))
             .sum();
         Ok(self.report.clone())
+    }
+
+    /// On a resumed session: waits for the destination's first frame, `Resumed` (it runs the
+    /// VM) or `Abort` (it never ran it and never will: returned as
+    /// [`MigrateError::PeerAborted`]). A switchover confirmed this way is reported with the
+    /// blackout as the source saw it (until it learnt the answer) and the destination's phases.
+    fn await_answer(
+        &mut self,
+        post_copy: bool,
+        since: Option<(Instant, Instant)>,
+    ) -> Result<(), MigrateError> {
+        // Not reported yet: the switchover was confirmed here, not in `drive`.
+        let first = self.report.switchover.is_empty();
+        self.resumed = None;
+        self.wait_ctl(
+            "the destination to say whether it runs the VM",
+            |r| r.resumed.is_some(),
+            Phase::PostCopy,
+        )?;
+        if first && let Some((_, t0)) = since {
+            let timings = self.resumed.unwrap_or_default();
+            self.report.blackout_us = t0.elapsed().as_secs_f64() * 1e6;
+            self.report.blackout_phases_us = BlackoutPhases {
+                apply: timings.receive_us as f64,
+                restore: timings.restore_us as f64,
+                resume: timings.resume_us as f64,
+                ..BlackoutPhases::default()
+            };
+            self.report.switchover = if post_copy {
+                "post-copy"
+            } else {
+                "stop-and-copy"
+            }
+            .into();
+            info!(
+                blackout_us = self.report.blackout_us,
+                "the destination runs the VM (confirmed on the resumed session)"
+            );
+        }
+        Ok(())
+    }
+
+    /// The error for a connection lost after the switchover and not recovered.
+    fn lost(
+        &self,
+        e: MigrateError,
+        post_copy: bool,
+        to_send: &AtomicBitmap,
+        since: Option<(Instant, Instant)>,
+    ) -> MigrateError {
+        if !self.confirmed {
+            return MigrateError::SwitchoverUnconfirmed {
+                waited: since.map_or(Duration::ZERO, |(handed, _)| handed.elapsed()),
+                stale_pages: if post_copy { to_send.count() } else { 0 },
+                source: Box::new(e),
+            };
+        }
+        if post_copy {
+            MigrateError::PostCopyLost {
+                missing: to_send.count(),
+                source: Box::new(e),
+            }
+        } else {
+            e
+        }
     }
 
     /// Post-copy recovery: waits for the destination to name the pages it lacks and makes

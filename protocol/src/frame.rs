@@ -98,15 +98,19 @@ commands! {
     RoundEnd = 0x0041,
     /// The source stopped the VM; what follows completes the blackout.
     Switchover = 0x0042,
-    /// The destination's vCPUs run.
+    /// The destination's vCPUs run; sent again as the first frame of every resumed session
+    /// whose destination runs the VM (version 4).
     Resumed = 0x0043,
     /// All memory was sent; carries the source's whole-memory digest.
     Complete = 0x0044,
     /// The destination's verdict on the digest.
     Verified = 0x0045,
-    /// The migration is abandoned, with a reason.
+    /// The migration is abandoned, with a reason. From the destination before `Resumed`, or as
+    /// the first frame of a resumed session, it promises that its VM does not run and never
+    /// will (version 4).
     Abort = 0x0046,
-    /// An error, with a code and message.
+    /// An error, with a code and message. From the destination before `Resumed`, the same
+    /// promise as `Abort` (version 4).
     Error = 0x0047,
     /// Progress statistics.
     Progress = 0x0048,

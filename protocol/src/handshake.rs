@@ -49,11 +49,17 @@ pub const MAGIC: [u8; 8] = *b"FERRYMIG";
 ///
 /// History: 1, the first; 2, `FaultStats` carries the count of locally resolved faults; 3,
 /// post-copy recovery: a control stream may name an existing session to resume it, and the
-/// `Missing` frame; the `FirstTouch` hint at a post-copy switchover.
-pub const PROTOCOL_VERSION: u16 = 3;
-/// The oldest protocol version this build speaks (3: a version-2 peer can neither resume a
-/// session nor answer `Missing`, so a post-copy migration with it could not recover).
-pub const MIN_PROTOCOL_VERSION: u16 = 3;
+/// `Missing` frame; the `FirstTouch` hint at a post-copy switchover; 4, the switchover's point
+/// of no return: a session may also be resumed after the source sent `State` but before it
+/// saw `Resumed` (stop-and-copy as well as post-copy), and on every resumed session the
+/// destination's first control frame says whether it runs the VM (`Resumed` again) or never
+/// will (`Abort`); an `Error` or `Abort` the destination sends before `Resumed` promises that
+/// its VM does not run and never will (the source may then resume its own).
+pub const PROTOCOL_VERSION: u16 = 4;
+/// The oldest protocol version this build speaks (4: a version-3 destination does not answer a
+/// resumption before `Resumed`, and a version-3 source resumes its VM when `Resumed` is lost,
+/// so a migration with either could end with the VM running on both sides).
+pub const MIN_PROTOCOL_VERSION: u16 = 4;
 /// Most parallel bulk streams in one session.
 pub const MAX_STREAMS: u16 = 64;
 const MAC_CONTEXT: &str = "ferry 2026-11-25 handshake MAC key v1";

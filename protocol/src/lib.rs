@@ -50,8 +50,13 @@
 //!         S->>D: Pages: the stale ones among them [bulk]
 //!     end
 //!     S->>D: State(vCPU + device blob) [control]
+//!     Note over S: point of no return: from here the source resumes its VM only on the<br/>destination's Error/Abort, else it stays paused until it learns the answer
 //!     Note over D: restore, resume vCPUs (blackout ends)
 //!     D->>S: Resumed(timings) [control]
+//!     opt the connection is lost before the source saw Resumed (version 4)
+//!         S->>D: ClientHello(role=Control, session=old id) / ... / AuthOk
+//!         D->>S: Resumed(timings) if it runs the VM, else Abort(reason) (it never will) [control]
+//!     end
 //!     opt post-copy
 //!         D->>S: PageRequest(id, range) [urgent]
 //!         S->>D: PageReply(id, range) + bytes [urgent]
@@ -61,6 +66,7 @@
 //!         Note over D: the VM keeps running; faults wait; missing pages are known
 //!         S->>D: ClientHello(role=Control, session=old id) / ServerHello / ClientAuth / AuthOk
 //!         Note over S,D: N bulk + 1 urgent stream join the old session id again
+//!         D->>S: Resumed(timings) [control, version 4: first frame of every resumed session]
 //!         D->>S: Missing(ranges)... Missing(ranges, last) [control]
 //!         D->>S: PageRequest (the outstanding ones again) [urgent]
 //!         S->>D: Pages (exactly the missing ranges), PageReply [bulk, urgent]
@@ -82,11 +88,13 @@
 //!     PreCopy --> Switching: Switchover
 //!     PreCopy --> Failed: Abort / Error / stream lost (source keeps running)
 //!     Switching --> Running: State applied, vCPUs resumed (sends Resumed)
-//!     Switching --> Failed: Abort / Error / stream lost (source still has the VM)
+//!     Switching --> Failed: Abort / Error (sends Error: its VM never runs, the source resumes its own)
+//!     Switching --> GivingUp: stream lost before State arrived (recovery configured)
+//!     GivingUp --> Failed: the source resumed the session (sends Abort) or the window passed
 //!     Running --> Running: faults served (post-copy), pages placed
 //!     Running --> Completing: Complete(digest) and no page outstanding
-//!     Running --> Recovering: stream lost in post-copy (destination owns the VM)
-//!     Recovering --> Running: the source resumed the session (sends Missing)
+//!     Running --> Recovering: stream lost (destination owns the VM; Resumed may be lost)
+//!     Recovering --> Running: the source resumed the session (sends Resumed, then Missing in post-copy)
 //!     Recovering --> Failed: no resumption within the recovery window (VM waits on the missing pages)
 //!     Completing --> [*]: Verified sent
 //!     Refused --> [*]

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, ValueEnum};
+use ferry_engine::MigrateError;
 use ferry_engine::dest::{DestRecovery, DestVm, receive_with};
 use ferry_engine::layout::Layout;
 use ferry_engine::policy::{Compression, Mode, Policy};
@@ -171,8 +172,9 @@ pub struct MigrateArgs {
     /// Most pre-copy rounds.
     #[arg(long, default_value_t = 30)]
     pub max_rounds: u32,
-    /// Post-copy: seconds to keep trying to resume the session after losing the connection
-    /// (0: fail at once).
+    /// Seconds to keep trying to resume the session after losing the connection once the VM
+    /// state was sent (post-copy, or before the destination confirmed the switchover; 0: fail
+    /// at once, leaving the VM paused if the switchover is unconfirmed).
     #[arg(long, default_value_t = 30)]
     pub recovery_window_s: u64,
 }
@@ -265,8 +267,8 @@ pub struct RecvArgs {
     /// Seconds to wait for the sender.
     #[arg(long, default_value_t = 120)]
     pub wait_s: u64,
-    /// Post-copy: seconds to wait for the sender to resume the session after losing the
-    /// connection (0: fail at once).
+    /// Seconds to wait for the sender to resume the session after losing the connection once
+    /// the switchover began (0: fail at once).
     #[arg(long, default_value_t = 30)]
     pub recovery_window_s: u64,
     #[command(flatten)]
@@ -276,6 +278,10 @@ pub struct RecvArgs {
     /// Print `LISTENING <addr>` and the result as one JSON line (used by `ferry demo`).
     #[arg(long, hide = true)]
     pub machine_output: bool,
+    /// Fault injection for tests: shut every connection down right after the VM resumed, so
+    /// the `Resumed` frame cannot be sent (the source must not resume its VM).
+    #[arg(long, hide = true)]
+    pub fault_cut_after_resume: bool,
 }
 
 /// `ferry demo`.
@@ -383,11 +389,15 @@ fn run_source(
         Ok(r) => r,
         Err(e) => {
             let running = vm.is_running();
-            return Err(anyhow!(e)).context(if running {
-                "Migration failed; the VM keeps running on the source"
-            } else {
-                "Migration failed"
-            });
+            let what = match &e {
+                // Never resumed here: the destination may run the VM.
+                MigrateError::SwitchoverUnconfirmed { .. } => {
+                    "Migration NOT confirmed (the paused source VM ends with this process; `ferry recv` on the destination reports whether it runs the VM)"
+                }
+                _ if running => "Migration failed; the VM keeps running on the source",
+                _ => "Migration failed",
+            };
+            return Err(anyhow!(e)).context(what);
         }
     };
     let _ = t0;
@@ -408,27 +418,48 @@ fn run_dest(
     run_after: Duration,
     wait: Duration,
     recovery_window: Duration,
+    cut_after_resume: bool,
 ) -> Result<Value> {
     let mem = vm.memory();
     let layout = Layout::new(&*mem)?;
     let opts = SessionOptions::default();
     let (streams, reg, params) =
         accept_destination(listener, &layout, &opts, wait).context("No migration arrived")?;
+    let mut cut = Vec::new();
+    if cut_after_resume {
+        cut.push(streams.control.socket().try_clone()?);
+        for s in &streams.sockets {
+            cut.push(s.try_clone()?);
+        }
+    }
     let mut accept = |id, left| accept_recovery(listener, id, &reg, &opts, left);
     let recovery = (!recovery_window.is_zero()).then_some(DestRecovery {
         window: recovery_window,
         accept: &mut accept,
     });
-    let report = receive_with(
+    let mut control = CutAfterResume {
+        vm: &mut vm,
+        sockets: cut,
+    };
+    let report = match receive_with(
         DestVm {
             memory: &*mem,
-            control: &mut vm,
+            control: &mut control,
         },
         streams,
         Duration::from_secs(60),
         recovery,
-    )
-    .context("Receiving the VM failed")?;
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            let what = if vm.is_running() {
+                "Receiving the VM failed after it was resumed here: the VM runs on this side, which owns it, until this process exits"
+            } else {
+                "Receiving the VM failed; the VM does not run here"
+            };
+            return Err(anyhow!(e)).context(what);
+        }
+    };
     let before = vm.guest_stats();
     std::thread::sleep(run_after);
     let fault = vm.fault().map(|f| f.to_string());
@@ -460,6 +491,44 @@ fn run_dest(
         v[k] = x;
     }
     Ok(v)
+}
+
+/// The destination VM's control; with sockets (`recv --fault-cut-after-resume`), shuts them
+/// down right after the first resume, so the destination's `Resumed` cannot be sent.
+struct CutAfterResume<'a> {
+    vm: &'a mut KvmVm,
+    sockets: Vec<ferry_transport::Socket>,
+}
+
+impl ferry_engine::vm::VmControl for CutAfterResume<'_> {
+    fn pause(&mut self) -> Result<(), ferry_engine::vm::BoxError> {
+        self.vm.pause()
+    }
+    fn save_state(&mut self) -> Result<Vec<u8>, ferry_engine::vm::BoxError> {
+        self.vm.save_state()
+    }
+    fn restore_state(&mut self, blob: &[u8]) -> Result<(), ferry_engine::vm::BoxError> {
+        self.vm.restore_state(blob)
+    }
+    fn resume(&mut self) -> Result<(), ferry_engine::vm::BoxError> {
+        self.vm.resume()?;
+        if !self.sockets.is_empty() {
+            eprintln!("ferry: fault injection: cutting every connection after the resume");
+        }
+        for s in self.sockets.drain(..) {
+            let _ = s.shutdown();
+        }
+        Ok(())
+    }
+    fn prepare_restore(&mut self) {
+        self.vm.prepare_restore();
+    }
+    fn throttle(&mut self, percent: u8) -> Result<bool, ferry_engine::vm::BoxError> {
+        self.vm.throttle(percent)
+    }
+    fn first_touch_pages(&mut self) -> Vec<u64> {
+        self.vm.first_touch_pages()
+    }
 }
 
 /// The guest-measured gaps, split at the switchover, as JSON fields (see [`GAP_SPLIT_KEYS`]).
@@ -603,6 +672,7 @@ pub fn recv(a: RecvArgs) -> Result<()> {
         Duration::from_secs_f64(a.run_after_s),
         Duration::from_secs(a.wait_s),
         Duration::from_secs(a.recovery_window_s),
+        a.fault_cut_after_resume,
     )?;
     for r in listener.refusals() {
         eprintln!("ferry: {r}");
