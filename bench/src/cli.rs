@@ -97,6 +97,9 @@ pub struct KvmArgs {
     /// Runs (one result each).
     #[arg(long, default_value_t = 1)]
     pub runs: u32,
+    /// How the blackout's threads are raised: nice, slice, fifo or off.
+    #[arg(long, default_value = "nice")]
+    pub blackout_priority: String,
 }
 
 /// Output options (accepted before or after the suite name).
@@ -279,6 +282,7 @@ fn run_kvm(k: &KvmArgs, peer: &PeerLauncher, out: &mut Output) -> Result<()> {
             &k.runs.to_string(),
         ])
         .args(["--max-blackout-us", &k.max_blackout_us.to_string()])
+        .args(["--blackout-priority", &k.blackout_priority])
         .stderr(std::process::Stdio::inherit())
         .output()
         .context("Cannot run ferry demo")?;

@@ -8,16 +8,18 @@
 //! raised for the blackout only (see [`Class`]). Without `CAP_SYS_NICE` nothing changes
 //! (logged at debug level).
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, Ordering};
 
-/// How a thread on the blackout's critical path is raised.
+/// How a thread on the blackout's critical path is raised (process-wide: [`set_class`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
-    /// Nice -10.
+    /// Nice [`BLACKOUT_NICE`] (the default).
     Nice,
-    /// Nice -10 and a 100 µs EEVDF slice, so that it preempts on wake-up.
+    /// Nice [`BLACKOUT_NICE`] and a 100 µs EEVDF slice, so that it preempts on wake-up
+    /// (Linux 6.12+).
     ShortSlice,
-    /// `SCHED_FIFO` priority 1.
+    /// `SCHED_FIFO` priority 1: ahead of every normal thread. The raised threads never poll
+    /// for long (see the crate's waits), so they do not starve the others beyond their work.
     Fifo,
     /// Not raised.
     Off,
@@ -27,15 +29,27 @@ pub enum Class {
 pub const BLACKOUT_NICE: i32 = -10;
 const SLICE_NS: u64 = 100_000;
 
-/// The class in use (`FERRY_BOOST` = nice, slice, fifo or off; default slice).
+static CLASS: AtomicU8 = AtomicU8::new(0);
+
+/// Chooses how the blackout's threads are raised, for the whole process.
+pub fn set_class(c: Class) {
+    let v = match c {
+        Class::Nice => 0,
+        Class::ShortSlice => 1,
+        Class::Fifo => 2,
+        Class::Off => 3,
+    };
+    CLASS.store(v, Ordering::Relaxed);
+}
+
+/// The class in use.
 pub fn class() -> Class {
-    static C: OnceLock<Class> = OnceLock::new();
-    *C.get_or_init(|| match std::env::var("FERRY_BOOST").as_deref() {
-        Ok("nice") => Class::Nice,
-        Ok("fifo") => Class::Fifo,
-        Ok("off") => Class::Off,
-        _ => Class::ShortSlice,
-    })
+    match CLASS.load(Ordering::Relaxed) {
+        1 => Class::ShortSlice,
+        2 => Class::Fifo,
+        3 => Class::Off,
+        _ => Class::Nice,
+    }
 }
 
 /// Raises thread `tid` (the calling thread when `None`); whether it applied.

@@ -71,7 +71,7 @@ use crate::error::MigrateError;
 use crate::layout::Layout;
 use crate::memory::AliasMapping;
 use crate::pages::page_hash;
-use crate::source::{PRE_STALE_ROUND, SWITCH_ROUND, SWITCHOVER_SPIN};
+use crate::source::{PRE_STALE_ROUND, SWITCH_ROUND};
 use crate::sys;
 use crate::uffd::{Event, Features, Fill, PlaceMode, RegisterMode, Uffd};
 use crate::vm::{Backing, GuestMemory, VmControl};
@@ -322,7 +322,6 @@ pub fn receive_with(
             recovery,
             workers: n,
             ctl_rx,
-            spin_until: None,
             notes: note_rx,
             note_tx: note_tx.clone(),
             go: go_tx,
@@ -489,8 +488,6 @@ struct DestRun<'s, 'a, 'r> {
     /// `Note::Ended` or `Note::Failed`.
     workers: usize,
     ctl_rx: Receiver<Result<(Frame, Vec<u8>), SessionError>>,
-    /// Until when waits poll instead of sleeping (set inside the blackout).
-    spin_until: Option<Instant>,
     notes: Receiver<Note>,
     note_tx: Sender<Note>,
     go: Sender<()>,
@@ -545,18 +542,6 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
             while let Ok(note) = self.notes.try_recv() {
                 self.handle_note(note)?;
             }
-            if self.spinning() {
-                match self.ctl_rx.try_recv() {
-                    Ok(r) => return Ok(r?),
-                    Err(crossbeam_channel::TryRecvError::Empty) => {
-                        thread::yield_now();
-                        continue;
-                    }
-                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                        return Err(MigrateError::Worker("control reader"));
-                    }
-                }
-            }
             match self.ctl_rx.recv_timeout(Duration::from_millis(20)) {
                 Ok(r) => return Ok(r?),
                 Err(RecvTimeoutError::Timeout) => {
@@ -581,11 +566,6 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
         }
     }
 
-    /// Whether waits poll (yielding the CPU) instead of sleeping: inside the blackout.
-    fn spinning(&self) -> bool {
-        self.spin_until.is_some_and(|t| Instant::now() < t)
-    }
-
     fn wait_until(
         &mut self,
         what: &'static str,
@@ -593,16 +573,6 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
     ) -> Result<(), MigrateError> {
         let deadline = Instant::now() + self.timeout;
         while !pred(self) {
-            if self.spinning() {
-                match self.notes.try_recv() {
-                    Ok(note) => self.handle_note(note)?,
-                    Err(crossbeam_channel::TryRecvError::Empty) => thread::yield_now(),
-                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                        return Err(MigrateError::Worker("receiver"));
-                    }
-                }
-                continue;
-            }
             match self.notes.recv_timeout(Duration::from_millis(5)) {
                 Ok(note) => self.handle_note(note)?,
                 Err(RecvTimeoutError::Timeout) => {
@@ -710,11 +680,8 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                 Frame::Switchover { kind, .. } => {
                     let t_sw = Instant::now();
                     crate::timeline::mark("dst main got switchover");
-                    // Inside the blackout: poll for what follows rather than sleep, and have
-                    // the VM get ready to restore.
-                    if std::env::var_os("FERRY_X_SPIN").is_some() {
-                        self.spin_until = Some(t_sw + SWITCHOVER_SPIN);
-                    }
+                    // Inside the blackout: this thread and the VM's threads go ahead of the
+                    // others until the VM runs.
                     let boost = crate::boost::Boost::current();
                     control.prepare_restore();
                     post_copy = kind == SwitchoverKind::PostCopy;
@@ -849,7 +816,6 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                     let t_resume = Instant::now();
                     crate::timeline::mark("dst resumed");
                     let _ = shared.resumed_at.set(t_resume);
-                    self.spin_until = None;
                     drop(boost);
                     resumed = true;
                     let timings = ResumeTimings {

@@ -50,11 +50,6 @@ use crate::vm::{DirtyBitmap, DirtyTracker, GuestMemory, VmControl};
 
 /// The barrier round number that marks the switchover on every bulk stream.
 pub const SWITCH_ROUND: u32 = u32::MAX;
-
-/// How long a side waiting for its peer inside the blackout polls (yielding the CPU between
-/// polls) before it sleeps. A blackout lasts about a millisecond; waking a sleeping thread
-/// costs tens of µs on a loaded or nested host.
-pub(crate) const SWITCHOVER_SPIN: Duration = Duration::from_millis(5);
 /// Round number of the control-stream handshake that confirms the destination dropped the
 /// pre-switch stale set (hybrid): the source sends `RoundEnd` with it, the destination echoes.
 pub const PRE_STALE_ROUND: u32 = u32::MAX - 2;
@@ -778,27 +773,8 @@ impl Run<'_, '_> {
         pred: impl Fn(&Self) -> bool,
         phase: Phase,
     ) -> Result<(), MigrateError> {
-        let start = Instant::now();
-        let deadline = start + self.policy.timeout;
-        // Inside the blackout, poll for the answer instead of sleeping: waking a sleeping
-        // thread costs tens of µs here, and this side's VM is paused, so its CPU is idle.
-        let spin =
-            if matches!(phase, Phase::Switchover) && std::env::var_os("FERRY_X_SPIN").is_some() {
-                SWITCHOVER_SPIN
-            } else {
-                Duration::ZERO
-            };
+        let deadline = Instant::now() + self.policy.timeout;
         while !pred(self) {
-            if start.elapsed() < spin {
-                match self.ctl_rx.try_recv() {
-                    Ok(c) => self.on_ctl(c)?,
-                    Err(crossbeam_channel::TryRecvError::Empty) => std::thread::yield_now(),
-                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                        return Err(MigrateError::Worker("control reader"));
-                    }
-                }
-                continue;
-            }
             match self.ctl_rx.recv_timeout(Duration::from_millis(20)) {
                 Ok(c) => self.on_ctl(c)?,
                 Err(RecvTimeoutError::Timeout) => {

@@ -406,10 +406,6 @@ const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
 /// How long `resume` waits for every vCPU to acknowledge its state restore.
 const RESTORE_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long the vCPU threads stand by for a restore once the switchover began
-/// ([`KvmVm::standby`]).
-const STANDBY: Duration = Duration::from_millis(5);
-
 /// How long either side of a restore round spins before it sleeps (see [`RestoreRound`]).
 const SPIN_BUDGET: Duration = Duration::from_millis(2);
 
@@ -445,9 +441,6 @@ struct CtlState {
     captured: Option<Captured>,
     /// A state the thread applies when it is next told to run (restore on resume).
     restore: Option<PendingRestore>,
-    /// Until when the parked thread polls for its resume instead of sleeping (set by
-    /// `prepare_restore`, cleared when it runs).
-    standby: Option<Instant>,
 }
 
 /// A vCPU state saved by the vCPU's own thread as it parked.
@@ -630,8 +623,6 @@ struct VcpuCtl {
     /// state and parks); cleared when it leaves its parking to run. From then on the vCPU no
     /// longer changes guest memory: the dirty log can be harvested while it saves.
     stopped_flag: AtomicBool,
-    /// Set whenever the thread's state changes (resume, a job, exit), for a thread standing by.
-    poke: AtomicBool,
     /// The thread runs at [`ferry_engine::boost::BLACKOUT_NICE`] (raised by a pause or a
     /// standby); it goes back to its own nice value before it next enters `KVM_RUN`.
     boosted: AtomicBool,
@@ -1089,7 +1080,6 @@ impl KvmVm {
                 entered_run: Mutex::new(None),
                 parked_flag: AtomicBool::new(false),
                 stopped_flag: AtomicBool::new(false),
-                poke: AtomicBool::new(false),
                 boosted: AtomicBool::new(false),
             });
             let (c2, core2, caps2) = (
@@ -1329,19 +1319,12 @@ impl KvmVm {
         Ok(())
     }
 
-    /// Has every parked vCPU thread poll for its resume for up to `for_` instead of sleeping,
-    /// so that a restore and resume coming within that time do not wait for the threads to
-    /// wake (tens to hundreds of µs here). The threads yield the CPU between polls.
-    pub fn standby(&self, for_: Duration) {
-        let until = Instant::now() + for_;
-        let spin = std::env::var_os("FERRY_X_STANDBYSPIN").is_some();
+    /// Raises every vCPU thread for the blackout (see [`ferry_engine::boost`]): the restore
+    /// and resume that follow within about a millisecond do not wait behind other threads for
+    /// a CPU. Each thread drops back to its own priority before it runs the guest.
+    pub fn standby(&self) {
         for c in &self.ctls {
             c.boost();
-            if spin {
-                let mut g = c.lock();
-                g.standby = Some(until);
-                c.cv.notify_all();
-            }
         }
     }
 
@@ -1355,7 +1338,6 @@ impl KvmVm {
                 g.capture = capture;
             }
             c.pause_req.store(true, Ordering::SeqCst);
-            c.boost();
             if let Some(k) = c.kicker.get() {
                 k.kick();
             }
@@ -1364,6 +1346,12 @@ impl KvmVm {
             }
         }
         ferry_engine::timeline::mark("kvm kicked");
+        // Then raised, so that a thread waiting for a CPU handles its kick and saves its
+        // state ahead of everything else (after the kicks: raising costs a system call each).
+        for c in &self.ctls {
+            c.boost();
+        }
+        ferry_engine::timeline::mark("kvm boosted");
         // The threads stop within a few hundred µs (a kick, completing a pending exit): spin
         // rather than sleep, a wake-up costs as much here (see `RestoreRound`). With capture,
         // the pause ends when every vCPU is out of `KVM_RUN`: the threads save their state
@@ -1372,13 +1360,11 @@ impl KvmVm {
             c.parked_flag.load(Ordering::SeqCst)
                 || (capture && c.stopped_flag.load(Ordering::SeqCst))
         };
-        let stopped = if std::env::var_os("FERRY_X_PAUSESPIN").is_none() {
+        // Sleep: a thread polling here kept a vCPU thread that waited for a CPU from handling
+        // its kick (on two cores, measured).
+        if capture {
             self.wait_stopped(&done, Duration::from_secs(10))?;
-            true
         } else {
-            spin_until(|| self.ctls.iter().all(|c| done(c)))
-        };
-        if !(capture && stopped) {
             self.wait_parked(Duration::from_secs(10))?;
         }
         self.running = false;
@@ -1408,7 +1394,6 @@ impl KvmVm {
             g.run = true;
             // The vCPU may run from here on: its capture belongs to the pause that ends.
             g.captured = None;
-            c.poke.store(true, Ordering::SeqCst);
             c.cv.notify_all();
         }
         if let Some(round) = round
@@ -1545,7 +1530,6 @@ impl KvmVm {
             g.jobs.push_back(Box::new(move |v: &mut VcpuFd| {
                 let _ = tx.send((id, f(id, v)));
             }));
-            c.poke.store(true, Ordering::SeqCst);
             c.cv.notify_all();
         }
         drop(tx);
@@ -2172,9 +2156,7 @@ impl VmControl for KvmVm {
     }
 
     fn prepare_restore(&mut self) {
-        if std::env::var_os("FERRY_X_NOSTANDBY").is_none() {
-            self.standby(STANDBY);
-        }
+        self.standby();
     }
 
     /// From the last saved state: the page tables, code, stack, descriptor tables and
@@ -2234,7 +2216,6 @@ impl Drop for KvmVm {
             let mut g = c.lock();
             g.exit = true;
             g.run = false;
-            c.poke.store(true, Ordering::SeqCst);
             c.cv.notify_all();
         }
         for h in self.threads.drain(..) {
@@ -2280,22 +2261,8 @@ fn vcpu_thread(ctl: &VcpuCtl, core: &Core, caps: &VcpuCaps) {
                     ctl.parked_flag.store(true, Ordering::SeqCst);
                     ctl.cv.notify_all();
                 }
-                // Standing by for a restore (see `KvmVm::prepare_restore`): poll for the
-                // resume instead of sleeping until the deadline.
-                if let Some(until) = g.standby {
-                    drop(g);
-                    while !ctl.poke.swap(false, Ordering::SeqCst) && Instant::now() < until {
-                        std::thread::yield_now();
-                    }
-                    g = ctl.lock();
-                    if g.standby.is_some_and(|t| Instant::now() >= t) {
-                        g.standby = None;
-                    }
-                    continue;
-                }
                 g = ctl.cv.wait(g).unwrap_or_else(|e| e.into_inner());
             }
-            g.standby = None;
             g.parked = false;
             ctl.parked_flag.store(false, Ordering::SeqCst);
             ctl.stopped_flag.store(false, Ordering::SeqCst);

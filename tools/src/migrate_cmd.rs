@@ -99,10 +99,50 @@ pub struct VmArgs {
     /// Dirty tracking: auto, bitmap or ring.
     #[arg(long, default_value = "auto")]
     pub dirty: String,
+    /// How the threads on the blackout's critical path (control and vCPU threads) are raised
+    /// while it lasts.
+    #[arg(long, value_enum, default_value_t = PriorityArg::Nice)]
+    pub blackout_priority: PriorityArg,
+}
+
+/// `--blackout-priority`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PriorityArg {
+    /// Nice -10.
+    Nice,
+    /// Nice -10 and a 100 µs scheduler slice (preempts on wake-up; Linux 6.12+).
+    Slice,
+    /// SCHED_FIFO priority 1.
+    Fifo,
+    /// Normal priority.
+    Off,
+}
+
+impl PriorityArg {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Nice => "nice",
+            Self::Slice => "slice",
+            Self::Fifo => "fifo",
+            Self::Off => "off",
+        }
+    }
+
+    /// Applies it to this process.
+    fn apply(self) {
+        use ferry_engine::boost::{Class, set_class};
+        set_class(match self {
+            Self::Nice => Class::Nice,
+            Self::Slice => Class::ShortSlice,
+            Self::Fifo => Class::Fifo,
+            Self::Off => Class::Off,
+        });
+    }
 }
 
 impl VmArgs {
     fn config(&self) -> Result<VmConfig> {
+        self.blackout_priority.apply();
         let workload = match (&self.kernel, self.workload) {
             (Some(path), _) => Workload::Kernel {
                 path: path.clone(),
@@ -406,6 +446,7 @@ fn run_source(
     v["workload"] = json!(vm_args.workload_name());
     v["write_mib_s"] = json!(vm_args.write_mib_s);
     v["dirty_mode"] = json!(format!("{:?}", vm.dirty_mode()));
+    v["blackout_priority"] = json!(vm_args.blackout_priority.name());
     Ok(v)
 }
 
@@ -885,6 +926,8 @@ fn vm_arg_list(v: &VmArgs) -> Vec<String> {
         v.working_set_mib.to_string(),
         "--dirty".into(),
         v.dirty.clone(),
+        "--blackout-priority".into(),
+        v.blackout_priority.name().into(),
     ];
     if let Some(k) = &v.kernel {
         a.push("--kernel".into());
