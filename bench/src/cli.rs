@@ -97,8 +97,8 @@ pub struct KvmArgs {
     /// Runs (one result each).
     #[arg(long, default_value_t = 1)]
     pub runs: u32,
-    /// How the blackout's threads are raised: nice, slice, fifo or off.
-    #[arg(long, default_value = "nice")]
+    /// How the blackout's threads are raised: fifo, nice, slice or off.
+    #[arg(long, default_value = "fifo")]
     pub blackout_priority: String,
 }
 

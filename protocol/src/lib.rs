@@ -40,16 +40,19 @@
 //!         S->>D: RoundEnd(round) [control]
 //!         D-->>S: Resend(ranges) [control, only on a failed live checksum]
 //!     end
-//!     Note over S: pause vCPUs, final dirty harvest (blackout starts)
-//!     S->>D: Switchover(kind) [control]
-//!     alt stop-and-copy
-//!         S->>D: Pages(last) with the final dirty set [bulk]
-//!     else post-copy
-//!         S->>D: StaleSet(ranges) [control]
-//!         S->>D: FirstTouch(ranges): pages the vCPUs touch first [control]
-//!         S->>D: Pages: the stale ones among them [bulk]
+//!     opt post-copy
+//!         S->>D: switchover marker on every bulk stream, flushed before the pause [bulk]
 //!     end
-//!     S->>D: State(vCPU + device blob) [control]
+//!     Note over S: pause vCPUs (blackout starts)
+//!     S->>D: Switchover(kind) [control]
+//!     Note over S: final dirty harvest, save state
+//!     alt stop-and-copy
+//!         S->>D: Pages(last) with the final dirty set, then the marker [bulk]
+//!         S->>D: State(vCPU + device blob) [control]
+//!     else post-copy
+//!         S->>D: StaleSet(ranges), FirstTouch(ranges), State(blob) in one write [control]
+//!         S->>D: Pages: the stale first-touch pages [bulk]
+//!     end
 //!     Note over S: point of no return: from here the source resumes its VM only on the<br/>destination's Error/Abort, else it stays paused until it learns the answer
 //!     Note over D: restore, resume vCPUs (blackout ends)
 //!     D->>S: Resumed(timings) [control]

@@ -101,7 +101,7 @@ pub struct VmArgs {
     pub dirty: String,
     /// How the threads on the blackout's critical path (control and vCPU threads) are raised
     /// while it lasts.
-    #[arg(long, value_enum, default_value_t = PriorityArg::Nice)]
+    #[arg(long, value_enum, default_value_t = PriorityArg::Fifo)]
     pub blackout_priority: PriorityArg,
 }
 

@@ -663,7 +663,7 @@ below, which is shared and noisy: compare runs from the same report, not across 
             }
             None => None,
         };
-        let cards: [(&str, Option<String>); 12] = [
+        let cards: [(&str, Option<String>); 16] = [
             ("blackout", f("/blackout_us").map(fmt::dur_us)),
             ("total time", f("/total_ms").map(|t| fmt::dur_us(t * 1e3))),
             ("throughput", charts::throughput_bps(r).map(fmt::rate)),
@@ -680,6 +680,33 @@ below, which is shared and noisy: compare runs from the same report, not across 
             (
                 "guest stalls > 100 µs",
                 f("/guest_stall_ms").map(|v| fmt::dur_us(v * 1e3)),
+            ),
+            // The guest's gaps split at the switchover (KVM guests that log their gaps).
+            (
+                "guest gap across the switchover",
+                f("/guest_switch_gap_us").map(|v| {
+                    match (f("/guest_switch_gap_src_us"), f("/guest_switch_gap_dst_us")) {
+                        (Some(a), Some(b)) => format!(
+                            "{} ({} + {})",
+                            fmt::dur_us(v),
+                            fmt::dur_us(a),
+                            fmt::dur_us(b)
+                        ),
+                        _ => fmt::dur_us(v),
+                    }
+                }),
+            ),
+            (
+                "guest longest gap before it",
+                f("/guest_pre_max_gap_us").map(fmt::dur_us),
+            ),
+            (
+                "guest longest gap after it",
+                f("/guest_after_max_gap_us").map(fmt::dur_us),
+            ),
+            (
+                "guest stalls after it",
+                f("/guest_after_stall_ms").map(|v| fmt::dur_us(v * 1e3)),
             ),
             ("transport", {
                 let t = str_at(r, "/transport");
