@@ -62,9 +62,11 @@ pub fn class() -> Class {
 pub fn raise(tid: Option<i32>) -> bool {
     let r = match class() {
         Class::Off => return false,
-        Class::Nice => crate::sys::set_sched(tid.unwrap_or(0), BLACKOUT_NICE, 0, None),
-        Class::ShortSlice => crate::sys::set_sched(tid.unwrap_or(0), BLACKOUT_NICE, SLICE_NS, None),
-        Class::Fifo => crate::sys::set_sched(tid.unwrap_or(0), 0, 0, Some(1)),
+        Class::Nice => crate::sys::set_sched(tid.unwrap_or(0), BLACKOUT_NICE, 0, None, true),
+        Class::ShortSlice => {
+            crate::sys::set_sched(tid.unwrap_or(0), BLACKOUT_NICE, SLICE_NS, None, true)
+        }
+        Class::Fifo => crate::sys::set_sched(tid.unwrap_or(0), 0, 0, Some(1), true),
     };
     match r {
         Ok(()) => true,
@@ -77,7 +79,7 @@ pub fn raise(tid: Option<i32>) -> bool {
 
 /// Puts thread `tid` (the calling thread when `None`) back to normal scheduling at `nice`.
 pub fn lower(tid: Option<i32>, nice: i32) {
-    if let Err(e) = crate::sys::set_sched(tid.unwrap_or(0), nice, 0, None) {
+    if let Err(e) = crate::sys::set_sched(tid.unwrap_or(0), nice, 0, None, false) {
         tracing::debug!(?tid, %e, "cannot restore a thread's priority");
     }
 }
@@ -125,5 +127,36 @@ mod tests {
             }
         }
         assert_eq!(current_nice(), before);
+    }
+
+    /// Field `n` (1-based, as in proc(5)) of /proc/thread-self/stat.
+    fn stat_field(n: usize) -> i64 {
+        let s = std::fs::read_to_string("/proc/thread-self/stat").expect("stat");
+        let rest = &s[s.rfind(')').expect("comm") + 2..];
+        rest.split_whitespace()
+            .nth(n - 3)
+            .and_then(|v| v.parse().ok())
+            .expect("field")
+    }
+
+    #[test]
+    fn threads_started_while_raised_run_at_normal_priority() {
+        let b = Boost::current();
+        if b.prev.is_none() {
+            eprintln!("skipped: cannot raise the thread (no CAP_SYS_NICE?)");
+            return;
+        }
+        // policy is field 41, nice field 19.
+        let raised = (stat_field(41), stat_field(19));
+        let child = std::thread::spawn(|| (stat_field(41), stat_field(19)))
+            .join()
+            .expect("thread");
+        drop(b);
+        assert_ne!(raised, (0, 0), "the thread was raised");
+        assert_eq!(
+            child,
+            (0, 0),
+            "a thread started while raised inherits normal priority"
+        );
     }
 }

@@ -52,16 +52,32 @@ struct SchedAttr {
     sched_util_max: u32,
 }
 
+/// `SCHED_FLAG_RESET_ON_FORK`: threads the thread creates start at normal priority.
+const SCHED_FLAG_RESET_ON_FORK: u64 = 0x01;
+
 /// Sets the scheduling of thread `tid` (0: the calling thread): `SCHED_FIFO` at `fifo` when
 /// given, else `SCHED_OTHER` at `nice` with a slice of `slice_ns` (0: the default slice; a
-/// short slice lets the thread preempt on wake-up under EEVDF, Linux 6.12+).
-pub fn set_sched(tid: i32, nice: i32, slice_ns: u64, fifo: Option<u32>) -> io::Result<()> {
+/// short slice lets the thread preempt on wake-up under EEVDF, Linux 6.12+). With
+/// `reset_on_fork`, threads it creates from then on do not inherit a raised priority (a VM's
+/// resume may start threads, such as a process VM's writers: they must not run at it).
+pub fn set_sched(
+    tid: i32,
+    nice: i32,
+    slice_ns: u64,
+    fifo: Option<u32>,
+    reset_on_fork: bool,
+) -> io::Result<()> {
     let attr = SchedAttr {
         size: u32::try_from(std::mem::size_of::<SchedAttr>()).unwrap_or(56),
         sched_policy: if fifo.is_some() {
             libc::SCHED_FIFO as u32
         } else {
             libc::SCHED_OTHER as u32
+        },
+        sched_flags: if reset_on_fork {
+            SCHED_FLAG_RESET_ON_FORK
+        } else {
+            0
         },
         sched_nice: nice,
         sched_priority: fifo.unwrap_or(0),
