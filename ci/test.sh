@@ -30,8 +30,10 @@ step "rustdoc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --all-features
 
 step "tests (--all-features)"
-cargo test --workspace --locked --all-features 2>&1 | tee target/test-output.txt
-grep -h "SKIP" target/test-output.txt | sort | uniq -c || true
+out="${CARGO_TARGET_DIR:-target}/test-output.txt"
+mkdir -p "$(dirname "$out")"
+cargo test --workspace --locked --all-features 2>&1 | tee "$out"
+grep -h "SKIP" "$out" | sort | uniq -c || true
 
 step "fuzz"
 bash ci/fuzz.sh "${FERRY_FUZZ_SECONDS:-60}"

@@ -1299,24 +1299,8 @@ impl KvmVm {
     }
 
     fn wait_parked(&self, timeout: Duration) -> Result<(), VmRunError> {
-        let deadline = Instant::now() + timeout;
-        for c in &self.ctls {
-            let mut g = c.lock();
-            while !g.parked && !g.exit {
-                let now = Instant::now();
-                if now >= deadline {
-                    return Err(VmRunError::PauseTimeout {
-                        vcpu: c.id,
-                        ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-                    });
-                }
-                g =
-                    c.cv.wait_timeout(g, deadline - now)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
-            }
-        }
-        Ok(())
+        // `parked_flag` mirrors `parked` and is set under the lock, with a notify.
+        self.wait_stopped(&|c| c.parked_flag.load(Ordering::SeqCst), timeout)
     }
 
     /// Raises every vCPU thread for the blackout (see [`ferry_engine::boost`]): the restore

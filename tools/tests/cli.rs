@@ -2,32 +2,13 @@
 //! The `ferry` binary end to end: help, keygen, and a live migration of a real KVM guest
 //! between two processes (skipped without /dev/kvm unless FERRY_REQUIRE_CAPS=1).
 
+mod common;
+
 #[cfg(test)]
 mod tests {
-    use std::process::Command;
+    use super::common::{ferry, kvm_or_skip};
 
     use anyhow::{Context, Result, ensure};
-
-    fn ferry() -> Command {
-        Command::new(env!("CARGO_BIN_EXE_ferry"))
-    }
-
-    fn kvm_or_skip() -> bool {
-        if std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok()
-        {
-            return true;
-        }
-        assert!(
-            std::env::var("FERRY_REQUIRE_CAPS").as_deref() != Ok("1"),
-            "/dev/kvm required (FERRY_REQUIRE_CAPS=1) but cannot be opened"
-        );
-        eprintln!("SKIP: /dev/kvm cannot be opened");
-        false
-    }
 
     #[test]
     fn help_lists_every_subcommand() -> Result<()> {

@@ -4,18 +4,17 @@
 //! session, the receiver names its missing pages, and the guest's memory verifies (digest and
 //! the verifier guest's page-by-page model). Skipped without /dev/kvm or `ss`.
 
+mod common;
+
 #[cfg(test)]
 mod tests {
+    use super::common::ferry;
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     use std::sync::mpsc;
     use std::time::Duration;
 
     use anyhow::{Context, Result, bail, ensure};
-
-    fn ferry() -> Command {
-        Command::new(env!("CARGO_BIN_EXE_ferry"))
-    }
 
     fn kvm_and_ss_or_skip() -> bool {
         let kvm = std::fs::OpenOptions::new()

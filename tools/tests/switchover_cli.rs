@@ -5,33 +5,15 @@
 //! reports that the VM runs there; with recovery, the session is resumed, the destination says
 //! it runs the VM, and the migration verifies. Skipped without /dev/kvm.
 
+mod common;
+
 #[cfg(test)]
 mod tests {
+    use super::common::{ferry, kvm_or_skip};
     use std::io::{BufRead, BufReader};
-    use std::process::{Command, Output, Stdio};
+    use std::process::{Output, Stdio};
 
     use anyhow::{Context, Result, ensure};
-
-    fn ferry() -> Command {
-        Command::new(env!("CARGO_BIN_EXE_ferry"))
-    }
-
-    fn kvm_or_skip() -> bool {
-        if std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok()
-        {
-            return true;
-        }
-        assert!(
-            std::env::var("FERRY_REQUIRE_CAPS").as_deref() != Ok("1"),
-            "/dev/kvm required (FERRY_REQUIRE_CAPS=1) but cannot be opened"
-        );
-        eprintln!("SKIP: /dev/kvm cannot be opened");
-        false
-    }
 
     /// Runs `recv --fault-cut-after-resume` and `send` with `mode`, the recovery window on both
     /// sides and the VM flags `vm`; returns both outputs (recv's stdout holds its `RESULT` line, if any).
