@@ -816,7 +816,6 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                     let t_resume = Instant::now();
                     crate::timeline::mark("dst resumed");
                     let _ = shared.resumed_at.set(t_resume);
-                    drop(boost);
                     resumed = true;
                     let timings = ResumeTimings {
                         receive_us: (t_apply - t_sw).as_micros() as u64,
@@ -833,7 +832,11 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                     }
                     .into();
                     self.timings = Some(timings);
-                    match self.ctl.send(&Frame::Resumed { timings }, &[]) {
+                    // `Resumed` ends the blackout as the source measures it: sent while this
+                    // thread is still raised, then back to normal (recovery can take long).
+                    let sent = self.ctl.send(&Frame::Resumed { timings }, &[]);
+                    drop(boost);
+                    match sent {
                         Ok(()) => self.resumed_sent = true,
                         // This side owns the VM now, and keeps it running. With recovery, the
                         // source resumes the session and is told (`Resumed` again).

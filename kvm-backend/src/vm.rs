@@ -4,7 +4,8 @@
 //!
 //! Threads: every vCPU has its own thread, the only one that ever issues its `KVM_RUN`.
 //! Pause sets a flag, sets `kvm_run.immediate_exit` and signals the thread (`sys::Kicker`),
-//! then waits until every thread is parked. Throttling (auto-converge) kicks the vCPUs every 10
+//! then waits until every thread is parked (with save while parking, only until every vCPU is
+//! out of `KVM_RUN`: `save` waits for the rest). Throttling (auto-converge) kicks the vCPUs every 10
 //! ms and lets them sleep part of the period.
 //!
 //! State around a blackout is handled where the threads are awake anyway, so the vCPUs'
@@ -617,13 +618,14 @@ struct VcpuCtl {
     thread: OnceLock<std::thread::Thread>,
     /// When the thread last left its parking to enter `KVM_RUN` (after any restore).
     entered_run: Mutex<Option<Instant>>,
-    /// Mirrors `CtlState::parked`, so that `pause` can spin on it.
+    /// Mirrors `CtlState::parked` (set and cleared under the lock, with a notify), so waits
+    /// can combine it with `stopped_flag`.
     parked_flag: AtomicBool,
     /// Set by the thread as soon as it is out of `KVM_RUN` for a pause (before it saves its
     /// state and parks); cleared when it leaves its parking to run. From then on the vCPU no
     /// longer changes guest memory: the dirty log can be harvested while it saves.
     stopped_flag: AtomicBool,
-    /// The thread runs at [`ferry_engine::boost::BLACKOUT_NICE`] (raised by a pause or a
+    /// The thread is raised for the blackout ([`ferry_engine::boost`], by a pause or a
     /// standby); it goes back to its own nice value before it next enters `KVM_RUN`.
     boosted: AtomicBool,
 }
@@ -699,7 +701,7 @@ impl StepTimer {
 #[derive(Debug, Clone, Default)]
 pub struct PauseTimings {
     /// Time from the start of the last `pause` until every vCPU was parked (with save while
-    /// parking, this includes the vCPU threads' own saves, which run in parallel).
+    /// parking: until every vCPU was out of `KVM_RUN`; the threads' own saves follow).
     pub last_pause: Duration,
     /// Time the last `resume` took: until every thread was told to run; after a restore on
     /// resume, until every vCPU thread had woken up, applied its state and was about to enter

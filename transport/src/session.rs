@@ -629,10 +629,7 @@ impl ControlChannel {
 
     /// Sends a frame with its payload (empty for frames without one).
     pub fn send(&self, frame: &Frame, payload: &[u8]) -> Result<(), SessionError> {
-        debug_assert_eq!(frame.payload_len(), payload.len() as u64);
-        let mut buf = frame.encode();
-        buf.extend_from_slice(payload);
-        write_all(&self.socket, &buf).map_err(|e| self.io("send", e))
+        self.send_all(&[(frame, payload)])
     }
 
     /// Sends several frames (each with its payload) in one write: one wake-up of the peer's
