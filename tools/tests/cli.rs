@@ -6,7 +6,7 @@ mod common;
 
 #[cfg(test)]
 mod tests {
-    use super::common::{ferry, kvm_or_skip};
+    use super::common::{ferry, kvm_or_skip, listening};
 
     use anyhow::{Context, Result, ensure};
 
@@ -199,7 +199,6 @@ mod tests {
     /// A destination that disappears during pre-copy leaves the source VM running.
     #[test]
     fn connection_cut_in_precopy_leaves_the_source_running() -> Result<()> {
-        use std::io::{BufRead, BufReader};
         use std::process::Stdio;
         use std::time::Duration;
         if !kvm_or_skip() {
@@ -218,14 +217,7 @@ mod tests {
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()?;
-        let stdout = recv.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = loop {
-            let line = lines.next().context("recv exited")??;
-            if let Some(a) = line.strip_prefix("LISTENING tcp:") {
-                break a.trim().to_string();
-            }
-        };
+        let (addr, _lines) = listening(&mut recv)?;
         let send = ferry()
             .args([
                 "send",

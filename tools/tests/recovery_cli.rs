@@ -8,7 +8,7 @@ mod common;
 
 #[cfg(test)]
 mod tests {
-    use super::common::ferry;
+    use super::common::{ferry, listening};
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     use std::sync::mpsc;
@@ -69,14 +69,7 @@ mod tests {
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()?;
-        let stdout = recv.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = loop {
-            let line = lines.next().context("recv exited")??;
-            if let Some(a) = line.strip_prefix("LISTENING tcp:") {
-                break a.trim().to_string();
-            }
-        };
+        let (addr, mut lines) = listening(&mut recv)?;
         let port = addr.rsplit(':').next().context("no port")?.to_string();
         let mut send = ferry()
             .env("FERRY_LOG", "ferry_engine=info")

@@ -9,8 +9,7 @@ mod common;
 
 #[cfg(test)]
 mod tests {
-    use super::common::{ferry, kvm_or_skip};
-    use std::io::{BufRead, BufReader};
+    use super::common::{ferry, kvm_or_skip, listening};
     use std::process::{Output, Stdio};
 
     use anyhow::{Context, Result, ensure};
@@ -35,14 +34,7 @@ mod tests {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()?;
-        let stdout = recv.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = loop {
-            let line = lines.next().context("recv exited")??;
-            if let Some(a) = line.strip_prefix("LISTENING tcp:") {
-                break a.trim().to_string();
-            }
-        };
+        let (addr, lines) = listening(&mut recv)?;
         let send = ferry()
             .args([
                 "send",

@@ -27,3 +27,27 @@ pub fn kvm_or_skip() -> bool {
     eprintln!("SKIP: /dev/kvm cannot be opened");
     false
 }
+
+/// Reads a `ferry recv --machine-output` child's stdout up to its `LISTENING tcp:ADDR` line;
+/// returns the address and the rest of its lines (its `RESULT` line comes later).
+pub fn listening(
+    recv: &mut std::process::Child,
+) -> anyhow::Result<(
+    String,
+    std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+)> {
+    use std::io::BufRead;
+    let stdout = recv
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    loop {
+        let line = lines
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("recv exited"))??;
+        if let Some(a) = line.strip_prefix("LISTENING tcp:") {
+            return Ok((a.trim().to_string(), lines));
+        }
+    }
+}
