@@ -13,6 +13,7 @@
 //! switchover changes that came with it), 0.87 / 1.26 ms at nice -10, 0.79 / 0.95 ms with
 //! `SCHED_FIFO`; hybrid 0.80 / 3.86, 0.84 / 1.86 and 0.88 / 1.01 ms.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// How a thread on the blackout's critical path is raised (process-wide: [`set_class`]).
@@ -58,28 +59,54 @@ pub fn class() -> Class {
     }
 }
 
-/// Raises thread `tid` (the calling thread when `None`); whether it applied.
-pub fn raise(tid: Option<i32>) -> bool {
-    let r = match class() {
-        Class::Off => return false,
-        Class::Nice => crate::sys::set_sched(tid.unwrap_or(0), BLACKOUT_NICE, 0, None, true),
-        Class::ShortSlice => {
-            crate::sys::set_sched(tid.unwrap_or(0), BLACKOUT_NICE, SLICE_NS, None, true)
+/// A thread's scheduling before it was raised, to put back with [`restore`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prior(crate::sys::SchedAttr);
+
+impl Prior {
+    /// The nice value the thread had.
+    pub fn nice(&self) -> i32 {
+        self.0.nice()
+    }
+}
+
+/// Raises thread `tid` (the calling thread when `None`) and returns what to put back, or
+/// `None` when nothing changed: raising is off, not permitted, or the thread already runs
+/// under a real-time policy (a VMM's real-time vCPU thread keeps its own priority, which
+/// `SCHED_FIFO` 1 could only lower).
+pub fn raise(tid: Option<i32>) -> Option<Prior> {
+    let tid = tid.unwrap_or(0);
+    if class() == Class::Off {
+        return None;
+    }
+    let prior = match crate::sys::get_sched(tid) {
+        Ok(a) if a.is_realtime() => return None,
+        Ok(a) => a,
+        Err(e) => {
+            tracing::debug!(tid, %e, "cannot read a thread's scheduling");
+            return None;
         }
-        Class::Fifo => crate::sys::set_sched(tid.unwrap_or(0), 0, 0, Some(1), true),
+    };
+    let r = match class() {
+        Class::Off => return None,
+        Class::Nice => crate::sys::set_sched(tid, BLACKOUT_NICE, 0, None, true),
+        Class::ShortSlice => crate::sys::set_sched(tid, BLACKOUT_NICE, SLICE_NS, None, true),
+        Class::Fifo => crate::sys::set_sched(tid, 0, 0, Some(1), true),
     };
     match r {
-        Ok(()) => true,
+        Ok(()) => Some(Prior(prior)),
         Err(e) => {
-            tracing::debug!(?tid, %e, "cannot raise a thread's priority");
-            false
+            tracing::debug!(tid, %e, "cannot raise a thread's priority");
+            None
         }
     }
 }
 
-/// Puts thread `tid` (the calling thread when `None`) back to normal scheduling at `nice`.
-pub fn lower(tid: Option<i32>, nice: i32) {
-    if let Err(e) = crate::sys::set_sched(tid.unwrap_or(0), nice, 0, None, false) {
+/// Puts thread `tid` (the calling thread when `None`) back to the scheduling it had before
+/// [`raise`]: policy, priority, nice value and reset-on-fork flag (a custom slice goes back to
+/// the default).
+pub fn restore(tid: Option<i32>, prior: Prior) {
+    if let Err(e) = crate::sys::set_sched_attr(tid.unwrap_or(0), &prior.0) {
         tracing::debug!(?tid, %e, "cannot restore a thread's priority");
     }
 }
@@ -89,26 +116,107 @@ pub fn current_nice() -> i32 {
     rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap_or(0)
 }
 
-/// The calling thread raised until dropped, then back at its previous nice value.
+/// The calling thread raised until dropped, then back at its previous scheduling.
 #[derive(Debug)]
 pub struct Boost {
-    prev: Option<i32>,
+    prior: Option<Prior>,
 }
 
 impl Boost {
     /// Raises the calling thread.
     pub fn current() -> Self {
-        let prev = current_nice();
-        Self {
-            prev: raise(None).then_some(prev),
-        }
+        Self { prior: raise(None) }
+    }
+
+    /// Whether the thread was raised (false without `CAP_SYS_NICE`, with raising off, or for
+    /// a thread already real-time).
+    pub fn raised(&self) -> bool {
+        self.prior.is_some()
     }
 }
 
 impl Drop for Boost {
     fn drop(&mut self) {
-        if let Some(p) = self.prev {
-            lower(None, p);
+        if let Some(p) = self.prior.take() {
+            restore(None, p);
+        }
+    }
+}
+
+/// Threads on the blackout's critical path in some switchovers only: the bulk stream threads
+/// carry a stop-and-copy's final pages (at normal priority their wake-ups took 0.2-2.3 ms
+/// here, most of such a blackout). Each enrols for its lifetime ([`ThreadSet::enrol`]);
+/// [`ThreadSet::raise`] raises every enrolled thread until the returned guard drops.
+#[derive(Debug, Default)]
+pub struct ThreadSet {
+    tids: Mutex<Vec<i32>>,
+}
+
+impl ThreadSet {
+    /// Enrols the calling thread until the returned guard drops (keep it for the thread's
+    /// life).
+    pub fn enrol(&self) -> Enrolment<'_> {
+        let tid = rustix::thread::gettid().as_raw_nonzero().get();
+        self.lock().push(tid);
+        Enrolment { set: self, tid }
+    }
+
+    /// Raises every enrolled thread (see [`raise`]) until the guard drops.
+    pub fn raise(&self) -> RaisedSet {
+        let tids = self.lock().clone();
+        RaisedSet {
+            raised: tids
+                .into_iter()
+                .filter_map(|t| raise(Some(t)).map(|p| (t, p)))
+                .collect(),
+        }
+    }
+
+    /// Threads enrolled now.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// No thread is enrolled.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<i32>> {
+        self.tids.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A thread's membership of a [`ThreadSet`]; it leaves the set when dropped.
+#[derive(Debug)]
+pub struct Enrolment<'a> {
+    set: &'a ThreadSet,
+    tid: i32,
+}
+
+impl Drop for Enrolment<'_> {
+    fn drop(&mut self) {
+        self.set.lock().retain(|t| *t != self.tid);
+    }
+}
+
+/// Threads of a [`ThreadSet`] raised until this drops.
+#[derive(Debug)]
+pub struct RaisedSet {
+    raised: Vec<(i32, Prior)>,
+}
+
+impl RaisedSet {
+    /// How many threads were raised.
+    pub fn count(&self) -> usize {
+        self.raised.len()
+    }
+}
+
+impl Drop for RaisedSet {
+    fn drop(&mut self) {
+        for (tid, p) in self.raised.drain(..) {
+            restore(Some(tid), p);
         }
     }
 }
@@ -119,14 +227,84 @@ mod tests {
 
     #[test]
     fn boost_is_undone_on_drop() {
-        let before = current_nice();
+        let before = crate::sys::get_sched(0).expect("sched_getattr");
         {
             let b = Boost::current();
-            if b.prev.is_none() {
+            if !b.raised() {
                 eprintln!("skipped: cannot raise the thread (no CAP_SYS_NICE?)");
             }
         }
-        assert_eq!(current_nice(), before);
+        assert_eq!(crate::sys::get_sched(0).expect("sched_getattr"), before);
+    }
+
+    #[test]
+    fn a_nice_thread_gets_its_nice_value_back() {
+        // The thread's own nice value, not 0, comes back (lowering a thread is always allowed).
+        if rustix::process::setpriority_process(Some(rustix::thread::gettid()), 5).is_err() {
+            eprintln!("skipped: cannot set the thread's nice value");
+            return;
+        }
+        let b = Boost::current();
+        if !b.raised() {
+            eprintln!("skipped: cannot raise the thread (no CAP_SYS_NICE?)");
+            return;
+        }
+        assert_ne!(stat_field(41), 0, "raised");
+        drop(b);
+        assert_eq!((stat_field(41), current_nice()), (0, 5));
+    }
+
+    #[test]
+    fn a_thread_set_raises_its_members_until_dropped() {
+        let set = ThreadSet::default();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            let set = &set;
+            s.spawn(move || {
+                let _e = set.enrol();
+                ready_tx.send(()).expect("ready");
+                // Raised by the other thread, then back.
+                for _ in 0..2 {
+                    go_rx.recv().expect("go");
+                    seen_tx.send(stat_field(41)).expect("seen");
+                }
+            });
+            ready_rx.recv().expect("ready");
+            assert_eq!(set.len(), 1);
+            let raised = set.raise();
+            if raised.count() == 0 {
+                eprintln!("skipped: cannot raise the thread (no CAP_SYS_NICE?)");
+                go_tx.send(()).expect("go");
+                go_tx.send(()).expect("go");
+                return;
+            }
+            go_tx.send(()).expect("go");
+            assert_ne!(seen_rx.recv().expect("seen"), 0, "member raised");
+            drop(raised);
+            go_tx.send(()).expect("go");
+            assert_eq!(seen_rx.recv().expect("seen"), 0, "member back to normal");
+        });
+        assert!(set.is_empty(), "a thread that ended left the set");
+    }
+
+    #[test]
+    fn a_realtime_thread_is_left_alone() {
+        // A VMM's vCPU thread at SCHED_FIFO 10: raising must not move it to FIFO 1 and back
+        // to normal.
+        if crate::sys::set_sched(0, 0, 0, Some(10), false).is_err() {
+            eprintln!("skipped: cannot make the thread real-time (no CAP_SYS_NICE?)");
+            return;
+        }
+        let before = crate::sys::get_sched(0).expect("sched_getattr");
+        let b = Boost::current();
+        assert!(!b.raised(), "a real-time thread was raised");
+        drop(b);
+        let after = crate::sys::get_sched(0).expect("sched_getattr");
+        assert_eq!(after, before);
+        assert_eq!(stat_field(40), 10, "rt_priority kept");
+        let _ = crate::sys::set_sched(0, 0, 0, None, false);
     }
 
     /// Field `n` (1-based, as in proc(5)) of /proc/thread-self/stat.
@@ -142,7 +320,7 @@ mod tests {
     #[test]
     fn threads_started_while_raised_run_at_normal_priority() {
         let b = Boost::current();
-        if b.prev.is_none() {
+        if !b.raised() {
             eprintln!("skipped: cannot raise the thread (no CAP_SYS_NICE?)");
             return;
         }

@@ -227,6 +227,8 @@ struct Shared<'a> {
     /// recovery (then `urgent_gen` grows).
     urgent_writer: Mutex<Option<Socket>>,
     urgent_gen: AtomicU64,
+    /// The bulk receiver threads, raised for a stop-and-copy switchover (its final pages).
+    recv_threads: crate::boost::ThreadSet,
 }
 
 enum Note {
@@ -294,6 +296,7 @@ pub fn receive_with(
         zero_hash_scratch: vec![0u8; layout.page_size() as usize],
         urgent_writer: Mutex::new(None),
         urgent_gen: AtomicU64::new(0),
+        recv_threads: crate::boost::ThreadSet::default(),
     };
     let n = bulk.len();
     let ctl_reader = control.try_clone()?;
@@ -410,6 +413,7 @@ fn spawn_receiver<'scope>(
     thread::Builder::new()
         .name(format!("ferry-recv-{i}"))
         .spawn_scoped(s, move || {
+            let _enrolled = shared.recv_threads.enrol();
             let r = recv_loop(i, stream, shared, &note_tx, &go_rx, post_flag);
             let _ = note_tx.send(match r {
                 Ok(()) => Note::Ended { bulk: true },
@@ -637,6 +641,12 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
         // guest memory before its switchover); after pre-copy rounds `apply_stale` drops what
         // is needed again.
         self.discard_all()?;
+        // Raised while it waits for the switchover, not only once it has it: at normal
+        // priority its wake-up for `Switchover` waited behind the bulk receivers for up to
+        // ~2 ms here (pre-copy's final pages keep them busy). It sleeps until a frame comes, and
+        // the work it does before the switchover (dropping a hybrid's stale pages) must finish
+        // before the switchover anyway. Back to normal once the VM runs, as below.
+        let mut waiting = Some(crate::boost::Boost::current());
         loop {
             let (frame, _) = match self.next_ctl() {
                 Ok(x) => x,
@@ -658,10 +668,11 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                 // dirtied from here on are dropped inside the blackout.
                 Frame::StaleSet { ranges } => {
                     // The control stream can overtake the bulk streams: drop nothing before
-                    // every receiver placed its last pre-copy pages (it then passes the marker).
+                    // every receiver placed its last pre-copy pages (it then passes the marker
+                    // of this drain round).
                     self.wait_until(
                         "the bulk streams to drain before dropping stale pages",
-                        |d| d.pre_barriers >= d.n,
+                        |d| d.pre_barriers >= d.n * (d.pre_rounds + 1),
                     )?;
                     let t = Instant::now();
                     self.pre_stale_pages += self.invalidate(&ranges)?;
@@ -672,7 +683,13 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                         "pre-switch stale set dropped"
                     );
                 }
+                // A drain round, before the switchover: the answer says every receiver placed
+                // what came before the round's marker (and the stale set sent with it is
+                // dropped), so that no backlog of the last rounds lands inside the blackout.
                 Frame::RoundEnd { round } if round == PRE_STALE_ROUND => {
+                    self.wait_until("the bulk streams to drain before the switchover", |d| {
+                        d.pre_barriers >= d.n * (d.pre_rounds + 1)
+                    })?;
                     self.pre_rounds += 1;
                     self.ctl.send(&Frame::RoundEnd { round }, &[])?;
                 }
@@ -682,7 +699,7 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                     crate::timeline::mark("dst main got switchover");
                     // Inside the blackout: this thread and the VM's threads go ahead of the
                     // others until the VM runs.
-                    let boost = crate::boost::Boost::current();
+                    let boost = waiting.take().unwrap_or_else(crate::boost::Boost::current);
                     control.prepare_restore();
                     post_copy = kind == SwitchoverKind::PostCopy;
                     if post_copy && !has_urgent {
@@ -691,9 +708,12 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                             state: "without an urgent stream",
                         });
                     }
+                    // Stop-and-copy: the final pages are still coming on the bulk streams.
+                    let recv_raised = (!post_copy).then(|| shared.recv_threads.raise());
                     self.wait_until("the bulk streams to reach the switchover", |d| {
                         d.barriers >= d.n
                     })?;
+                    drop(recv_raised);
                     let t_barrier = Instant::now();
                     crate::timeline::mark("dst barrier");
                     if post_copy {
@@ -1590,6 +1610,9 @@ fn recv_loop(
                 checksums,
                 last,
             } => {
+                if last {
+                    crate::timeline::mark("dst stream got final pages");
+                }
                 if post {
                     place_post(
                         i,
@@ -1717,6 +1740,9 @@ fn recv_loop(
                 }
             }
             Frame::RoundEnd { round } => {
+                if round == SWITCH_ROUND {
+                    crate::timeline::mark("dst stream got marker");
+                }
                 let _ = notes.send(Note::Barrier(round));
                 if round == SWITCH_ROUND {
                     // Wait until the control thread applied the switchover.

@@ -94,6 +94,9 @@ impl Worker<'_> {
         for item in work.iter() {
             let res = match item {
                 Work::Pages { ranges, last } => {
+                    if last {
+                        crate::timeline::mark("src stream got final pages");
+                    }
                     self.send_ranges(&ranges, last, compressor.as_mut(), &mut comp)
                 }
                 Work::Barrier(round) => self.barrier(round).map(|()| {
@@ -101,7 +104,11 @@ impl Worker<'_> {
                 }),
                 // Flushed by this worker (a queued send may sit in an unsubmitted batch), but
                 // nobody waits for it.
-                Work::Marker(round) => self.barrier(round),
+                Work::Marker(round) => self.barrier(round).map(|()| {
+                    if round == crate::source::SWITCH_ROUND {
+                        crate::timeline::mark("src stream marker sent");
+                    }
+                }),
                 Work::End => {
                     let r = self
                         .send(&Frame::EndOfStream.encode(), &[])

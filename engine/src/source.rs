@@ -50,8 +50,10 @@ use crate::vm::{DirtyBitmap, DirtyTracker, GuestMemory, VmControl};
 
 /// The barrier round number that marks the switchover on every bulk stream.
 pub const SWITCH_ROUND: u32 = u32::MAX;
-/// Round number of the control-stream handshake that confirms the destination dropped the
-/// pre-switch stale set (hybrid): the source sends `RoundEnd` with it, the destination echoes.
+/// Round number of the drain handshake before the switchover: the source sends it as a marker
+/// on every bulk stream, then (after any pre-switch stale set, hybrid) as `RoundEnd` on the
+/// control stream; the destination echoes that once every receiver passed the marker, that is
+/// placed everything sent before it, and dropped the stale set.
 pub const PRE_STALE_ROUND: u32 = u32::MAX - 2;
 /// Most pre-switch drop rounds (hybrid) before the switchover.
 const MAX_PRE_DROPS: u32 = 3;
@@ -176,6 +178,8 @@ struct Run<'s, 'a> {
     /// The paused memory's digest, once computed.
     src_digest: Option<[u8; 16]>,
     counters: &'a [Counters],
+    /// The bulk sender threads (see [`Ctx`]).
+    stream_threads: &'a crate::boost::ThreadSet,
     start: Instant,
     report: MigrationReport,
     resend: Vec<GpaRange>,
@@ -214,6 +218,8 @@ struct Ctx<'a> {
     to_send: &'a AtomicBitmap,
     policy: &'a Policy,
     hints: Sender<u64>,
+    /// The bulk sender threads, raised for a stop-and-copy switchover.
+    stream_threads: &'a crate::boost::ThreadSet,
 }
 
 /// One connection's threads and channels.
@@ -264,9 +270,13 @@ fn start_conn<'scope>(
             counters: &ctx.counters[index],
         };
         let done_tx = done_tx.clone();
+        let threads = ctx.stream_threads;
         thread::Builder::new()
             .name(format!("ferry-send-{index}"))
-            .spawn_scoped(s, move || w.run(rx, done_tx))
+            .spawn_scoped(s, move || {
+                let _enrolled = threads.enrol();
+                w.run(rx, done_tx);
+            })
             .map_err(|_| MigrateError::Worker("sender"))?;
     }
     drop(done_tx);
@@ -385,12 +395,14 @@ pub fn migrate_with(
     let to_send = AtomicBitmap::new(layout.total_pages());
     let (hint_tx, hint_rx) = unbounded::<u64>();
     let transport = streams.transport.clone();
+    let stream_threads = crate::boost::ThreadSet::default();
     let ctx = Ctx {
         layout: &layout,
         counters: &counters,
         to_send: &to_send,
         policy,
         hints: hint_tx,
+        stream_threads: &stream_threads,
     };
     thread::scope(|s| {
         let Conn {
@@ -412,6 +424,7 @@ pub fn migrate_with(
             missing_done: false,
             src_digest: None,
             counters: &counters,
+            stream_threads: &stream_threads,
             start: Instant::now(),
             report: MigrationReport {
                 mode: mode_name(policy.mode).into(),
@@ -900,15 +913,20 @@ impl Run<'_, '_> {
         Ok(())
     }
 
+    /// Harvests the dirty log into ranges; `last` is the final harvest, in the blackout.
     fn harvest(
         &mut self,
         dirty: &mut dyn DirtyTracker,
         bitmap: &mut DirtyBitmap,
+        last: bool,
     ) -> Result<Vec<GpaRange>, MigrateError> {
         bitmap.clear();
-        dirty
-            .harvest(bitmap)
-            .map_err(MigrateError::vm("harvest dirty log"))?;
+        if last {
+            dirty.harvest_final(bitmap)
+        } else {
+            dirty.harvest(bitmap)
+        }
+        .map_err(MigrateError::vm("harvest dirty log"))?;
         let mut ranges = Vec::new();
         for (r, words) in self.layout.regions().iter().zip(&bitmap.regions) {
             bitmap_to_ranges(words, r.gpa, self.layout.page_size(), 1 << 30, &mut ranges);
@@ -976,7 +994,7 @@ impl Run<'_, '_> {
                     }
                 }
                 self.poll_ctl()?;
-                pending = self.harvest(dirty, &mut bitmap)?;
+                pending = self.harvest(dirty, &mut bitmap, false)?;
                 let dirty_pages: u64 = pending.iter().map(|r| r.len).sum::<u64>() / ps;
                 self.dirty_pages = dirty_pages;
                 let bw = if bw_bytes_per_us > 0.0 {
@@ -1106,7 +1124,7 @@ impl Run<'_, '_> {
                     |r| r.pre_stale_acked,
                     Phase::Round(round),
                 )?;
-                self.harvest(dirty, &mut bitmap)
+                self.harvest(dirty, &mut bitmap, false)
             })();
             let next = match r {
                 Ok(next) => next,
@@ -1123,6 +1141,31 @@ impl Run<'_, '_> {
                 break;
             }
             drop_now = next;
+        }
+        // No drop round ran (stop-and-copy, or nothing to drop): drain all the same. The
+        // sender threads' barrier only says the pages left; the destination may still be
+        // placing (and hashing) the last round's data, ms of it after a large round, and the
+        // switchover would wait for it inside the blackout.
+        if round > 0 && drops == 0 {
+            let r = (|| -> Result<(), MigrateError> {
+                self.marker(PRE_STALE_ROUND, Phase::Round(round))?;
+                self.pre_stale_acked = false;
+                self.ctl.send(
+                    &Frame::RoundEnd {
+                        round: PRE_STALE_ROUND,
+                    },
+                    &[],
+                )?;
+                self.wait_ctl(
+                    "the destination to place the last round",
+                    |r| r.pre_stale_acked,
+                    Phase::Round(round),
+                )
+            })();
+            if let Err(e) = r {
+                let _ = dirty.stop();
+                return Err(e);
+            }
         }
 
         // The switchover: the blackout starts.
@@ -1157,6 +1200,10 @@ impl Run<'_, '_> {
             }
         }
         let boost = crate::boost::Boost::current();
+        // Stop-and-copy: the final pages go out on the bulk streams inside the blackout, so
+        // their threads go ahead of normal threads until it ends (raised before the pause:
+        // they are idle now, and raising costs system calls).
+        let streams_raised = (!post_copy).then(|| self.stream_threads.raise());
         let t0 = Instant::now();
         crate::timeline::mark("src pause start");
         self.report.blackout_start_ms = self.elapsed_ms();
@@ -1182,7 +1229,7 @@ impl Run<'_, '_> {
                 all.clone()
             } else {
                 let mut r = std::mem::take(&mut pending);
-                r.extend(self.harvest(dirty, &mut bitmap)?);
+                r.extend(self.harvest(dirty, &mut bitmap, true)?);
                 r.sort_unstable();
                 merge_ranges(self.layout, r)
             };
@@ -1299,6 +1346,7 @@ impl Run<'_, '_> {
         };
         let t_resumed = Instant::now();
         crate::timeline::mark("src saw resumed");
+        drop(streams_raised);
         drop(boost);
         let _ = dirty.stop();
         let timings = self.resumed.unwrap_or_default();

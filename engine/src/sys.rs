@@ -38,8 +38,8 @@ pub unsafe fn remove(addr: usize, len: u64) -> io::Result<()> {
 
 /// `struct sched_attr` (include/uapi/linux/sched/types.h), version 1 (56 bytes).
 #[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-struct SchedAttr {
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SchedAttr {
     size: u32,
     sched_policy: u32,
     sched_flags: u64,
@@ -100,3 +100,74 @@ pub fn set_sched(
         Err(io::Error::last_os_error())
     }
 }
+
+/// The scheduling of thread `tid` (0: the calling thread), as `sched_getattr` reports it.
+pub fn get_sched(tid: i32) -> io::Result<SchedAttr> {
+    let mut attr = SchedAttr::default();
+    let size = u32::try_from(std::mem::size_of::<SchedAttr>()).unwrap_or(56);
+    // SAFETY: `attr` is a writable sched_attr of `size` bytes; the kernel writes at most `size`
+    // bytes into it. Flags 0.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_sched_getattr,
+            libc::c_long::from(tid),
+            &mut attr as *mut SchedAttr,
+            libc::c_long::from(size),
+            0 as libc::c_long,
+        )
+    };
+    if rc == 0 {
+        Ok(attr)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Puts back on thread `tid` (0: the calling thread) scheduling saved by [`get_sched`]: policy,
+/// priority, nice and flags. A normal thread's slice goes back to the default (the kernel
+/// reports the slice in use, default or not, and setting it would pin it).
+pub fn set_sched_attr(tid: i32, saved: &SchedAttr) -> io::Result<()> {
+    let normal = [libc::SCHED_OTHER, libc::SCHED_BATCH, libc::SCHED_IDLE]
+        .iter()
+        .any(|p| u32::try_from(*p).ok() == Some(saved.sched_policy));
+    let attr = SchedAttr {
+        size: u32::try_from(std::mem::size_of::<SchedAttr>()).unwrap_or(56),
+        sched_runtime: if normal { 0 } else { saved.sched_runtime },
+        // Utilisation clamps are applied only with their flags; keep the policy's own fields.
+        sched_flags: saved.sched_flags & SCHED_FLAG_RESET_ON_FORK,
+        ..*saved
+    };
+    // SAFETY: `attr` is a valid, initialised sched_attr whose `size` field matches its
+    // layout; the kernel only reads it. Flags 0.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_sched_setattr,
+            libc::c_long::from(tid),
+            &attr as *const SchedAttr,
+            0 as libc::c_long,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+impl SchedAttr {
+    /// A real-time or deadline policy (already ahead of every normal thread).
+    pub fn is_realtime(&self) -> bool {
+        [libc::SCHED_FIFO, libc::SCHED_RR]
+            .iter()
+            .any(|p| u32::try_from(*p).ok() == Some(self.sched_policy))
+            || self.sched_policy == SCHED_DEADLINE
+    }
+
+    /// The nice value (normal policies).
+    pub fn nice(&self) -> i32 {
+        self.sched_nice
+    }
+}
+
+/// `SCHED_DEADLINE` (not in every libc version).
+const SCHED_DEADLINE: u32 = 6;

@@ -139,6 +139,13 @@ pub trait DirtyTracker: Send {
     /// Must work while the vCPUs run and, cheaply, while they are paused (the final harvest is
     /// inside the blackout).
     fn harvest(&mut self, out: &mut DirtyBitmap) -> Result<(), BoxError>;
+    /// The last harvest, inside the blackout with the vCPUs paused: ORs into `out` the pages
+    /// written since the previous harvest. [`DirtyTracker::stop`] follows and nothing is
+    /// harvested after it, so the pages need not be armed again (the KVM backend skips its
+    /// re-protect, `KVM_CLEAR_DIRTY_LOG`). The default is [`DirtyTracker::harvest`].
+    fn harvest_final(&mut self, out: &mut DirtyBitmap) -> Result<(), BoxError> {
+        self.harvest(out)
+    }
     /// Stops tracking.
     fn stop(&mut self) -> Result<(), BoxError>;
 }

@@ -4,7 +4,8 @@
 //!
 //! Everything here is small and documented; the rest of the crate is safe code. What lives here:
 //! - `KVM_CLEAR_DIRTY_LOG` and `KVM_RESET_DIRTY_RINGS` (missing from kvm-ioctls 0.25,
-//!   rust-vmm/kvm#344), vCPU `KVM_{HAS,GET,SET}_DEVICE_ATTR` (kvm-ioctls exposes them for
+//!   rust-vmm/kvm#344), `KVM_GET_DIRTY_LOG` into a caller's buffer (kvm-ioctls allocates a new
+//!   one per call, and at 8 GiB a fresh 256 KiB buffer costs page faults inside the blackout), vCPU `KVM_{HAS,GET,SET}_DEVICE_ATTR` (kvm-ioctls exposes them for
 //!   aarch64 only; x86 needs them for `KVM_VCPU_TSC_OFFSET`);
 //! - [`Mapping`]: a host mapping of guest RAM (memfd `MAP_SHARED` or private anonymous);
 //! - [`DirtyRing`]: one vCPU's dirty ring, mmapped at `KVM_DIRTY_LOG_PAGE_OFFSET`;
@@ -19,7 +20,8 @@ use std::sync::Once;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use kvm_bindings::{
-    kvm_clear_dirty_log, kvm_device_attr, kvm_dirty_gfn, kvm_run, kvm_userspace_memory_region,
+    kvm_clear_dirty_log, kvm_device_attr, kvm_dirty_gfn, kvm_dirty_log, kvm_run,
+    kvm_userspace_memory_region,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_ref};
@@ -31,6 +33,8 @@ const KVMIO: u32 = 0xAE;
 // _IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log): KVM writes nothing back, but the kernel
 // header declares it _IOWR; the direction bits are part of the number, so they must match.
 vmm_sys_util::ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+// _IOW(KVMIO, 0x42, struct kvm_dirty_log).
+ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
 // _IO(KVMIO, 0xc7): re-protects every harvested dirty-ring entry of every vCPU.
 ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
 // _IOW(KVMIO, 0xe1/0xe2/0xe3, struct kvm_device_attr), issued on a vCPU fd.
@@ -73,6 +77,23 @@ pub fn clear_dirty_log(
     // SAFETY: `arg` is a valid kvm_clear_dirty_log whose bitmap pointer covers `num_pages` bits
     // (checked above) and stays alive for the call; KVM only reads the bitmap.
     check(unsafe { ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &arg) }).map(drop)
+}
+
+/// `KVM_GET_DIRTY_LOG` into `bitmap`: one bit per page of `slot`, which has `pages` pages. With
+/// manual protection this only copies the log (nothing is cleared or re-protected).
+pub fn get_dirty_log(vm: &VmFd, slot: u32, pages: u64, bitmap: &mut [u64]) -> io::Result<()> {
+    if (bitmap.len() as u64) * 64 < pages {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut arg = kvm_dirty_log {
+        slot,
+        ..Default::default()
+    };
+    arg.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
+    // SAFETY: `arg` is a valid kvm_dirty_log whose bitmap pointer covers the slot's `pages`
+    // bits rounded up to 64 (checked above: KVM writes `ALIGN(pages, 64) / 8` bytes) and is
+    // exclusively borrowed for the call.
+    check(unsafe { ioctl_with_ref(vm, KVM_GET_DIRTY_LOG(), &arg) }).map(drop)
 }
 
 /// `KVM_RESET_DIRTY_RINGS`: lets KVM re-protect every dirty-ring entry marked harvested.

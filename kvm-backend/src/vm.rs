@@ -626,18 +626,18 @@ struct VcpuCtl {
     /// longer changes guest memory: the dirty log can be harvested while it saves.
     stopped_flag: AtomicBool,
     /// The thread is raised for the blackout ([`ferry_engine::boost`], by a pause or a
-    /// standby); it goes back to its own nice value before it next enters `KVM_RUN`.
-    boosted: AtomicBool,
+    /// standby): its scheduling before, which it puts back before it next enters `KVM_RUN`.
+    boosted: Mutex<Option<ferry_engine::boost::Prior>>,
 }
 
 impl VcpuCtl {
     /// Raises the thread for the blackout (see `boosted`).
     fn boost(&self) {
-        if let Some(&tid) = self.tid.get()
-            && !self.boosted.load(Ordering::SeqCst)
-            && ferry_engine::boost::raise(Some(tid))
-        {
-            self.boosted.store(true, Ordering::SeqCst);
+        if let Some(&tid) = self.tid.get() {
+            let mut b = self.boosted.lock().unwrap_or_else(|e| e.into_inner());
+            if b.is_none() {
+                *b = ferry_engine::boost::raise(Some(tid));
+            }
         }
     }
 }
@@ -1082,7 +1082,7 @@ impl KvmVm {
                 entered_run: Mutex::new(None),
                 parked_flag: AtomicBool::new(false),
                 stopped_flag: AtomicBool::new(false),
-                boosted: AtomicBool::new(false),
+                boosted: Mutex::new(None),
             });
             let (c2, core2, caps2) = (
                 Arc::clone(&ctl),
@@ -2220,8 +2220,6 @@ fn vcpu_thread(ctl: &VcpuCtl, core: &Core, caps: &VcpuCaps) {
     let lock_vcpu = || ctl.vcpu.lock().unwrap_or_else(|e| e.into_inner());
     let tid = rustix::thread::gettid();
     let _ = ctl.tid.set(tid.as_raw_nonzero().get());
-    // The nice value the thread runs the guest at (it is raised for blackouts only).
-    let base_nice = rustix::process::getpriority_process(Some(tid)).unwrap_or(0);
     let _ = ctl.kicker.set(Kicker::for_current_thread(&mut lock_vcpu()));
     loop {
         let restore = {
@@ -2266,8 +2264,9 @@ fn vcpu_thread(ctl: &VcpuCtl, core: &Core, caps: &VcpuCaps) {
                 continue;
             }
         }
-        if ctl.boosted.swap(false, Ordering::SeqCst) {
-            ferry_engine::boost::lower(None, base_nice);
+        let prior = ctl.boosted.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(p) = prior {
+            ferry_engine::boost::restore(None, p);
         }
         if let Some(k) = ctl.kicker.get() {
             k.set_immediate_exit(0);

@@ -177,6 +177,23 @@ mod tests {
             "no writes after resume: {}",
             again.count()
         );
+        // The final harvest (no re-protect in bitmap mode) reports what was written since.
+        again.clear();
+        vm.resume().map_err(|e| anyhow!(e))?;
+        std::thread::sleep(Duration::from_millis(100));
+        pause(&mut vm)?;
+        tr.harvest_final(&mut again).map_err(|e| anyhow!(e))?;
+        assert!(
+            again.count() > 16,
+            "final harvest missed the writes after resume: {}",
+            again.count()
+        );
+        for p in ws_pages..ws_pages + 256 {
+            assert!(
+                !bit(&again, DATA_BASE + p * 4096),
+                "page {p} reported by the final harvest but never written"
+            );
+        }
         tr.stop().map_err(|e| anyhow!(e))?;
         assert!(vm.verify_memory()?.ok());
         Ok(())
