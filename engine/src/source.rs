@@ -994,7 +994,12 @@ impl Run<'_, '_> {
                     }
                 }
                 self.poll_ctl()?;
+                let t_harvest = Instant::now();
                 pending = self.harvest(dirty, &mut bitmap, false)?;
+                // The final harvest is inside the blackout and grows with guest size (a
+                // 2 Mi-page bitmap at 8 GiB): predict it from this one, which also re-protects
+                // and so errs long.
+                let harvest_us = t_harvest.elapsed().as_secs_f64() * 1e6;
                 let dirty_pages: u64 = pending.iter().map(|r| r.len).sum::<u64>() / ps;
                 self.dirty_pages = dirty_pages;
                 let bw = if bw_bytes_per_us > 0.0 {
@@ -1003,6 +1008,7 @@ impl Run<'_, '_> {
                     ASSUMED_BYTES_PER_US
                 };
                 let predicted = self.policy.switch_overhead.as_secs_f64() * 1e6
+                    + harvest_us
                     + (dirty_pages * ps) as f64 / bw;
                 self.report.rounds_detail.push(RoundStats {
                     round,
