@@ -73,7 +73,8 @@ impl Prior {
 /// Raises thread `tid` (the calling thread when `None`) and returns what to put back, or
 /// `None` when nothing changed: raising is off, not permitted, or the thread already runs
 /// under a real-time policy (a VMM's real-time vCPU thread keeps its own priority, which
-/// `SCHED_FIFO` 1 could only lower).
+/// `SCHED_FIFO` 1 could only lower) or, for the nice-based classes, at
+/// [`BLACKOUT_NICE`] or below.
 pub fn raise(tid: Option<i32>) -> Option<Prior> {
     let tid = tid.unwrap_or(0);
     if class() == Class::Off {
@@ -81,6 +82,8 @@ pub fn raise(tid: Option<i32>) -> Option<Prior> {
     }
     let prior = match crate::sys::get_sched(tid) {
         Ok(a) if a.is_realtime() => return None,
+        // Already at least as high as a nice-based raise would put it.
+        Ok(a) if class() != Class::Fifo && a.nice() <= BLACKOUT_NICE => return None,
         Ok(a) => a,
         Err(e) => {
             tracing::debug!(tid, %e, "cannot read a thread's scheduling");
@@ -161,13 +164,16 @@ impl ThreadSet {
         Enrolment { set: self, tid }
     }
 
-    /// Raises every enrolled thread (see [`raise`]) until the guard drops.
-    pub fn raise(&self) -> RaisedSet {
-        let tids = self.lock().clone();
+    /// Raises every enrolled thread (see [`raise`]) until the guard drops. Under the set's
+    /// lock, as the restore is: a thread leaves the set (under the lock) before it ends, so
+    /// neither touches a thread id that was reused.
+    pub fn raise(&self) -> RaisedSet<'_> {
+        let tids = self.lock();
         RaisedSet {
+            set: self,
             raised: tids
-                .into_iter()
-                .filter_map(|t| raise(Some(t)).map(|p| (t, p)))
+                .iter()
+                .filter_map(|t| raise(Some(*t)).map(|p| (*t, p)))
                 .collect(),
         }
     }
@@ -202,21 +208,26 @@ impl Drop for Enrolment<'_> {
 
 /// Threads of a [`ThreadSet`] raised until this drops.
 #[derive(Debug)]
-pub struct RaisedSet {
+pub struct RaisedSet<'a> {
+    set: &'a ThreadSet,
     raised: Vec<(i32, Prior)>,
 }
 
-impl RaisedSet {
+impl RaisedSet<'_> {
     /// How many threads were raised.
     pub fn count(&self) -> usize {
         self.raised.len()
     }
 }
 
-impl Drop for RaisedSet {
+impl Drop for RaisedSet<'_> {
     fn drop(&mut self) {
+        // Only threads still enrolled: one that left has ended (or is ending).
+        let tids = self.set.lock();
         for (tid, p) in self.raised.drain(..) {
-            restore(Some(tid), p);
+            if tids.contains(&tid) {
+                restore(Some(tid), p);
+            }
         }
     }
 }

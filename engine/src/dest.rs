@@ -306,6 +306,12 @@ pub fn receive_with(
         Features::MISSING_SHMEM | Features::MINOR_SHMEM | Features::THREAD_ID,
     );
     let post_flag = AtomicBool::new(false);
+    // Make sure no page is populated before anything arrives (see `apply_stale`), here rather
+    // than inside the blackout: on untouched memory this is a page-table walk whose cost grows
+    // with guest size. Before the receivers start: the source sends its first round right
+    // after the handshake, and a page placed before this ran would be dropped while counted as
+    // present (read as zeroes later, or a fault that never resolves).
+    discard_guest_memory(&shared)?;
     let result = thread::scope(|s| {
         let (note_tx, note_rx) = unbounded();
         let (go_tx, go_rx) = bounded::<()>(n.max(1));
@@ -635,12 +641,6 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                 .map_err(|_| MigrateError::Worker("fault handler"))?;
             spawn_reply_receiver(s, replies, shared, &self.note_tx, Some(started))?;
         }
-        // Make sure no page is populated before anything arrives (see `apply_stale`), here
-        // rather than inside the blackout: on untouched memory this is a page-table walk whose
-        // cost grows with guest size. Only pure post-copy relies on it (nothing is written to
-        // guest memory before its switchover); after pre-copy rounds `apply_stale` drops what
-        // is needed again.
-        self.discard_all()?;
         // Raised while it waits for the switchover, not only once it has it: at normal
         // priority its wake-up for `Switchover` waited behind the bulk receivers for up to
         // ~2 ms here (pre-copy's final pages keep them busy). It sleeps until a frame comes, and
@@ -1254,20 +1254,6 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
     /// shared-backed regions is emptied too (`MADV_REMOVE`), since pre-copy data lands there
     /// and a page received as zeroes is not written: whatever a stray write left must not
     /// show through.
-    fn discard_all(&self) -> Result<(), MigrateError> {
-        let layout = self.shared.layout;
-        for (i, r) in layout.regions().iter().enumerate() {
-            if self.shared.staged(i) {
-                // SAFETY: guest memory of a VM that is not running here, a whole region of a
-                // shared mapping; the engine owns its contents during the migration.
-                unsafe { sys::remove(r.host_addr, r.len) }
-                    .map_err(|source| MigrateError::Place { gpa: r.gpa, source })?;
-            }
-            discard(layout, r.gpa, r.len)?;
-        }
-        Ok(())
-    }
-
     /// Marks `ranges` stale and drops their pages from guest memory; returns the page count.
     fn invalidate(&mut self, ranges: &[GpaRange]) -> Result<u64, MigrateError> {
         let shared = self.shared;
@@ -1916,6 +1902,24 @@ fn fill(shared: &Shared<'_>, range: GpaRange, src: Src<'_>) -> Result<(), Migrat
 /// Drops `gpa..gpa+len` of guest memory from its mapping (`MADV_DONTNEED`): anonymous pages
 /// become missing, shared ones stay in the page cache and fault as minor once registered.
 /// Only while the VM is not running on this side.
+/// Empties guest memory before a session receives anything: the guest mapping, and the page
+/// cache of shared-backed regions (so nothing a stray write left there shows through a page
+/// received as zeroes).
+fn discard_guest_memory(shared: &Shared<'_>) -> Result<(), MigrateError> {
+    let layout = shared.layout;
+    for (i, r) in layout.regions().iter().enumerate() {
+        if shared.staged(i) {
+            // SAFETY: guest memory of a VM that is not running here, a whole region of a
+            // shared mapping; the engine owns its contents during the migration, and no
+            // receiver runs yet.
+            unsafe { sys::remove(r.host_addr, r.len) }
+                .map_err(|source| MigrateError::Place { gpa: r.gpa, source })?;
+        }
+        discard(layout, r.gpa, r.len)?;
+    }
+    Ok(())
+}
+
 fn discard(layout: &Layout, gpa: u64, len: u64) -> Result<(), MigrateError> {
     let addr = layout.host_addr(GpaRange::new(gpa, len))?;
     // SAFETY: guest memory of a VM that is not running here; the engine owns its contents

@@ -883,6 +883,29 @@ impl Run<'_, '_> {
         self.check_workers()
     }
 
+    /// Waits until the destination placed everything sent so far (a drain round: the marker on
+    /// every bulk stream, then `RoundEnd(PRE_STALE_ROUND)` on control, echoed once every
+    /// receiver passed the marker). The sender threads' barrier only says the pages left; the
+    /// destination may still be placing (and hashing) a round's data, ms of it after a large
+    /// round. Drained after every round, the harvest that decides the switchover comes after
+    /// it, so no backlog lands inside the blackout and no page dirtied while waiting is left
+    /// out of the prediction; the round's time, and so the measured throughput, is end to end.
+    fn drain(&mut self, round: u32) -> Result<(), MigrateError> {
+        self.marker(PRE_STALE_ROUND, Phase::Round(round))?;
+        self.pre_stale_acked = false;
+        self.ctl.send(
+            &Frame::RoundEnd {
+                round: PRE_STALE_ROUND,
+            },
+            &[],
+        )?;
+        self.wait_ctl(
+            "the destination to place the round",
+            |r| r.pre_stale_acked,
+            Phase::Round(round),
+        )
+    }
+
     /// Sends a barrier on every stream and waits for all of them.
     fn barrier(&mut self, round: u32, phase: Phase) -> Result<(), MigrateError> {
         for s in 0..self.stream_count {
@@ -981,6 +1004,7 @@ impl Run<'_, '_> {
                 self.dispatch(&pending, false, Phase::Round(round))?;
                 self.barrier(round, Phase::Round(round))?;
                 self.ctl.send(&Frame::RoundEnd { round }, &[])?;
+                self.drain(round)?;
                 let dur = t0.elapsed();
                 let bytes = self.bytes_sent() - bytes0;
                 // Only rounds that moved real data measure the link: a round of mostly zero
@@ -1147,31 +1171,6 @@ impl Run<'_, '_> {
                 break;
             }
             drop_now = next;
-        }
-        // No drop round ran (stop-and-copy, or nothing to drop): drain all the same. The
-        // sender threads' barrier only says the pages left; the destination may still be
-        // placing (and hashing) the last round's data, ms of it after a large round, and the
-        // switchover would wait for it inside the blackout.
-        if round > 0 && drops == 0 {
-            let r = (|| -> Result<(), MigrateError> {
-                self.marker(PRE_STALE_ROUND, Phase::Round(round))?;
-                self.pre_stale_acked = false;
-                self.ctl.send(
-                    &Frame::RoundEnd {
-                        round: PRE_STALE_ROUND,
-                    },
-                    &[],
-                )?;
-                self.wait_ctl(
-                    "the destination to place the last round",
-                    |r| r.pre_stale_acked,
-                    Phase::Round(round),
-                )
-            })();
-            if let Err(e) = r {
-                let _ = dirty.stop();
-                return Err(e);
-            }
         }
 
         // The switchover: the blackout starts.

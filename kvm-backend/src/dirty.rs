@@ -227,7 +227,9 @@ impl KvmDirtyTracker {
                 });
             };
             let t0 = std::time::Instant::now();
-            sys::get_dirty_log(&self.core.vm, slot, r.pages(), bm)
+            // SAFETY: slot `i` is region `i`, registered with KVM at its full length (see
+            // `set_logging` and the VM's construction), so `r.pages()` is the slot's size.
+            unsafe { sys::get_dirty_log(&self.core.vm, slot, r.pages(), bm) }
                 .map_err(|source| DirtyError::GetLog { slot, source })?;
             let t1 = std::time::Instant::now();
             st.fetch += t1 - t0;

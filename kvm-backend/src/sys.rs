@@ -79,9 +79,20 @@ pub fn clear_dirty_log(
     check(unsafe { ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &arg) }).map(drop)
 }
 
-/// `KVM_GET_DIRTY_LOG` into `bitmap`: one bit per page of `slot`, which has `pages` pages. With
-/// manual protection this only copies the log (nothing is cleared or re-protected).
-pub fn get_dirty_log(vm: &VmFd, slot: u32, pages: u64, bitmap: &mut [u64]) -> io::Result<()> {
+/// `KVM_GET_DIRTY_LOG` into `bitmap`: one bit per page of `slot`. With manual protection this
+/// only copies the log (nothing is cleared or re-protected). `EINVAL` when `bitmap` holds fewer
+/// than `pages` bits.
+///
+/// # Safety
+///
+/// `pages` must be the page count of memory slot `slot` as registered with KVM: KVM writes
+/// `ALIGN(pages, 64) / 8` bytes through the buffer pointer, whatever `bitmap`'s length.
+pub unsafe fn get_dirty_log(
+    vm: &VmFd,
+    slot: u32,
+    pages: u64,
+    bitmap: &mut [u64],
+) -> io::Result<()> {
     if (bitmap.len() as u64) * 64 < pages {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
@@ -90,9 +101,9 @@ pub fn get_dirty_log(vm: &VmFd, slot: u32, pages: u64, bitmap: &mut [u64]) -> io
         ..Default::default()
     };
     arg.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
-    // SAFETY: `arg` is a valid kvm_dirty_log whose bitmap pointer covers the slot's `pages`
-    // bits rounded up to 64 (checked above: KVM writes `ALIGN(pages, 64) / 8` bytes) and is
-    // exclusively borrowed for the call.
+    // SAFETY: `arg` is a valid kvm_dirty_log whose bitmap pointer covers `pages` bits rounded up
+    // to 64 (checked above), the slot's size (the caller's contract: KVM writes
+    // `ALIGN(pages, 64) / 8` bytes), and is exclusively borrowed for the call.
     check(unsafe { ioctl_with_ref(vm, KVM_GET_DIRTY_LOG(), &arg) }).map(drop)
 }
 

@@ -39,6 +39,13 @@
 //!         S->>D: Pages / ZeroPages / CompressedPages [bulk, parallel]
 //!         S->>D: RoundEnd(round) [control]
 //!         D-->>S: Resend(ranges) [control, only on a failed live checksum]
+//!         S->>D: drain marker RoundEnd(u32::MAX - 2) on every bulk stream [bulk]
+//!         S->>D: RoundEnd(u32::MAX - 2) [control]
+//!         D-->>S: RoundEnd(u32::MAX - 2) [control, once every receiver passed the marker]
+//!     end
+//!     opt hybrid switching to post-copy, VM still running (repeated while it shrinks)
+//!         S->>D: drain marker [bulk], StaleSet(ranges dirty now) [control], RoundEnd(u32::MAX - 2) [control]
+//!         D-->>S: RoundEnd(u32::MAX - 2) [control, after dropping them]
 //!     end
 //!     opt post-copy
 //!         S->>D: switchover marker on every bulk stream, flushed before the pause [bulk]
