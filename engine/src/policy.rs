@@ -47,6 +47,8 @@ pub struct Policy {
     pub prefetch_pages: u64,
     /// Timeout for a peer that stops answering.
     pub timeout: Duration,
+    /// Least time between two progress reports (and throughput samples).
+    pub progress_interval: Duration,
 }
 
 impl Default for Policy {
@@ -64,6 +66,7 @@ impl Default for Policy {
             frame_bytes: 1 << 20,
             prefetch_pages: 64,
             timeout: Duration::from_secs(30),
+            progress_interval: Duration::from_millis(50),
         }
     }
 }

@@ -701,7 +701,7 @@ impl Run<'_, '_> {
     }
 
     fn tick(&mut self, phase: Phase) {
-        if self.last_sample.elapsed() < Duration::from_millis(50) {
+        if self.last_sample.elapsed() < self.policy.progress_interval {
             return;
         }
         let t = self.elapsed_ms();
@@ -890,8 +890,18 @@ impl Run<'_, '_> {
     /// round. Drained after every round, the harvest that decides the switchover comes after
     /// it, so no backlog lands inside the blackout and no page dirtied while waiting is left
     /// out of the prediction; the round's time, and so the measured throughput, is end to end.
-    fn drain(&mut self, round: u32) -> Result<(), MigrateError> {
+    /// With `stale` (hybrid, before switching to post-copy), the destination also drops those
+    /// pages before it answers.
+    fn drain(&mut self, round: u32, stale: &[GpaRange]) -> Result<(), MigrateError> {
         self.marker(PRE_STALE_ROUND, Phase::Round(round))?;
+        for chunk in stale.chunks(MAX_LIST_RANGES) {
+            self.ctl.send(
+                &Frame::StaleSet {
+                    ranges: chunk.to_vec(),
+                },
+                &[],
+            )?;
+        }
         self.pre_stale_acked = false;
         self.ctl.send(
             &Frame::RoundEnd {
@@ -900,7 +910,7 @@ impl Run<'_, '_> {
             &[],
         )?;
         self.wait_ctl(
-            "the destination to place the round",
+            "the destination to place the round (and drop the stale pages)",
             |r| r.pre_stale_acked,
             Phase::Round(round),
         )
@@ -1004,7 +1014,7 @@ impl Run<'_, '_> {
                 self.dispatch(&pending, false, Phase::Round(round))?;
                 self.barrier(round, Phase::Round(round))?;
                 self.ctl.send(&Frame::RoundEnd { round }, &[])?;
-                self.drain(round)?;
+                self.drain(round, &[])?;
                 let dur = t0.elapsed();
                 let bytes = self.bytes_sent() - bytes0;
                 // Only rounds that moved real data measure the link: a round of mostly zero
@@ -1132,28 +1142,8 @@ impl Run<'_, '_> {
             drops += 1;
             let r = (|| -> Result<Vec<GpaRange>, MigrateError> {
                 // Behind the last pages on every stream: the destination drops nothing before
-                // its receivers passed it.
-                self.marker(PRE_STALE_ROUND, Phase::Round(round))?;
-                for chunk in drop_now.chunks(MAX_LIST_RANGES) {
-                    self.ctl.send(
-                        &Frame::StaleSet {
-                            ranges: chunk.to_vec(),
-                        },
-                        &[],
-                    )?;
-                }
-                self.pre_stale_acked = false;
-                self.ctl.send(
-                    &Frame::RoundEnd {
-                        round: PRE_STALE_ROUND,
-                    },
-                    &[],
-                )?;
-                self.wait_ctl(
-                    "the destination to drop the stale pages",
-                    |r| r.pre_stale_acked,
-                    Phase::Round(round),
-                )?;
+                // its receivers passed the marker.
+                self.drain(round, &drop_now)?;
                 self.harvest(dirty, &mut bitmap, false)
             })();
             let next = match r {

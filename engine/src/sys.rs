@@ -84,13 +84,17 @@ pub fn set_sched(
         sched_runtime: slice_ns,
         ..SchedAttr::default()
     };
+    sched_setattr(tid, &attr)
+}
+
+fn sched_setattr(tid: i32, attr: &SchedAttr) -> io::Result<()> {
     // SAFETY: `attr` is a valid, initialised sched_attr whose `size` field matches its
     // layout; the kernel only reads it. Flags 0.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_sched_setattr,
             libc::c_long::from(tid),
-            &attr as *const SchedAttr,
+            attr as *const SchedAttr,
             0 as libc::c_long,
         )
     };
@@ -137,21 +141,7 @@ pub fn set_sched_attr(tid: i32, saved: &SchedAttr) -> io::Result<()> {
         sched_flags: saved.sched_flags & SCHED_FLAG_RESET_ON_FORK,
         ..*saved
     };
-    // SAFETY: `attr` is a valid, initialised sched_attr whose `size` field matches its
-    // layout; the kernel only reads it. Flags 0.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_sched_setattr,
-            libc::c_long::from(tid),
-            &attr as *const SchedAttr,
-            0 as libc::c_long,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    sched_setattr(tid, &attr)
 }
 
 impl SchedAttr {

@@ -65,6 +65,9 @@ mod tests {
             mode: Mode::PostCopy,
             checksums: true,
             timeout: Duration::from_secs(30),
+            // The cuts are triggered from progress reports: a 64 MiB push in a release build
+            // is over before the default 50 ms interval passes.
+            progress_interval: Duration::from_millis(1),
             ..Policy::default()
         }
     }
