@@ -1250,10 +1250,6 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
         Ok(())
     }
 
-    /// Drops every page of guest memory from its mapping (see [`discard`]); the page cache of
-    /// shared-backed regions is emptied too (`MADV_REMOVE`), since pre-copy data lands there
-    /// and a page received as zeroes is not written: whatever a stray write left must not
-    /// show through.
     /// Marks `ranges` stale and drops their pages from guest memory; returns the page count.
     fn invalidate(&mut self, ranges: &[GpaRange]) -> Result<u64, MigrateError> {
         let shared = self.shared;
@@ -1899,12 +1895,10 @@ fn fill(shared: &Shared<'_>, range: GpaRange, src: Src<'_>) -> Result<(), Migrat
     Ok(())
 }
 
-/// Drops `gpa..gpa+len` of guest memory from its mapping (`MADV_DONTNEED`): anonymous pages
-/// become missing, shared ones stay in the page cache and fault as minor once registered.
-/// Only while the VM is not running on this side.
-/// Empties guest memory before a session receives anything: the guest mapping, and the page
-/// cache of shared-backed regions (so nothing a stray write left there shows through a page
-/// received as zeroes).
+/// Drops every page of guest memory from its mapping (see [`discard`]) before a session
+/// receives anything; the page cache of shared-backed regions is emptied too (`MADV_REMOVE`),
+/// since pre-copy data lands there and a page received as zeroes is not written: whatever a
+/// stray write left must not show through.
 fn discard_guest_memory(shared: &Shared<'_>) -> Result<(), MigrateError> {
     let layout = shared.layout;
     for (i, r) in layout.regions().iter().enumerate() {
@@ -1920,6 +1914,9 @@ fn discard_guest_memory(shared: &Shared<'_>) -> Result<(), MigrateError> {
     Ok(())
 }
 
+/// Drops `gpa..gpa+len` of guest memory from its mapping (`MADV_DONTNEED`): anonymous pages
+/// become missing, shared ones stay in the page cache and fault as minor once registered.
+/// Only while the VM is not running on this side.
 fn discard(layout: &Layout, gpa: u64, len: u64) -> Result<(), MigrateError> {
     let addr = layout.host_addr(GpaRange::new(gpa, len))?;
     // SAFETY: guest memory of a VM that is not running here; the engine owns its contents
