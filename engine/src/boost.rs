@@ -63,13 +63,6 @@ pub fn class() -> Class {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Prior(crate::sys::SchedAttr);
 
-impl Prior {
-    /// The nice value the thread had.
-    pub fn nice(&self) -> i32 {
-        self.0.nice()
-    }
-}
-
 /// Raises thread `tid` (the calling thread when `None`) and returns what to put back, or
 /// `None` when nothing changed: raising is off, not permitted, or the thread already runs
 /// under a real-time policy (a VMM's real-time vCPU thread keeps its own priority, which
@@ -112,11 +105,6 @@ pub fn restore(tid: Option<i32>, prior: Prior) {
     if let Err(e) = crate::sys::set_sched_attr(tid.unwrap_or(0), &prior.0) {
         tracing::debug!(?tid, %e, "cannot restore a thread's priority");
     }
-}
-
-/// The calling thread's nice value.
-pub fn current_nice() -> i32 {
-    rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap_or(0)
 }
 
 /// The calling thread raised until dropped, then back at its previous scheduling.
@@ -316,6 +304,11 @@ mod tests {
         assert_eq!(after, before);
         assert_eq!(stat_field(40), 10, "rt_priority kept");
         let _ = crate::sys::set_sched(0, 0, 0, None, false);
+    }
+
+    /// The calling thread's nice value.
+    fn current_nice() -> i32 {
+        rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap_or(0)
     }
 
     /// Field `n` (1-based, as in proc(5)) of /proc/thread-self/stat.
