@@ -6,9 +6,9 @@
 //!
 //! memfd regions are received through their alias mapping, into the
 //! page cache only: the guest's own mapping stays empty until the VM runs. A page that turns
-//! stale at a post-copy switchover therefore needs no unmapping inside the blackout (unmapping
-//! cost ~0.2 µs per page here, ~0.7 ms for a hybrid switch with 3,500 stale pages); marking it
-//! is enough. At the switchover the arrived pages the source names as touched first
+//! stale at a post-copy switchover therefore needs no unmapping inside the blackout (unmapping,
+//! batched, costs ~0.1–1 µs per page here; a 1 GiB anonymous hybrid switch under a writer at
+//! full speed unmaps 30k–200k pages); marking it is enough. At the switchover the arrived pages the source names as touched first
 //! (`FirstTouch`) are mapped before the VM resumes; after it, the guest's first touch of another
 //! page that did arrive is a minor fault resolved locally (`UFFDIO_CONTINUE` of the page and its
 //! arrived neighbours, no request). When the last page is here, guest memory is unregistered
@@ -1275,12 +1275,21 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
             }
         }
         let ranges = &unmap[..];
-        // Unmapping costs ~0.2 µs per page (page-table and TLB work): with many ranges, split
-        // it over two threads (the destination VM is not running, so the other core is free).
+        // Unmapping costs page-table work per page and a TLB flush per call: `discard_many`
+        // batches 1,024 ranges per call (~0.1–1 µs per page here, against ~2–12 µs one call
+        // per page). With many ranges, split it over two threads (the destination VM is not
+        // running, so the other core is free).
         let discard_all = |ranges: &[GpaRange]| -> Result<(), MigrateError> {
-            ranges
+            let host = ranges
                 .iter()
-                .try_for_each(|r| discard(layout, r.gpa, r.len))
+                .map(|r| Ok((layout.host_addr(*r)?, r.len)))
+                .collect::<Result<Vec<_>, MigrateError>>()?;
+            // SAFETY: guest memory of a VM that is not running here; the engine owns its
+            // contents during the migration and nobody holds references into it.
+            unsafe { sys::discard_many(&host) }.map_err(|(i, source)| MigrateError::Place {
+                gpa: ranges[i].gpa,
+                source,
+            })
         };
         if ranges.len() >= PARALLEL_DISCARD_RANGES {
             let (a, b) = ranges.split_at(ranges.len() / 2);

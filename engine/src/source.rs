@@ -1128,7 +1128,7 @@ impl Run<'_, '_> {
 
         // Hybrid switching to post-copy: the pages dirty now will be stale. Have the
         // destination drop them while the VM still runs here, so the blackout only drops what
-        // is dirtied from now on (dropping costs ~0.2 µs per page at the destination).
+        // is dirtied from now on (dropping costs ~0.1–1 µs per page at the destination).
         let mut pre_stale: Vec<GpaRange> = Vec::new();
         // Repeat while that shrinks the set (a writer faster than the destination can drop
         // pages never converges; what is left is dropped inside the blackout).
