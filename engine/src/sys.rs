@@ -70,7 +70,7 @@ pub unsafe fn discard_many(ranges: &[(usize, u64)]) -> Result<(), (usize, io::Er
                 )
             };
             let total: usize = iov.iter().map(|v| v.iov_len).sum();
-            if r < 0 || r as usize != total {
+            if usize::try_from(r).ok() != Some(total) {
                 // Unsupported, or stopped part way: the per-range fallback below redoes this
                 // batch (dropping a dropped page again is harmless) and names a failure.
                 break;
