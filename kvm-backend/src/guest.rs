@@ -795,6 +795,42 @@ impl GapLog {
         })
     }
 
+    /// The gaps of each vCPU `i` that started after `from[i]` and at or before `to[i]`
+    /// (guest TSCs), summarised like [`Self::split`]'s parts: the largest per-vCPU count and
+    /// sum, the longest gap of any vCPU. With `from` the pause points and `to` each vCPU's TSC
+    /// when the destination finished the migration, this is what the guest lost while the
+    /// migration still ran on this side (post-copy faults and push, the digest), apart from
+    /// the switchover gap and from whatever ran on this machine after. Gaps the ring lost are
+    /// not counted (see [`GapSplit::complete`]).
+    pub fn between(&self, from: &[u64], to: &[u64]) -> Result<GapSummary, GapSplitError> {
+        for given in [from.len(), to.len()] {
+            if given != self.vcpus.len() {
+                return Err(GapSplitError::VcpuCount {
+                    given,
+                    vcpus: self.vcpus.len(),
+                });
+            }
+        }
+        let mut out = GapSummary::default();
+        for ((v, &a), &b) in self.vcpus.iter().zip(from).zip(to) {
+            let (mut n, mut sum, mut max) = (0u64, 0u64, 0u64);
+            for e in v
+                .entries
+                .iter()
+                .filter(|e| e.start_tsc() > a && e.start_tsc() <= b)
+            {
+                n += 1;
+                sum = sum.saturating_add(e.ticks);
+                max = max.max(e.ticks);
+            }
+            let one = self.summary(n, sum, max);
+            out.count = out.count.max(one.count);
+            out.sum_us = out.sum_us.max(one.sum_us);
+            out.max_us = out.max_us.max(one.max_us);
+        }
+        Ok(out)
+    }
+
     fn split_vcpu(&self, v: &VcpuGapLog, pause: u64) -> VcpuGapSplit {
         let (mut pre_n, mut pre_sum, mut pre_max) = (0u64, 0u64, 0u64);
         let (mut aft_n, mut aft_sum, mut aft_max) = (0u64, 0u64, 0u64);
@@ -1198,6 +1234,25 @@ mod tests {
         );
         assert_eq!(sp.after.count, 2);
         assert!(sp.complete && sp.lost == 0);
+        // Between the pause points and TSC 15_000 (vCPU 0) / 10_900 (vCPU 1): vCPU 0's gap
+        // that started at 12_700 counts, the one from 19_100 is later, the switchover gaps
+        // started before; vCPU 1 has none.
+        assert_eq!(
+            log.between(&[10_000, 10_050], &[15_000, 10_900]).unwrap(),
+            GapSummary {
+                count: 1,
+                sum_us: 300,
+                max_us: 300
+            }
+        );
+        assert_eq!(
+            log.between(&[10_000, 10_050], &[30_000, 30_000]).unwrap(),
+            sp.after
+        );
+        assert!(matches!(
+            log.between(&[10_000, 10_050], &[1]),
+            Err(GapSplitError::VcpuCount { given: 1, vcpus: 2 })
+        ));
         // The rings are not data: scribbling on them leaves the verifier model intact.
         assert!(verify(&mem, &plan).ok());
     }

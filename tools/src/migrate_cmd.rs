@@ -366,7 +366,7 @@ fn run_source(
     auth: Auth,
     warmup: Duration,
     json: bool,
-) -> Result<Value> {
+) -> Result<(Value, KvmVm)> {
     require_kvm()?;
     let cfg = vm_args.config()?;
     let mut vm = KvmVm::new_source(&cfg).context("Cannot create the source VM")?;
@@ -447,7 +447,7 @@ fn run_source(
     v["write_mib_s"] = json!(vm_args.write_mib_s);
     v["dirty_mode"] = json!(format!("{:?}", vm.dirty_mode()));
     v["blackout_priority"] = json!(vm_args.blackout_priority.name());
-    Ok(v)
+    Ok((v, vm))
 }
 
 /// Runs the destination side on `listener`; returns its report as JSON, after letting the
@@ -502,13 +502,16 @@ fn run_dest(
         }
     };
     let before = vm.guest_stats();
+    // Each vCPU's last progress point when the migration ended here: the end of the
+    // `guest_migrating_*` window.
+    let done_tsc: Vec<u64> = before.per_vcpu.iter().map(|s| s.last_tsc).collect();
     std::thread::sleep(run_after);
     let fault = vm.fault().map(|f| f.to_string());
     use ferry_engine::vm::VmControl;
     vm.pause()
         .map_err(|e| anyhow!("Cannot pause the migrated VM: {e}"))?;
     let after = vm.guest_stats();
-    let split = gap_split_json(&vm);
+    let split = gap_split_json(&vm, &done_tsc);
     let model = match cfg.workload {
         Workload::Verifier => Some(
             vm.verify_memory()
@@ -577,13 +580,14 @@ impl ferry_engine::vm::VmControl for CutAfterResume<'_> {
 /// VM restored it). Fields are null for guests without a gap log, the pre-copy ones and the
 /// switchover gap are null when ring overflow lost entries from the switchover on, and the
 /// pre-copy longest gap is null when overflow lost it (the whole-run longest still stands).
-fn gap_split_json(vm: &KvmVm) -> Vec<(&'static str, Value)> {
+fn gap_split_json(vm: &KvmVm, done_tsc: &[u64]) -> Vec<(&'static str, Value)> {
     let ms = |us: u64| us as f64 / 1000.0;
     let sp = match vm.guest_gap_split() {
         Ok(sp) if vm.plan().gap_log_entries > 0 => sp,
         _ => return GAP_SPLIT_KEYS.iter().map(|k| (*k, Value::Null)).collect(),
     };
     let known = |x: Value| if sp.complete { x } else { Value::Null };
+    let migrating = vm.guest_gap_log().between(vm.state_tsc(), done_tsc).ok();
     vec![
         ("guest_switch_gap_us", known(json!(sp.switch_gap_us))),
         (
@@ -603,6 +607,15 @@ fn gap_split_json(vm: &KvmVm) -> Vec<(&'static str, Value)> {
         ("guest_after_max_gap_us", json!(sp.after.max_us)),
         ("guest_after_stall_ms", json!(ms(sp.after.sum_us))),
         ("guest_after_stalls", json!(sp.after.count)),
+        (
+            "guest_migrating_max_gap_us",
+            json!(migrating.map(|m| m.max_us)),
+        ),
+        (
+            "guest_migrating_stall_ms",
+            json!(migrating.map(|m| ms(m.sum_us))),
+        ),
+        ("guest_migrating_stalls", json!(migrating.map(|m| m.count))),
         ("guest_gap_log_lost", json!(sp.lost)),
         ("guest_gap_split_complete", json!(sp.complete)),
     ]
@@ -614,8 +627,12 @@ fn gap_split_json(vm: &KvmVm) -> Vec<(&'static str, Value)> {
 /// the source until then) and `_dst_us` (from then until its first progress on the
 /// destination); `guest_{pre,after}_*` the longest gap, the summed stalls over 100 µs and their
 /// count before the pause and after the switchover (sums and counts of the most-affected
-/// vCPU, like `guest_stall_ms`); `guest_gap_log_lost` entries overwritten in the rings.
-const GAP_SPLIT_KEYS: [&str; 11] = [
+/// vCPU, like `guest_stall_ms`); `guest_migrating_*` the same for the gaps that started after
+/// the switchover gap and before the destination finished the migration (post-copy faults and
+/// push, the digest: the window QEMU's post-copy figures cover), where `guest_after_*` also
+/// counts the half second the guest runs on before it is checked; `guest_gap_log_lost`
+/// entries overwritten in the rings.
+const GAP_SPLIT_KEYS: [&str; 14] = [
     "guest_switch_gap_us",
     "guest_switch_gap_src_us",
     "guest_switch_gap_dst_us",
@@ -625,6 +642,9 @@ const GAP_SPLIT_KEYS: [&str; 11] = [
     "guest_after_max_gap_us",
     "guest_after_stall_ms",
     "guest_after_stalls",
+    "guest_migrating_max_gap_us",
+    "guest_migrating_stall_ms",
+    "guest_migrating_stalls",
     "guest_gap_log_lost",
     "guest_gap_split_complete",
 ];
@@ -645,7 +665,7 @@ fn gap_split_line(v: &Value) -> String {
     };
     let or_dash = |x: &Value| x.as_u64().map_or("-".into(), |n| n.to_string());
     format!(
-        "  guest gaps split at the switchover: before it longest {} µs, {:.2} ms in {} stalls | across it {} | after it longest {} µs, {:.2} ms in {} stalls{lost}",
+        "  guest gaps split at the switchover: before it longest {} µs, {:.2} ms in {} stalls | across it {} | after it, until the migration ended, longest {} µs, {:.2} ms in {} stalls (and with the run-on: {} µs, {:.2} ms in {}){lost}",
         or_dash(&v["guest_pre_max_gap_us"]),
         v["guest_pre_stall_ms"].as_f64().unwrap_or(f64::NAN),
         or_dash(&v["guest_pre_stalls"]),
@@ -658,6 +678,9 @@ fn gap_split_line(v: &Value) -> String {
             None if v["guest_gap_split_complete"] == json!(true) => "< 100 µs".into(),
             None => "unknown (lost)".into(),
         },
+        or_dash(&v["guest_migrating_max_gap_us"]),
+        v["guest_migrating_stall_ms"].as_f64().unwrap_or(f64::NAN),
+        or_dash(&v["guest_migrating_stalls"]),
         or_dash(&v["guest_after_max_gap_us"]),
         v["guest_after_stall_ms"].as_f64().unwrap_or(f64::NAN),
         or_dash(&v["guest_after_stalls"]),
@@ -667,7 +690,7 @@ fn gap_split_line(v: &Value) -> String {
 /// `ferry send`.
 pub fn send(a: SendArgs) -> Result<()> {
     let auth = a.auth.auth()?;
-    let v = run_source(
+    let (v, _vm) = run_source(
         a.to,
         &a.vm,
         &a.migrate,
@@ -859,7 +882,11 @@ pub fn demo(a: DemoArgs) -> Result<()> {
             }
         }
         let status = child.wait()?;
-        let mut v = source?;
+        // The paused source VM is torn down only now: two hosts do not share CPUs, but here
+        // freeing its memory (a 1 GiB guest: up to 24 ms of a CPU) competed with the
+        // destination's guest while it ran on.
+        let (mut v, source_vm) = source?;
+        drop(source_vm);
         let d = dest_result
             .ok_or_else(|| anyhow!("The destination process gave no result ({status})"))?;
         for k in [

@@ -131,6 +131,19 @@ mod tests {
             "no guest-visible gap across the switchover: {v}"
         );
         ensure!(v["guest_after_stalls"].is_u64(), "{v}");
+        // The window until the destination finished is part of the whole time after it.
+        let (during, after) = (&v["guest_migrating_stalls"], &v["guest_after_stalls"]);
+        ensure!(
+            during
+                .as_u64()
+                .zip(after.as_u64())
+                .is_some_and(|(d, a)| d <= a),
+            "migrating stalls {during} not within the after-switchover ones {after}: {v}"
+        );
+        ensure!(
+            v["guest_migrating_stall_ms"].as_f64() <= v["guest_after_stall_ms"].as_f64(),
+            "{v}"
+        );
         Ok(())
     }
 
