@@ -851,6 +851,8 @@ pub(crate) fn peer(input: &mut dyn BufRead, out: &mut PeerOut) -> Result<()> {
             DestVm {
                 memory: &*dst_mem,
                 control,
+                // Created for this run, never written.
+                zeroed: true,
             },
             streams,
             Duration::from_secs(60 + 30 * gib),

@@ -91,14 +91,23 @@ const PRESENT: u8 = 1;
 const STALE: u8 = 2;
 const FILLING: u8 = 3;
 
-/// The destination VM, as the engine drives it. Its guest memory must be freshly mapped (all
-/// zero, unpopulated) and its vCPUs not running.
+/// The destination VM, as the engine drives it. Its guest memory must be unused by anything
+/// else during the migration and its vCPUs not running.
 #[allow(missing_debug_implementations)]
 pub struct DestVm<'a> {
     /// Guest memory.
     pub memory: &'a dyn GuestMemory,
     /// vCPU and device control.
     pub control: &'a mut dyn VmControl,
+    /// Every byte of guest memory reads as zero and nothing wrote to it since it was
+    /// allocated: a VM created for this migration, whose memory may have been allocated ahead
+    /// (`fallocate` of a memfd, like QEMU's `-mem-prealloc`). The session then keeps the page
+    /// cache of shared-backed regions rather than punching it out at its start, so a
+    /// preallocation survives and pages arrive into memory that is already backed. False (a
+    /// VM reused after a failed attempt, or memory of unknown content): the session empties
+    /// shared-backed memory first (`MADV_REMOVE`), since a page that arrives as zeroes is not
+    /// written. Anonymous memory is dropped from its mapping at session start either way.
+    pub zeroed: bool,
 }
 
 /// The connections of a destination session.
@@ -311,7 +320,7 @@ pub fn receive_with(
     // with guest size. Before the receivers start: the source sends its first round right
     // after the handshake, and a page placed before this ran would be dropped while counted as
     // present (read as zeroes later, or a fault that never resolves).
-    discard_guest_memory(&shared)?;
+    discard_guest_memory(&shared, vm.zeroed)?;
     let result = thread::scope(|s| {
         let (note_tx, note_rx) = unbounded();
         let (go_tx, go_rx) = bounded::<()>(n.max(1));
@@ -1905,13 +1914,14 @@ fn fill(shared: &Shared<'_>, range: GpaRange, src: Src<'_>) -> Result<(), Migrat
 }
 
 /// Drops every page of guest memory from its mapping (see [`discard`]) before a session
-/// receives anything; the page cache of shared-backed regions is emptied too (`MADV_REMOVE`),
-/// since pre-copy data lands there and a page received as zeroes is not written: whatever a
-/// stray write left must not show through.
-fn discard_guest_memory(shared: &Shared<'_>) -> Result<(), MigrateError> {
+/// receives anything; unless the memory is known to read as zero ([`DestVm::zeroed`]), the page
+/// cache of shared-backed regions is emptied too (`MADV_REMOVE`), since pre-copy data lands
+/// there and a page received as zeroes is not written: whatever a stray write left must not
+/// show through.
+fn discard_guest_memory(shared: &Shared<'_>, zeroed: bool) -> Result<(), MigrateError> {
     let layout = shared.layout;
     for (i, r) in layout.regions().iter().enumerate() {
-        if shared.staged(i) {
+        if shared.staged(i) && !zeroed {
             // SAFETY: guest memory of a VM that is not running here, a whole region of a
             // shared mapping; the engine owns its contents during the migration, and no
             // receiver runs yet.

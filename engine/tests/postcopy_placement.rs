@@ -166,6 +166,7 @@ mod tests {
             DestVm {
                 memory: &*dst_mem,
                 control,
+                zeroed: false,
             },
             &policy,
             &opts,

@@ -105,6 +105,7 @@ mod tests {
             DestVm {
                 memory: dst_mem,
                 control: dest,
+                zeroed: false,
             },
             &policy(),
             &options(transport),

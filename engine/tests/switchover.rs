@@ -180,6 +180,7 @@ mod tests {
             DestVm {
                 memory: dst_mem,
                 control: dest,
+                zeroed: false,
             },
             &policy(mode),
             opts,

@@ -10,7 +10,7 @@
 //! This module does not register slots with KVM (that is [`crate::vm`]) and never touches the
 //! contents of the memory it maps.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 
 use ferry_engine::vm::{Backing, GuestMemory, GuestRegion};
@@ -47,6 +47,20 @@ pub enum MemoryError {
         #[source]
         source: std::io::Error,
     },
+    /// Preallocating memfd-backed RAM failed (short of memory, or a size limit).
+    #[error("Cannot preallocate {len:#x} bytes of guest memory")]
+    Prefault {
+        /// Bytes asked for.
+        len: u64,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Preallocation asked for anonymous RAM.
+    #[error(
+        "Preallocating guest memory needs memfd backing (anonymous memory is emptied when a migration starts)"
+    )]
+    PrefaultAnonymous,
     /// mmap failed.
     #[error("Cannot map guest region {gpa:#x}+{len:#x}")]
     Map {
@@ -122,6 +136,23 @@ impl KvmMemory {
             regions,
             maps,
             size,
+        })
+    }
+
+    /// Allocates every page of memfd-backed RAM now (`fallocate`), like QEMU's
+    /// `-mem-prealloc` or Cloud Hypervisor's `prefault=on`, for a destination created ahead of
+    /// its migration: pages then arrive into memory that is already backed, and a host short of
+    /// memory fails here, before the switchover, rather than while a post-copy guest runs.
+    /// Contents stay zero and no mapping is touched, so the engine may be told the memory is
+    /// [`zeroed`](ferry_engine::dest::DestVm::zeroed). Anonymous RAM is refused: the engine
+    /// drops it from its mapping at session start, which would free the allocation again.
+    pub fn prefault(&self) -> Result<(), MemoryError> {
+        let Some(Backing::Memfd { fd, .. }) = self.regions.first().map(|r| &r.backing) else {
+            return Err(MemoryError::PrefaultAnonymous);
+        };
+        sys::fallocate(fd.as_fd(), self.size).map_err(|source| MemoryError::Prefault {
+            len: self.size,
+            source,
         })
     }
 
@@ -237,6 +268,32 @@ unsafe impl GuestMemory for KvmMemory {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// Prefaulting a memfd allocates all of it (the file's blocks), keeps it zero, and is
+    /// refused for anonymous memory.
+    #[test]
+    fn prefault_allocates_memfd_and_refuses_anonymous() {
+        use std::os::unix::fs::MetadataExt;
+        let size = 4 << 20;
+        let m = KvmMemory::new(size, MemBacking::Memfd, false).unwrap();
+        let Backing::Memfd { fd, .. } = &m.regions()[0].backing else {
+            panic!("not memfd")
+        };
+        let blocks = || {
+            std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                .unwrap()
+                .blocks()
+        };
+        assert_eq!(blocks(), 0);
+        m.prefault().unwrap();
+        assert!(blocks() * 512 >= size, "{} blocks", blocks());
+        assert_eq!(m.read_u64(size - 8).unwrap(), 0);
+        let anon = KvmMemory::new(size, MemBacking::Anonymous, false).unwrap();
+        assert!(matches!(
+            anon.prefault(),
+            Err(MemoryError::PrefaultAnonymous)
+        ));
+    }
 
     #[test]
     fn layout_splits_around_hole() {

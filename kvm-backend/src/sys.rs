@@ -15,7 +15,7 @@
 //! It does not own policy (when to harvest, what to save): that is in the modules above it.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Once;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -296,6 +296,15 @@ impl Drop for Mapping {
         // drops the VM fd, and with it KVM's reference, before the mapping).
         unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
     }
+}
+
+/// Allocates `len` bytes of file `fd` from offset 0 (`fallocate`, mode 0): the pages exist,
+/// zeroed, in the page cache afterwards; no mapping of the file is touched.
+pub fn fallocate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: plain syscall on a borrowed, open descriptor; no memory is passed.
+    check(unsafe { libc::fallocate(fd.as_raw_fd(), 0, 0, len) })?;
+    Ok(())
 }
 
 /// Creates a memfd of `len` bytes (sparse: nothing is allocated until written).

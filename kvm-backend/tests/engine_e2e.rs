@@ -95,6 +95,7 @@ mod tests {
             DestVm {
                 memory: &*dst_mem,
                 control: &mut dst,
+                zeroed: false,
             },
             &policy,
             &opts,

@@ -96,6 +96,11 @@ pub struct VmArgs {
     /// Back guest memory with anonymous memory instead of a memfd.
     #[arg(long)]
     pub anonymous: bool,
+    /// Destination: allocate all guest memory before listening (`fallocate` of the memfd; like
+    /// QEMU's `-mem-prealloc`), so pages arrive into backed memory and a host short of memory
+    /// fails before the switchover. Not with `--anonymous`.
+    #[arg(long, conflicts_with = "anonymous")]
+    pub prefault: bool,
     /// Dirty tracking: auto, bitmap or ring.
     #[arg(long, default_value = "auto")]
     pub dirty: String,
@@ -486,6 +491,9 @@ fn run_dest(
         DestVm {
             memory: &*mem,
             control: &mut control,
+            // Created by this process for this migration (`recv` takes one), never written;
+            // `--prefault` only allocated it.
+            zeroed: true,
         },
         streams,
         Duration::from_secs(60),
@@ -716,6 +724,16 @@ pub fn recv(a: RecvArgs) -> Result<()> {
     let cfg = a.vm.config()?;
     // The VM exists before the listener, so the handshake insists on its memory map.
     let vm = KvmVm::new_destination(&cfg).context("Cannot create the destination VM")?;
+    let mut prefault_ms = None;
+    if a.vm.prefault {
+        let t = Instant::now();
+        vm.memory()
+            .prefault()
+            .context("Cannot preallocate the destination's guest memory")?;
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        tracing::info!(mib = a.vm.mem_mib, ms, "guest memory preallocated");
+        prefault_ms = Some(ms);
+    }
     let layout = Layout::new(&*vm.memory())?;
     let listener = SessionListener::bind(
         &Endpoint::Tcp(a.listen),
@@ -729,7 +747,7 @@ pub fn recv(a: RecvArgs) -> Result<()> {
     } else {
         eprintln!("ferry: waiting for a migration on {ep}");
     }
-    let v = run_dest(
+    let mut v = run_dest(
         &listener,
         vm,
         &cfg,
@@ -738,6 +756,8 @@ pub fn recv(a: RecvArgs) -> Result<()> {
         Duration::from_secs(a.recovery_window_s),
         a.fault_cut_after_resume,
     )?;
+    // Before the listener existed, so not part of the migration's time.
+    v["prefault_ms"] = json!(prefault_ms);
     for r in listener.refusals() {
         eprintln!("ferry: {r}");
     }
@@ -894,6 +914,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
             "guest_stall_ms",
             "guest_progress_after",
             "guest_fault",
+            "prefault_ms",
             "model_pages_checked",
             "model_bad_pages",
         ]
@@ -964,6 +985,9 @@ fn vm_arg_list(v: &VmArgs) -> Vec<String> {
     }
     if v.anonymous {
         a.push("--anonymous".into());
+    }
+    if v.prefault {
+        a.push("--prefault".into());
     }
     a
 }
