@@ -94,6 +94,10 @@ pub struct KvmArgs {
     /// Blackout budget in µs.
     #[arg(long, default_value_t = 1000)]
     pub max_blackout_us: u64,
+    /// Fixed part of the stop-and-copy prediction in µs (`ferry demo --switch-overhead-us`);
+    /// the engine's default when absent.
+    #[arg(long)]
+    pub switch_overhead_us: Option<u64>,
     /// Runs (one result each).
     #[arg(long, default_value_t = 1)]
     pub runs: u32,
@@ -282,6 +286,12 @@ fn run_kvm(k: &KvmArgs, peer: &PeerLauncher, out: &mut Output) -> Result<()> {
             &k.runs.to_string(),
         ])
         .args(["--max-blackout-us", &k.max_blackout_us.to_string()])
+        .args(
+            k.switch_overhead_us
+                .map(|us| ["--switch-overhead-us".to_string(), us.to_string()])
+                .into_iter()
+                .flatten(),
+        )
         .args(["--blackout-priority", &k.blackout_priority])
         .stderr(std::process::Stdio::inherit())
         .output()

@@ -82,6 +82,11 @@ mod tests {
                 "--json",
                 "--max-blackout-us",
                 "30000000",
+                // The destination allocates its memfd first and is received into it; the
+                // prediction's fixed part is passed through and reported.
+                "--prefault",
+                "--switch-overhead-us",
+                "450",
             ])
             .output()?;
         let stdout = String::from_utf8(out.stdout)?;
@@ -89,6 +94,8 @@ mod tests {
         ensure!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
         let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))?;
         ensure!(v["verified"] == serde_json::json!(true), "{v}");
+        ensure!(v["switch_overhead_us"] == serde_json::json!(450), "{v}");
+        ensure!(v["prefault_ms"].as_f64().is_some(), "no prefault reported: {v}");
         ensure!(v["model_bad_pages"] == serde_json::json!(0), "{v}");
         ensure!(v["guest_progress_after"].as_u64().unwrap_or(0) > 0, "{v}");
         for k in [
