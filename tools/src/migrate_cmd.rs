@@ -710,6 +710,11 @@ fn gap_split_line(v: &Value) -> String {
 
 /// `ferry send`.
 pub fn send(a: SendArgs) -> Result<()> {
+    if a.vm.prefault {
+        bail!(
+            "--prefault is for the destination (`ferry recv`): the source's memory is its running guest's"
+        );
+    }
     let auth = a.auth.auth()?;
     let (v, _vm) = run_source(
         a.to,

@@ -95,7 +95,10 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))?;
         ensure!(v["verified"] == serde_json::json!(true), "{v}");
         ensure!(v["switch_overhead_us"] == serde_json::json!(450), "{v}");
-        ensure!(v["prefault_ms"].as_f64().is_some(), "no prefault reported: {v}");
+        ensure!(
+            v["prefault_ms"].as_f64().is_some(),
+            "no prefault reported: {v}"
+        );
         ensure!(v["model_bad_pages"] == serde_json::json!(0), "{v}");
         ensure!(v["guest_progress_after"].as_u64().unwrap_or(0) > 0, "{v}");
         for k in [
