@@ -132,22 +132,19 @@ mod tests {
         );
         ensure!(v["guest_after_stalls"].is_u64(), "{v}");
         // The window until the destination finished is part of the whole time after it.
-        let (during, after) = (&v["guest_migrating_stalls"], &v["guest_after_stalls"]);
-        ensure!(
-            during
-                .as_u64()
-                .zip(after.as_u64())
-                .is_some_and(|(d, a)| d <= a),
-            "migrating stalls {during} not within the after-switchover ones {after}: {v}"
-        );
-        let (during, after) = (&v["guest_migrating_stall_ms"], &v["guest_after_stall_ms"]);
-        ensure!(
-            during
-                .as_f64()
-                .zip(after.as_f64())
-                .is_some_and(|(d, a)| d <= a),
-            "migrating stall {during} not within the after-switchover stall {after}: {v}"
-        );
+        for (d, a) in [
+            ("guest_migrating_stalls", "guest_after_stalls"),
+            ("guest_migrating_stall_ms", "guest_after_stall_ms"),
+        ] {
+            let (during, after) = (&v[d], &v[a]);
+            ensure!(
+                during
+                    .as_f64()
+                    .zip(after.as_f64())
+                    .is_some_and(|(x, y)| x <= y),
+                "{d} {during} not within {a} {after}: {v}"
+            );
+        }
         Ok(())
     }
 
