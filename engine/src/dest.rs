@@ -8,10 +8,10 @@
 //! page cache only: the guest's own mapping stays empty until the VM runs. A page that turns
 //! stale at a post-copy switchover therefore needs no unmapping inside the blackout (unmapping,
 //! batched, costs ~0.1–1 µs per page here; a 1 GiB anonymous hybrid switch under a writer at
-//! full speed unmaps 30k–200k pages); marking it is enough. At the switchover the arrived pages the source names as touched first
-//! (`FirstTouch`) are mapped before the VM resumes; after it, the guest's first touch of another
-//! page that did arrive is a minor fault resolved locally (`UFFDIO_CONTINUE` of the page and its
-//! arrived neighbours, no request). When the last page is here, guest memory is unregistered
+//! full speed unmaps 30k–200k pages); marking it is enough. At the switchover the arrived
+//! pages the source names as touched first (`FirstTouch`) are mapped before the VM resumes;
+//! after it, the guest's first touch of another page that did arrive is a minor fault resolved
+//! locally (`UFFDIO_CONTINUE` of the page and its arrived neighbours, no request). When the last page is here, guest memory is unregistered
 //! and the kernel maps page-cache pages on first touch, as it does without post-copy.
 //!
 //! Every frame is checked against the negotiated memory map before a byte of its payload is
@@ -1267,8 +1267,13 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
         let layout = shared.layout;
         let ps = layout.page_size();
         let mut pages = 0;
+        // Pages of shared-backed regions were received into the page cache only and were never
+        // mapped in guest memory: marking them is enough. The others are unmapped: their gpas
+        // (for errors) and host ranges.
+        let mut gpas = Vec::new();
+        let mut unmap = Vec::new();
         for r in ranges {
-            let (_, _, first) = layout.locate(*r)?;
+            let (region, _, first) = layout.locate(*r)?;
             let n = r.len / ps;
             for p in first..first + n {
                 if shared.states[p as usize].swap(STALE, Ordering::AcqRel) == PRESENT {
@@ -1276,43 +1281,35 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                 }
             }
             pages += n;
-        }
-        // Pages of shared-backed regions were received into the page cache only and were never
-        // mapped in guest memory: marking them is enough. The others are unmapped.
-        let mut unmap = Vec::with_capacity(ranges.len());
-        for r in ranges {
-            if !shared.staged(layout.locate(*r)?.0) {
-                unmap.push(*r);
+            if !shared.staged(region) {
+                gpas.push(r.gpa);
+                unmap.push((layout.host_addr(*r)?, r.len));
             }
         }
-        let ranges = &unmap[..];
         // Unmapping costs page-table work per page and a TLB flush per call: `discard_many`
         // batches 1,024 ranges per call (~0.1–1 µs per page here, against ~2–12 µs one call
         // per page). With many ranges, split it over two threads (the destination VM is not
         // running, so the other core is free).
-        let discard_all = |ranges: &[GpaRange]| -> Result<(), MigrateError> {
-            let host = ranges
-                .iter()
-                .map(|r| Ok((layout.host_addr(*r)?, r.len)))
-                .collect::<Result<Vec<_>, MigrateError>>()?;
+        let discard_all = |host: &[(usize, u64)], gpas: &[u64]| -> Result<(), MigrateError> {
             // SAFETY: page-aligned ranges (checked by `host_addr`'s locate), each inside one
             // region's mapping, of guest memory of a VM that is not running here; the engine
             // owns its contents during the migration and nobody holds references into it.
-            unsafe { sys::discard_many(&host) }.map_err(|(i, source)| MigrateError::Place {
-                gpa: ranges[i].gpa,
+            unsafe { sys::discard_many(host) }.map_err(|(i, source)| MigrateError::Place {
+                gpa: gpas.get(i).copied().unwrap_or_default(),
                 source,
             })
         };
-        if ranges.len() >= PARALLEL_DISCARD_RANGES {
-            let (a, b) = ranges.split_at(ranges.len() / 2);
+        if unmap.len() >= PARALLEL_DISCARD_RANGES {
+            let half = unmap.len() / 2;
+            let ((ha, hb), (ga, gb)) = (unmap.split_at(half), gpas.split_at(half));
             thread::scope(|s| {
-                let h = s.spawn(|| discard_all(b));
-                let ra = discard_all(a);
+                let h = s.spawn(|| discard_all(hb, gb));
+                let ra = discard_all(ha, ga);
                 let rb = h.join().map_err(|_| MigrateError::Worker("discard"))?;
                 ra.and(rb)
             })?;
         } else {
-            discard_all(ranges)?;
+            discard_all(&unmap, &gpas)?;
         }
         Ok(pages)
     }
