@@ -11,8 +11,9 @@
 //! full speed unmaps 30k–200k pages); marking it is enough. At the switchover the arrived
 //! pages the source names as touched first (`FirstTouch`) are mapped before the VM resumes;
 //! after it, the guest's first touch of another page that did arrive is a minor fault resolved
-//! locally (`UFFDIO_CONTINUE` of the page and its arrived neighbours, no request). When the last page is here, guest memory is unregistered
-//! and the kernel maps page-cache pages on first touch, as it does without post-copy.
+//! locally (`UFFDIO_CONTINUE` of the page and its arrived neighbours, no request). When the
+//! last page is here, guest memory is unregistered and the kernel maps page-cache pages on
+//! first touch, as it does without post-copy.
 //!
 //! Every frame is checked against the negotiated memory map before a byte of its payload is
 //! read into guest memory. Before the switchover, a failure leaves this VM unstarted (the source

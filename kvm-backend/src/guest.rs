@@ -679,6 +679,18 @@ pub struct GapSummary {
     pub max_us: u64,
 }
 
+impl GapSummary {
+    /// Several vCPUs' summaries as one: the largest count and sum of any vCPU (the
+    /// most-affected one, like [`GuestStats`]) and the longest gap of any.
+    fn largest(parts: impl Iterator<Item = GapSummary>) -> GapSummary {
+        parts.fold(GapSummary::default(), |a, b| GapSummary {
+            count: a.count.max(b.count),
+            sum_us: a.sum_us.max(b.sum_us),
+            max_us: a.max_us.max(b.max_us),
+        })
+    }
+}
+
 /// One vCPU's gaps split at its pause point.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VcpuGapSplit {
@@ -770,24 +782,15 @@ impl GapLog {
             .zip(pause_tsc)
             .map(|(v, &t)| self.split_vcpu(v, t))
             .collect();
-        let big = |f: &dyn Fn(&VcpuGapSplit) -> u64| per_vcpu.iter().map(f).max().unwrap_or(0);
         Ok(GapSplit {
-            pre: GapSummary {
-                count: big(&|s| s.pre.count),
-                sum_us: big(&|s| s.pre.sum_us),
-                max_us: big(&|s| s.pre.max_us),
-            },
+            pre: GapSummary::largest(per_vcpu.iter().map(|s| s.pre)),
             switch_gap_us: per_vcpu.iter().filter_map(|s| s.switch_gap_us).max(),
             switch_parts_us: per_vcpu
                 .iter()
                 .filter(|s| s.switch_gap_us.is_some())
                 .max_by_key(|s| s.switch_gap_us)
                 .and_then(|s| s.switch_parts_us),
-            after: GapSummary {
-                count: big(&|s| s.after.count),
-                sum_us: big(&|s| s.after.sum_us),
-                max_us: big(&|s| s.after.max_us),
-            },
+            after: GapSummary::largest(per_vcpu.iter().map(|s| s.after)),
             lost: per_vcpu.iter().map(|s| s.lost).sum(),
             complete: per_vcpu.iter().all(|s| s.complete),
             pre_max_exact: per_vcpu.iter().all(|s| s.pre_max_exact),
@@ -811,8 +814,7 @@ impl GapLog {
                 });
             }
         }
-        let mut out = GapSummary::default();
-        for ((v, &a), &b) in self.vcpus.iter().zip(from).zip(to) {
+        let per_vcpu = self.vcpus.iter().zip(from).zip(to).map(|((v, &a), &b)| {
             let (mut n, mut sum, mut max) = (0u64, 0u64, 0u64);
             for e in v
                 .entries
@@ -823,12 +825,9 @@ impl GapLog {
                 sum = sum.saturating_add(e.ticks);
                 max = max.max(e.ticks);
             }
-            let one = self.summary(n, sum, max);
-            out.count = out.count.max(one.count);
-            out.sum_us = out.sum_us.max(one.sum_us);
-            out.max_us = out.max_us.max(one.max_us);
-        }
-        Ok(out)
+            self.summary(n, sum, max)
+        });
+        Ok(GapSummary::largest(per_vcpu))
     }
 
     fn split_vcpu(&self, v: &VcpuGapLog, pause: u64) -> VcpuGapSplit {
