@@ -432,6 +432,7 @@ fn spawn_receiver<'scope>(
         .name(format!("ferry-recv-{i}"))
         .spawn_scoped(s, move || {
             let _enrolled = shared.recv_threads.enrol();
+            crate::warm::thread();
             let r = recv_loop(i, stream, shared, &note_tx, &go_rx, post_flag);
             let _ = note_tx.send(match r {
                 Ok(()) => Note::Ended { bulk: true },
@@ -456,6 +457,7 @@ fn spawn_reply_receiver<'scope>(
         .name("ferry-replies".into())
         .spawn_scoped(s, move || {
             raise_priority();
+            crate::warm::thread();
             if let Some(start) = start
                 && start.recv().is_err()
             {
@@ -473,8 +475,10 @@ fn spawn_reply_receiver<'scope>(
 fn dest_control_reader(ctl: ControlChannel, tx: Sender<Result<(Frame, Vec<u8>), SessionError>>) {
     // Timeouts are the control thread's business; this thread blocks until the socket closes.
     let _ = ctl.set_read_timeout(None);
-    // Mostly idle; inside the blackout it delivers the switchover's frames.
+    // Mostly idle; inside the blackout it delivers the switchover's frames (the state's
+    // receive buffer comes from the memory warmed here).
     crate::boost::raise(None);
+    crate::warm::thread();
     loop {
         let r = ctl.recv().and_then(|(h, f)| {
             let payload = if h.payload_len > 0 {
@@ -642,6 +646,7 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
                 .name("ferry-faults".into())
                 .spawn_scoped(s, move || {
                     raise_priority();
+                    crate::warm::thread();
                     if go.recv().is_err() {
                         return;
                     }
@@ -659,6 +664,9 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
         // the work it does before the switchover (dropping a hybrid's stale pages) must finish
         // before the switchover anyway. Back to normal once the VM runs, as below.
         let mut waiting = Some(crate::boost::Boost::current());
+        // This thread restores and resumes the VM inside the blackout (again at each round, in
+        // case something returned the memory since).
+        crate::warm::thread();
         loop {
             let (frame, _) = match self.next_ctl() {
                 Ok(x) => x,
@@ -674,7 +682,10 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
             };
             self.switching |= matches!(frame, Frame::Switchover { .. });
             match frame {
-                Frame::RoundBegin { round, .. } => self.report.rounds = round,
+                Frame::RoundBegin { round, .. } => {
+                    self.report.rounds = round;
+                    crate::warm::thread();
+                }
                 // Hybrid, before the switchover: the source will switch to post-copy and names
                 // the pages dirty now; drop them while its VM still runs, so only pages
                 // dirtied from here on are dropped inside the blackout.

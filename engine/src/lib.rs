@@ -40,6 +40,7 @@ mod sys;
 pub mod timeline;
 pub mod uffd;
 pub mod vm;
+pub mod warm;
 
 pub use error::MigrateError;
 pub use policy::Policy;

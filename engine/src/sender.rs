@@ -85,6 +85,7 @@ const MAX_ZERO_RANGES: usize = 4096;
 
 impl Worker<'_> {
     pub fn run(mut self, work: Receiver<Work>, done: Sender<Done>) {
+        crate::warm::thread();
         let index = self.index;
         let mut compressor = match self.compression {
             Compression::Zstd { level } => zstd::bulk::Compressor::new(i32::from(level)).ok(),

@@ -506,7 +506,7 @@ struct RoundState {
 /// spin (yielding the CPU) for up to [`SPIN_BUDGET`] on the atomic mirrors of the state, then
 /// sleep on the condvars: on this 2-core host a sleeping thread woken while the vCPUs run the
 /// guest waits for a whole scheduler slice (milliseconds), and a thread it wakes may preempt
-/// it.
+/// it. `resume` spins only when the host has a CPU for it beside one per vCPU thread.
 struct RestoreRound {
     m: Mutex<RoundState>,
     /// Mirrors `pending == 0 || failed`, for spinning.
@@ -756,6 +756,9 @@ pub struct KvmVm {
     restore_on_resume: bool,
     /// The restore round handed to the vCPU threads and not yet resumed.
     pending_round: Option<Arc<RestoreRound>>,
+    /// `resume` may spin while the vCPU threads restore: there is a CPU for it beside one per
+    /// vCPU thread (see `finish_restore_round`).
+    spin_on_resume: bool,
     /// The thread that kicks vCPUs while throttled, and its stop flag.
     throttler: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
     _kvm: Kvm,
@@ -1113,6 +1116,8 @@ impl KvmVm {
             capture_on_pause: true,
             restore_on_resume: true,
             pending_round: None,
+            spin_on_resume: std::thread::available_parallelism()
+                .is_ok_and(|n| n.get() > usize::try_from(cfg.vcpus).unwrap_or(usize::MAX)),
             throttler: None,
             _kvm: kvm,
         };
@@ -1413,7 +1418,14 @@ impl KvmVm {
         t0: Instant,
     ) -> Result<(), VmRunError> {
         let deadline = t0 + RESTORE_ACK_TIMEOUT;
-        spin_until(|| round.settled.load(Ordering::SeqCst));
+        // Spinning holds a CPU. With no CPU to spare beside the vCPU threads it holds one that
+        // a vCPU thread needs: on the 2-core host, with 2 vCPUs, the two restores then ran one
+        // after the other on the other CPU (~100 µs more blackout; a yield does not help, the
+        // waiting thread is queued on the other CPU). Sleep instead: the CPU goes to the
+        // vCPU thread, and the last acknowledgement wakes this thread.
+        if self.spin_on_resume {
+            spin_until(|| round.settled.load(Ordering::SeqCst));
+        }
         let mut g = round.lock();
         while g.go.is_none() {
             if g.pending == 0 || g.failed {
@@ -2221,6 +2233,9 @@ fn vcpu_thread(ctl: &VcpuCtl, core: &Core, caps: &VcpuCaps) {
     let tid = rustix::thread::gettid();
     let _ = ctl.tid.set(tid.as_raw_nonzero().get());
     let _ = ctl.kicker.set(Kicker::for_current_thread(&mut lock_vcpu()));
+    // Its state is saved (pause) or restored (resume) inside the blackout, on deeper stack
+    // frames and fresh allocations: those pages resident now (see `ferry_engine::warm`).
+    ferry_engine::warm::thread();
     loop {
         let restore = {
             let mut g = ctl.lock();

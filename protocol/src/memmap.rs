@@ -208,6 +208,36 @@ pub fn bitmap_to_ranges(
     max_len: u64,
     out: &mut Vec<GpaRange>,
 ) {
+    words_to_ranges(bitmap.iter().copied(), base, page_size, max_len, out);
+}
+
+/// [`bitmap_to_ranges`], leaving `bitmap` all zero: one pass where a caller that reuses the
+/// bitmap would otherwise scan it and then clear it (the final dirty harvest of a large guest is
+/// inside the blackout).
+pub fn take_bitmap_ranges(
+    bitmap: &mut [u64],
+    base: u64,
+    page_size: u64,
+    max_len: u64,
+    out: &mut Vec<GpaRange>,
+) {
+    words_to_ranges(
+        bitmap.iter_mut().map(std::mem::take),
+        base,
+        page_size,
+        max_len,
+        out,
+    );
+}
+
+fn words_to_ranges(
+    words: impl ExactSizeIterator<Item = u64>,
+    base: u64,
+    page_size: u64,
+    max_len: u64,
+    out: &mut Vec<GpaRange>,
+) {
+    let total_words = words.len() as u64;
     let max_pages = (max_len / page_size).max(1);
     let mut run_start: Option<u64> = None;
     let flush = |start: u64, end: u64, out: &mut Vec<GpaRange>| {
@@ -218,7 +248,7 @@ pub fn bitmap_to_ranges(
             s += n;
         }
     };
-    for (wi, &word) in bitmap.iter().enumerate() {
+    for (wi, word) in words.enumerate() {
         let w0 = wi as u64 * 64;
         if word == 0 {
             if let Some(s) = run_start.take() {
@@ -254,7 +284,7 @@ pub fn bitmap_to_ranges(
         }
     }
     if let Some(s) = run_start {
-        flush(s, bitmap.len() as u64 * 64, out);
+        flush(s, total_words * 64, out);
     }
 }
 
@@ -372,6 +402,17 @@ mod tests {
                 }
             }
             prop_assert_eq!(rebuilt, words);
+        }
+
+        #[test]
+        fn take_bitmap_ranges_matches_and_clears(words in proptest::collection::vec(any::<u64>(), 0..8), max_pages in 1u64..100) {
+            let mut want = Vec::new();
+            bitmap_to_ranges(&words, 0x4000_0000, 4096, max_pages * 4096, &mut want);
+            let mut taken = words.clone();
+            let mut got = Vec::new();
+            take_bitmap_ranges(&mut taken, 0x4000_0000, 4096, max_pages * 4096, &mut got);
+            prop_assert_eq!(got, want);
+            prop_assert!(taken.iter().all(|w| *w == 0));
         }
 
         #[test]
