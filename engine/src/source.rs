@@ -139,7 +139,8 @@ pub struct Progress {
 }
 
 enum Ctl {
-    Frame(Frame),
+    /// A frame and when the reader got it (before the control thread wakes to see it).
+    Frame(Frame, Instant),
     Error(SessionError),
 }
 
@@ -191,6 +192,10 @@ struct Run<'s, 'a> {
     fault_stats: Option<FaultReport>,
     verified: Option<(bool, [u8; 16])>,
     resumed: Option<ferry_protocol::frame::ResumeTimings>,
+    /// When the control reader got `Resumed`: the blackout's end as this side can know it. The
+    /// control thread may wake later (on this host a wake-up queued to an idle CPU waited up
+    /// to ~0.65 ms), which is not the guest's time.
+    resumed_arrived: Option<Instant>,
     /// The destination said it runs the VM (a `Resumed` frame arrived, on any connection).
     confirmed: bool,
     /// Barrier completions that `check_workers` took off the channel while `barrier` was still
@@ -443,6 +448,7 @@ pub fn migrate_with(
             fault_stats: None,
             verified: None,
             resumed: None,
+            resumed_arrived: None,
             confirmed: false,
             pre_stale_acked: false,
             early_barriers: Vec::new(),
@@ -671,7 +677,7 @@ fn control_reader(ctl: ControlChannel, tx: Sender<Ctl>) {
                 if matches!(f, Frame::Resumed { .. }) {
                     crate::timeline::mark("src reader got resumed");
                 }
-                if tx.send(Ctl::Frame(f)).is_err() {
+                if tx.send(Ctl::Frame(f, Instant::now())).is_err() {
                     return;
                 }
             }
@@ -728,7 +734,7 @@ impl Run<'_, '_> {
     fn on_ctl(&mut self, c: Ctl) -> Result<(), MigrateError> {
         match c {
             Ctl::Error(e) => Err(e.into()),
-            Ctl::Frame(f) => match f {
+            Ctl::Frame(f, arrived) => match f {
                 Frame::Resend { ranges } => {
                     for r in &ranges {
                         self.layout.locate(*r)?;
@@ -743,6 +749,7 @@ impl Run<'_, '_> {
                 Frame::Progress(_) => Ok(()),
                 Frame::Resumed { timings } => {
                     self.resumed = Some(timings);
+                    self.resumed_arrived = Some(arrived);
                     self.confirmed = true;
                     Ok(())
                 }
@@ -1345,7 +1352,7 @@ impl Run<'_, '_> {
                 }
             }
         };
-        let t_resumed = Instant::now();
+        let t_resumed = self.resumed_arrived.unwrap_or_else(Instant::now);
         crate::timeline::mark("src saw resumed");
         drop(streams_raised);
         drop(boost);
@@ -1450,6 +1457,7 @@ impl Run<'_, '_> {
         // Not reported yet: the switchover was confirmed here, not in `drive`.
         let first = self.report.switchover.is_empty();
         self.resumed = None;
+        self.resumed_arrived = None;
         self.wait_ctl(
             "the destination to say whether it runs the VM",
             |r| r.resumed.is_some(),
@@ -1457,7 +1465,8 @@ impl Run<'_, '_> {
         )?;
         if first && let Some((_, t0)) = since {
             let timings = self.resumed.unwrap_or_default();
-            self.report.blackout_us = t0.elapsed().as_secs_f64() * 1e6;
+            let end = self.resumed_arrived.unwrap_or_else(Instant::now);
+            self.report.blackout_us = end.saturating_duration_since(t0).as_secs_f64() * 1e6;
             self.report.blackout_phases_us = BlackoutPhases {
                 apply: timings.receive_us as f64,
                 restore: timings.restore_us as f64,

@@ -2234,8 +2234,13 @@ fn vcpu_thread(ctl: &VcpuCtl, core: &Core, caps: &VcpuCaps) {
     let _ = ctl.tid.set(tid.as_raw_nonzero().get());
     let _ = ctl.kicker.set(Kicker::for_current_thread(&mut lock_vcpu()));
     // Its state is saved (pause) or restored (resume) inside the blackout, on deeper stack
-    // frames and fresh allocations: those pages resident now (see `ferry_engine::warm`).
+    // frames and fresh allocations: those pages resident now (see `ferry_engine::warm`). So is
+    // the `kvm_run` page: a destination's vCPU first writes it (`immediate_exit`) right after
+    // the resume, a write fault on the guest's first step otherwise.
     ferry_engine::warm::thread();
+    if let Some(k) = ctl.kicker.get() {
+        k.set_immediate_exit(0);
+    }
     loop {
         let restore = {
             let mut g = ctl.lock();
