@@ -60,6 +60,7 @@ use ferry_protocol::frame::{
     SwitchoverKind,
 };
 use ferry_protocol::handshake::SessionId;
+use ferry_protocol::memmap::partition;
 use ferry_protocol::{Frame, GpaRange};
 use ferry_transport::memory::Target;
 use ferry_transport::session::{ControlChannel, SessionError};
@@ -1792,108 +1793,98 @@ fn place_post(
     let ps = layout.page_size();
     let post = shared.post()?;
     let mut k = 0usize;
-    // A range (up to a 4 MiB chunk) is claimed, received and placed in pieces of
-    // POST_PIECE_PAGES: a fault on a claimed page waits for its piece only, and the receiving
+    // Claimed, received and placed in pieces of POST_PIECE_PAGES, not a whole range (up to a
+    // 4 MiB chunk): a fault on a claimed page waits for its piece only, and the receiving
     // thread leaves the kernel between pieces. On this host's non-preemptible kernel a 4 MiB
     // receive into unallocated memory held a CPU for milliseconds (allocating each page), while
     // a vCPU thread woken from its fault waited for that CPU.
-    for whole in ranges {
-        let (region, _, first_of_range) = layout.locate(*whole)?;
-        for piece in 0..(whole.len / ps).div_ceil(POST_PIECE_PAGES) {
-            let skip = piece * POST_PIECE_PAGES;
-            let r = &GpaRange::new(
-                whole.gpa + skip * ps,
-                (whole.len / ps - skip).min(POST_PIECE_PAGES) * ps,
-            );
-            let first = first_of_range + skip;
-            let n = r.len / ps;
-            let claimed: Vec<bool> = (0..n).map(|j| shared.claim(first + j)).collect();
-            let alias = shared.alias(region);
-            // Receive in runs of equal claim status. If the stream fails part-way, the claims
-            // not placed yet are given back (STALE): a page is marked present only once all its
-            // bytes arrived and were placed, never from a partial receive.
-            let mut placed_all = || -> Result<(), MigrateError> {
-                let mut j = 0u64;
-                while j < n {
-                    let c = claimed[j as usize];
-                    let mut e = j;
-                    while e < n && claimed[e as usize] == c {
-                        e += 1;
-                    }
-                    let run = GpaRange::new(r.gpa + j * ps, (e - j) * ps);
-                    if c && alias.is_some() {
-                        stream
-                            .recv_into(&[run], Target::Alias)
-                            .map_err(stream_err(i))?;
-                    } else {
-                        staging.resize(run.len as usize, 0);
-                        stream.recv_exact(staging).map_err(stream_err(i))?;
-                    }
-                    if c {
-                        let mut hashes = Vec::with_capacity((e - j) as usize);
-                        for q in j..e {
-                            let gpa = r.gpa + q * ps;
-                            let page: &[u8] = match alias {
-                                Some(a) => {
-                                    let off = gpa - layout.regions()[region].gpa;
-                                    // SAFETY: the alias maps the whole region; `off` is a checked page
-                                    // offset inside it; the page is FILLING (claimed by us), so no other
-                                    // engine thread writes it, and the guest cannot see it yet.
-                                    unsafe {
-                                        std::slice::from_raw_parts(
-                                            (a.addr() as usize + off as usize) as *const u8,
-                                            ps as usize,
-                                        )
-                                    }
+    for r in &partition(ranges, POST_PIECE_PAGES * ps, ps) {
+        let (region, _, first) = layout.locate(*r)?;
+        let n = r.len / ps;
+        let claimed: Vec<bool> = (0..n).map(|j| shared.claim(first + j)).collect();
+        let alias = shared.alias(region);
+        // Receive in runs of equal claim status. If the stream fails part-way, the claims
+        // not placed yet are given back (STALE): a page is marked present only once all its
+        // bytes arrived and were placed, never from a partial receive.
+        let mut placed_all = || -> Result<(), MigrateError> {
+            let mut j = 0u64;
+            while j < n {
+                let c = claimed[j as usize];
+                let mut e = j;
+                while e < n && claimed[e as usize] == c {
+                    e += 1;
+                }
+                let run = GpaRange::new(r.gpa + j * ps, (e - j) * ps);
+                if c && alias.is_some() {
+                    stream
+                        .recv_into(&[run], Target::Alias)
+                        .map_err(stream_err(i))?;
+                } else {
+                    staging.resize(run.len as usize, 0);
+                    stream.recv_exact(staging).map_err(stream_err(i))?;
+                }
+                if c {
+                    let mut hashes = Vec::with_capacity((e - j) as usize);
+                    for q in j..e {
+                        let gpa = r.gpa + q * ps;
+                        let page: &[u8] = match alias {
+                            Some(a) => {
+                                let off = gpa - layout.regions()[region].gpa;
+                                // SAFETY: the alias maps the whole region; `off` is a checked page
+                                // offset inside it; the page is FILLING (claimed by us), so no other
+                                // engine thread writes it, and the guest cannot see it yet.
+                                unsafe {
+                                    std::slice::from_raw_parts(
+                                        (a.addr() as usize + off as usize) as *const u8,
+                                        ps as usize,
+                                    )
                                 }
-                                None => {
-                                    &staging[((q - j) * ps) as usize..((q - j + 1) * ps) as usize]
-                                }
-                            };
-                            let h = page_hash(gpa, page);
-                            if let Some(cs) = checksums
-                                && cs[k + (q - j) as usize] != h
-                            {
-                                return Err(MigrateError::Checksum {
-                                    gpa,
-                                    expected: cs[k + (q - j) as usize],
-                                    got: h,
-                                });
                             }
-                            hashes.push(h);
-                        }
-                        let src = if alias.is_some() {
-                            Src::PageCache
-                        } else {
-                            Src::Bytes(staging)
+                            None => &staging[((q - j) * ps) as usize..((q - j + 1) * ps) as usize],
                         };
-                        fill(shared, run, src)?;
-                        for (q, h) in (j..e).zip(hashes) {
-                            shared.placed(first + q, h, by_push);
+                        let h = page_hash(gpa, page);
+                        if let Some(cs) = checksums
+                            && cs[k + (q - j) as usize] != h
+                        {
+                            return Err(MigrateError::Checksum {
+                                gpa,
+                                expected: cs[k + (q - j) as usize],
+                                got: h,
+                            });
                         }
+                        hashes.push(h);
+                    }
+                    let src = if alias.is_some() {
+                        Src::PageCache
                     } else {
-                        // Already placed by the other path; make sure nobody sleeps on them.
-                        let addr = layout.host_addr(run)? as u64;
-                        let _ = post.uffd.wake(addr, run.len);
+                        Src::Bytes(staging)
+                    };
+                    fill(shared, run, src)?;
+                    for (q, h) in (j..e).zip(hashes) {
+                        shared.placed(first + q, h, by_push);
                     }
-                    k += (e - j) as usize;
-                    j = e;
+                } else {
+                    // Already placed by the other path; make sure nobody sleeps on them.
+                    let addr = layout.host_addr(run)? as u64;
+                    let _ = post.uffd.wake(addr, run.len);
                 }
-                Ok(())
-            };
-            if let Err(e) = placed_all() {
-                for (j, c) in claimed.iter().enumerate() {
-                    if *c {
-                        let _ = shared.states[(first + j as u64) as usize].compare_exchange(
-                            FILLING,
-                            STALE,
-                            Ordering::AcqRel,
-                            Ordering::Acquire,
-                        );
-                    }
-                }
-                return Err(e);
+                k += (e - j) as usize;
+                j = e;
             }
+            Ok(())
+        };
+        if let Err(e) = placed_all() {
+            for (j, c) in claimed.iter().enumerate() {
+                if *c {
+                    let _ = shared.states[(first + j as u64) as usize].compare_exchange(
+                        FILLING,
+                        STALE,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                }
+            }
+            return Err(e);
         }
     }
     Ok(())
