@@ -191,11 +191,11 @@ struct Run<'s, 'a> {
     stream_count: usize,
     fault_stats: Option<FaultReport>,
     verified: Option<(bool, [u8; 16])>,
-    resumed: Option<ferry_protocol::frame::ResumeTimings>,
-    /// When the control reader got `Resumed`: the blackout's end as this side can know it. The
-    /// control thread may wake later (on this host a wake-up queued to an idle CPU waited up
-    /// to ~0.65 ms), which is not the guest's time.
-    resumed_arrived: Option<Instant>,
+    /// `Resumed`: the destination's timings, and when the control reader got it (the
+    /// blackout's end as this side can know it; the control thread may wake later: on this
+    /// host a wake-up queued to an idle CPU waited up to ~0.65 ms, which is not the guest's
+    /// time).
+    resumed: Option<(ferry_protocol::frame::ResumeTimings, Instant)>,
     /// The destination said it runs the VM (a `Resumed` frame arrived, on any connection).
     confirmed: bool,
     /// Barrier completions that `check_workers` took off the channel while `barrier` was still
@@ -448,7 +448,6 @@ pub fn migrate_with(
             fault_stats: None,
             verified: None,
             resumed: None,
-            resumed_arrived: None,
             confirmed: false,
             pre_stale_acked: false,
             early_barriers: Vec::new(),
@@ -748,8 +747,7 @@ impl Run<'_, '_> {
                 Frame::Error { message, .. } => Err(MigrateError::PeerAborted { reason: message }),
                 Frame::Progress(_) => Ok(()),
                 Frame::Resumed { timings } => {
-                    self.resumed = Some(timings);
-                    self.resumed_arrived = Some(arrived);
+                    self.resumed = Some((timings, arrived));
                     self.confirmed = true;
                     Ok(())
                 }
@@ -1352,12 +1350,12 @@ impl Run<'_, '_> {
                 }
             }
         };
-        let t_resumed = self.resumed_arrived.unwrap_or_else(Instant::now);
+        let t_resumed = self.resumed.map_or_else(Instant::now, |r| r.1);
         crate::timeline::mark("src saw resumed");
         drop(streams_raised);
         drop(boost);
         let _ = dirty.stop();
-        let timings = self.resumed.unwrap_or_default();
+        let timings = self.resumed.map(|r| r.0).unwrap_or_default();
         let us = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e6;
         self.report.blackout_us = us(t0, t_resumed);
         self.report.blackout_phases_us = BlackoutPhases {
@@ -1457,15 +1455,15 @@ impl Run<'_, '_> {
         // Not reported yet: the switchover was confirmed here, not in `drive`.
         let first = self.report.switchover.is_empty();
         self.resumed = None;
-        self.resumed_arrived = None;
         self.wait_ctl(
             "the destination to say whether it runs the VM",
             |r| r.resumed.is_some(),
             Phase::PostCopy,
         )?;
         if first && let Some((_, t0)) = since {
-            let timings = self.resumed.unwrap_or_default();
-            let end = self.resumed_arrived.unwrap_or_else(Instant::now);
+            let (timings, end) = self
+                .resumed
+                .unwrap_or_else(|| (Default::default(), Instant::now()));
             self.report.blackout_us = end.saturating_duration_since(t0).as_secs_f64() * 1e6;
             self.report.blackout_phases_us = BlackoutPhases {
                 apply: timings.receive_us as f64,
