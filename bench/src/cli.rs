@@ -104,6 +104,9 @@ pub struct KvmArgs {
     /// How the blackout's threads are raised: fifo, nice, slice or off.
     #[arg(long, default_value = "fifo")]
     pub blackout_priority: String,
+    /// How the destination receives memfd memory: page-cache (splice) or mapping.
+    #[arg(long, default_value = "page-cache")]
+    pub recv_into: String,
 }
 
 /// Output options (accepted before or after the suite name).
@@ -293,6 +296,7 @@ fn run_kvm(k: &KvmArgs, peer: &PeerLauncher, out: &mut Output) -> Result<()> {
                 .flatten(),
         )
         .args(["--blackout-priority", &k.blackout_priority])
+        .args(["--recv-into", &k.recv_into])
         .stderr(std::process::Stdio::inherit())
         .output()
         .context("Cannot run ferry demo")?;

@@ -681,7 +681,7 @@ impl RttMemory {
             mem.write_gpa(p * PAGE_SIZE, &(p + 1).to_le_bytes())?;
         }
         let layout = Layout::new(&mem)?;
-        let reg = layout.register(None, RegistrationConfig::default())?;
+        let reg = layout.register(None, false, RegistrationConfig::default())?;
         Ok(Self { _mem: mem, reg })
     }
 }

@@ -274,7 +274,7 @@ pub fn run(
     let layout = Layout::new(&mem)?;
     let all = ferry_protocol::GpaRange::new(0, cfg.bytes);
     let src_hash = hash_hex(layout.bytes(all)?);
-    let reg = layout.register(None, RegistrationConfig::default())?;
+    let reg = layout.register(None, false, RegistrationConfig::default())?;
     let setup_timeout = Duration::from_secs(60) + secs_per_gib(cfg.bytes, 20);
     let xfer_timeout = Duration::from_secs(30) + secs_per_gib(cfg.bytes, 30);
     let (endpoint, floor) = match link.recv(setup_timeout)? {
@@ -608,7 +608,7 @@ pub(crate) fn peer(input: &mut dyn BufRead, out: &mut PeerOut) -> Result<()> {
     )
     .context("Cannot allocate the receiver's memory")?;
     let layout = Layout::new(&mem)?;
-    let reg = layout.register(None, RegistrationConfig::default())?;
+    let reg = layout.register(None, false, RegistrationConfig::default())?;
     let len = usize::try_from(cfg.bytes)?;
     // Pre-touched (non-zero memset), like the populated guest memory above.
     let mut floor_buf = vec![0xA5u8; len];

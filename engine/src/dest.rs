@@ -127,6 +127,9 @@ pub struct DestStreams {
     /// Alias mappings of shared-backed regions (index = region), also given to the transport
     /// registration so pushed pages are received straight into them.
     pub aliases: Vec<Option<AliasMapping>>,
+    /// Receive memfd regions' pages into their files through the page cache
+    /// (`Target::File`; the registration must carry the files) instead of through the alias.
+    pub page_cache: bool,
     /// Second handles on the receiving sockets, shut down when the migration ends (or fails)
     /// so no receiver waits on an idle stream.
     pub sockets: Vec<Socket>,
@@ -224,6 +227,9 @@ struct Shared<'a> {
     /// Alias mappings of shared-backed regions (index = region): everything received for
     /// such a region goes through its alias (see the module docs).
     aliases: Vec<Option<AliasMapping>>,
+    /// Staged (memfd) regions are received into their files (`Target::File`), not through
+    /// the alias; the alias still serves reads (hashing) and local writes.
+    page_cache: bool,
     faults: Mutex<HashMap<u64, Instant>>,
     hist: Mutex<Histogram<u64>>,
     points: Mutex<Vec<(u32, u32)>>,
@@ -285,6 +291,7 @@ pub fn receive_with(
         bulk,
         urgent,
         aliases,
+        page_cache,
         sockets,
         session,
     } = streams;
@@ -295,6 +302,7 @@ pub fn receive_with(
         present: AtomicU64::new(0),
         post: OnceLock::new(),
         aliases,
+        page_cache,
         faults: Mutex::new(HashMap::new()),
         hist: Mutex::new(
             Histogram::new_with_bounds(1, 60_000_000, 3)
@@ -1550,13 +1558,26 @@ impl Shared<'_> {
             )
     }
 
+    /// How the transport receives into a staged region: into its file through the page cache
+    /// when enabled (the alias mapping then only reads what arrived), else through the alias.
+    fn staged_target(&self) -> Target {
+        if self.page_cache {
+            Target::File
+        } else {
+            Target::Alias
+        }
+    }
+
     /// Where data for `range` (inside one region, checked) is written before the VM runs, and
-    /// through which mapping: the alias when the region has one, else guest memory.
+    /// how the transport writes it: through the alias (or into the file behind it) when the
+    /// region has one, else into guest memory. The address is the mapping that shows it.
     fn landing(&self, range: GpaRange) -> Result<(usize, Target), MigrateError> {
         let (region, off, _) = self.layout.locate(range)?;
         Ok(match self.alias(region) {
             // `off` < region length, which fits the address space (the alias maps it all).
-            Some(a) if self.staged(region) => (a.addr() as usize + off as usize, Target::Alias),
+            Some(a) if self.staged(region) => {
+                (a.addr() as usize + off as usize, self.staged_target())
+            }
             _ => (self.layout.host_addr(range)?, Target::Guest),
         })
     }
@@ -1816,9 +1837,12 @@ fn place_post(
                 }
                 let run = GpaRange::new(r.gpa + j * ps, (e - j) * ps);
                 if c && alias.is_some() {
-                    stream
-                        .recv_into(&[run], Target::Alias)
-                        .map_err(stream_err(i))?;
+                    let target = if shared.staged(region) {
+                        shared.staged_target()
+                    } else {
+                        Target::Alias
+                    };
+                    stream.recv_into(&[run], target).map_err(stream_err(i))?;
                 } else {
                     staging.resize(run.len as usize, 0);
                     stream.recv_exact(staging).map_err(stream_err(i))?;

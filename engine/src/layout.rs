@@ -9,7 +9,7 @@ use ferry_protocol::{GpaRange, MemoryMap, RangeError};
 use ferry_transport::memory::{GuestRegion as TransportRegion, RegistrationConfig};
 use ferry_transport::{MemoryRegistration, RegisterError};
 
-use crate::vm::{GuestMemory, GuestRegion};
+use crate::vm::{Backing, GuestMemory, GuestRegion};
 
 /// Guest memory could not be described to the protocol or the transport.
 #[derive(Debug, thiserror::Error)]
@@ -144,10 +144,13 @@ impl Layout {
     }
 
     /// Registers the memory with the transport (fixed-buffer slices), with optional alias
-    /// mappings per region (destination post-copy placement).
+    /// mappings per region (destination post-copy placement) and, with `files`, the backing
+    /// file of every memfd region (destination receives through the page cache:
+    /// `Target::File`; hugetlbfs files take no `splice` writes and are left out).
     pub fn register(
         &self,
         aliases: Option<&[Option<usize>]>,
+        files: bool,
         config: RegistrationConfig,
     ) -> Result<Arc<MemoryRegistration>, LayoutError> {
         let regions: Vec<TransportRegion> = self
@@ -159,13 +162,21 @@ impl Layout {
                 host_addr: r.host_addr,
                 len: r.len,
                 alias_addr: aliases.and_then(|a| a.get(i).copied().flatten()),
+                file: match &r.backing {
+                    Backing::Memfd { .. } if files => r
+                        .backing
+                        .file()
+                        .map(|(fd, offset)| ferry_transport::FileRef { fd, offset }),
+                    _ => None,
+                },
             })
             .collect();
         // SAFETY: the regions come from a `GuestMemory`, whose contract keeps them mapped,
         // readable and writable while its owner lives; the engine holds the registration only
         // for the migration, during which the caller keeps the memory alive (see
         // `source::migrate` / `dest::receive`), and alias mappings are owned by the engine's
-        // `AliasMap` values that outlive the registration.
+        // `AliasMap` values that outlive the registration. The files are open: `self` holds
+        // their `Arc<OwnedFd>` during this call (the registration keeps duplicates).
         Ok(unsafe { MemoryRegistration::new(&regions, config)? })
     }
 }

@@ -285,7 +285,22 @@ mod tests {
         Ok(())
     }
 
+    /// Memfd destinations are checked receiving both ways: into the file through the page
+    /// cache (`splice`, the default) and through the alias mapping.
     fn byte_exact(backing: MemBacking, mode: Mode, prep: Prep) -> Result<()> {
+        byte_exact_with(backing, mode, prep, true)?;
+        if backing == MemBacking::Memfd {
+            byte_exact_with(backing, mode, prep, false)?;
+        }
+        Ok(())
+    }
+
+    fn byte_exact_with(
+        backing: MemBacking,
+        mode: Mode,
+        prep: Prep,
+        page_cache: bool,
+    ) -> Result<()> {
         init_log();
         let cfg = ProcVmConfig {
             mem_bytes: 16 << 20,
@@ -306,6 +321,7 @@ mod tests {
         let opts = SessionOptions {
             transport: TransportKind::Tcp,
             streams: 4,
+            page_cache,
             ..SessionOptions::default()
         };
         let policy = Policy {
@@ -340,7 +356,7 @@ mod tests {
         let differing = differing_pages(&*src_mem, &*dst_mem)?;
         assert_eq!(
             differing, 0,
-            "{backing:?} {mode:?} {prep:?}: {differing} pages differ from the paused source"
+            "{backing:?} {mode:?} {prep:?} page cache {page_cache}: {differing} pages differ from the paused source"
         );
         Ok(())
     }

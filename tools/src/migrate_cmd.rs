@@ -101,6 +101,10 @@ pub struct VmArgs {
     /// fails before the switchover. Not with `--anonymous`.
     #[arg(long, conflicts_with = "anonymous")]
     pub prefault: bool,
+    /// Destination: how pages of memfd-backed guest memory are received: into the memfd
+    /// through the page cache (`splice`, no page fault per page), or through a mapping of it.
+    #[arg(long, value_enum, default_value_t = RecvIntoArg::PageCache)]
+    pub recv_into: RecvIntoArg,
     /// Dirty tracking: auto, bitmap or ring.
     #[arg(long, default_value = "auto")]
     pub dirty: String,
@@ -108,6 +112,24 @@ pub struct VmArgs {
     /// while it lasts.
     #[arg(long, value_enum, default_value_t = PriorityArg::Fifo)]
     pub blackout_priority: PriorityArg,
+}
+
+/// `--recv-into`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RecvIntoArg {
+    /// `splice` from the socket into the memfd (the default).
+    PageCache,
+    /// Receive through a shared mapping of the memfd (one page fault per fresh page).
+    Mapping,
+}
+
+impl RecvIntoArg {
+    fn name(self) -> &'static str {
+        match self {
+            Self::PageCache => "page-cache",
+            Self::Mapping => "mapping",
+        }
+    }
 }
 
 /// `--blackout-priority`.
@@ -468,20 +490,42 @@ fn run_source(
     Ok((v, vm))
 }
 
+/// How `run_dest` receives and what it does after.
+#[derive(Clone, Copy)]
+struct DestOptions {
+    /// How long the guest runs on before its check.
+    run_after: Duration,
+    /// How long to wait for a migration.
+    wait: Duration,
+    /// Post-copy recovery window (zero: none).
+    recovery_window: Duration,
+    /// Test hook: cut the connections right after the resume.
+    cut_after_resume: bool,
+    /// `--recv-into`.
+    recv_into: RecvIntoArg,
+}
+
 /// Runs the destination side on `listener`; returns its report as JSON, after letting the
 /// guest run on and checking it.
 fn run_dest(
     listener: &SessionListener,
     mut vm: KvmVm,
     cfg: &VmConfig,
-    run_after: Duration,
-    wait: Duration,
-    recovery_window: Duration,
-    cut_after_resume: bool,
+    o: &DestOptions,
 ) -> Result<Value> {
+    let DestOptions {
+        run_after,
+        wait,
+        recovery_window,
+        cut_after_resume,
+        recv_into,
+    } = *o;
     let mem = vm.memory();
     let layout = Layout::new(&*mem)?;
-    let opts = SessionOptions::default();
+    let opts = SessionOptions {
+        page_cache: recv_into == RecvIntoArg::PageCache,
+        ..SessionOptions::default()
+    };
     let (streams, reg, params) =
         accept_destination(listener, &layout, &opts, wait).context("No migration arrived")?;
     let mut cut = Vec::new();
@@ -769,13 +813,17 @@ pub fn recv(a: RecvArgs) -> Result<()> {
         &listener,
         vm,
         &cfg,
-        Duration::from_secs_f64(a.run_after_s),
-        Duration::from_secs(a.wait_s),
-        Duration::from_secs(a.recovery_window_s),
-        a.fault_cut_after_resume,
+        &DestOptions {
+            run_after: Duration::from_secs_f64(a.run_after_s),
+            wait: Duration::from_secs(a.wait_s),
+            recovery_window: Duration::from_secs(a.recovery_window_s),
+            cut_after_resume: a.fault_cut_after_resume,
+            recv_into: a.vm.recv_into,
+        },
     )?;
     // Before the listener existed, so not part of the migration's time.
     v["prefault_ms"] = json!(prefault_ms);
+    v["recv_into"] = json!(a.vm.recv_into.name());
     for r in listener.refusals() {
         eprintln!("ferry: {r}");
     }
@@ -933,6 +981,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
             "guest_progress_after",
             "guest_fault",
             "prefault_ms",
+            "recv_into",
             "model_pages_checked",
             "model_bad_pages",
         ]
@@ -994,6 +1043,8 @@ fn vm_arg_list(v: &VmArgs) -> Vec<String> {
         v.dirty.clone(),
         "--blackout-priority".into(),
         v.blackout_priority.name().into(),
+        "--recv-into".into(),
+        v.recv_into.name().into(),
     ];
     if let Some(k) = &v.kernel {
         a.push("--kernel".into());

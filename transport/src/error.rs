@@ -53,6 +53,17 @@ pub enum RegisterError {
         /// The limit.
         max: usize,
     },
+    /// A region's backing file descriptor could not be duplicated.
+    #[error(
+        "Region {gpa:#x}: cannot duplicate its backing file descriptor: {}",
+        std::io::Error::from_raw_os_error(*errno)
+    )]
+    File {
+        /// Guest-physical base.
+        gpa: u64,
+        /// The `fcntl(F_DUPFD_CLOEXEC)` errno.
+        errno: i32,
+    },
 }
 
 /// Error translating a guest-physical range.
@@ -75,6 +86,22 @@ pub enum RangeError {
     /// The range's region has no alias mapping.
     #[error("Range {gpa:#x}+{len:#x} has no alias mapping")]
     NoAlias {
+        /// Guest-physical start.
+        gpa: u64,
+        /// Length.
+        len: u64,
+    },
+    /// The range's region has no backing file (`Target::File`).
+    #[error("Range {gpa:#x}+{len:#x} has no backing file")]
+    NoFile {
+        /// Guest-physical start.
+        gpa: u64,
+        /// Length.
+        len: u64,
+    },
+    /// A host address was asked for with `Target::File`, which names no mapping.
+    #[error("Range {gpa:#x}+{len:#x}: the file target has no host mapping")]
+    NotMapped {
         /// Guest-physical start.
         gpa: u64,
         /// Length.

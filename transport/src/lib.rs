@@ -24,6 +24,7 @@ pub mod plain;
 pub mod rdma;
 pub mod session;
 pub mod socket;
+pub(crate) mod splice;
 pub mod stream;
 mod sys;
 pub mod urgent;
@@ -33,7 +34,7 @@ pub use bulk::{Batch, BulkPusher, BulkReport};
 pub use error::{
     At, BulkError, ConnectError, Op, RangeError, RegisterError, StreamError, UnregisterError,
 };
-pub use memory::{GpaRange, GuestRegion, MemoryRegistration, RegistrationConfig, Target};
+pub use memory::{FileRef, GpaRange, GuestRegion, MemoryRegistration, RegistrationConfig, Target};
 pub use socket::{Endpoint, Listener, Socket};
 pub use stream::{Backend, DataStream, StreamConfig, StreamStats, ZeroCopy, open_stream};
 pub use urgent::UrgentServer;

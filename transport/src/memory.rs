@@ -18,6 +18,7 @@
 //! [`UnregisterError::Busy`] with the registration handed back. Safe code therefore cannot free a
 //! buffer the kernel still references.
 
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -47,6 +48,19 @@ pub struct GuestRegion {
     /// receives into an alias mapping that is not registered with userfaultfd, then installs the
     /// pages with `UFFDIO_CONTINUE`). Not registered as fixed buffers.
     pub alias_addr: Option<usize>,
+    /// Optional backing file (a memfd or other shmem file) and the offset of the region's first
+    /// byte in it, for receives through the page cache ([`Target::File`]). Borrowed only while
+    /// [`MemoryRegistration::new`] runs: the registration keeps a duplicate of its own.
+    pub file: Option<FileRef>,
+}
+
+/// A region's backing file: see [`GuestRegion::file`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileRef {
+    /// The open file (only borrowed; see [`GuestRegion::file`]).
+    pub fd: RawFd,
+    /// Offset in the file of the region's first byte.
+    pub offset: u64,
 }
 
 impl GuestRegion {
@@ -57,12 +71,19 @@ impl GuestRegion {
             host_addr: host_addr as usize,
             len,
             alias_addr: None,
+            file: None,
         }
     }
 
     /// The same region with an alias mapping at `alias_addr` (see [`GuestRegion::alias_addr`]).
     pub fn with_alias(mut self, alias_addr: *mut u8) -> Self {
         self.alias_addr = Some(alias_addr as usize);
+        self
+    }
+
+    /// The same region with its backing file (see [`GuestRegion::file`]).
+    pub fn with_file(mut self, fd: RawFd, offset: u64) -> Self {
+        self.file = Some(FileRef { fd, offset });
         self
     }
 }
@@ -103,6 +124,13 @@ pub enum Target {
     Guest,
     /// The region's alias mapping (`alias_addr`); the range must lie in a region that has one.
     Alias,
+    /// The region's backing file ([`GuestRegion::file`]), written through the page cache with
+    /// `splice` (socket → pipe → file): no host mapping is touched, so receiving into fresh
+    /// memory allocates page-cache pages without a page fault and a page-table update per 4 KiB
+    /// page. Receive only; the range must lie in a region that has a file. Measured on the
+    /// development machine (nested VM, loopback, 1 GiB memfd): half the receiving CPU of a
+    /// receive through a fresh mapping.
+    File,
 }
 
 /// A piece of a [`GpaRange`] that lies within one fixed-buffer slice: what one SQE or one iovec
@@ -120,6 +148,8 @@ pub struct Segment {
 #[derive(Debug)]
 struct RegionEntry {
     region: GuestRegion,
+    /// The registration's own duplicate of `region.file` (its `fd` is not used after `new`).
+    file: Option<(OwnedFd, u64)>,
     /// Index of the region's first slice in `slices`.
     first_slice: usize,
 }
@@ -142,7 +172,8 @@ impl MemoryRegistration {
     ///
     /// Every region's `host_addr..host_addr+len` (and `alias_addr..alias_addr+len` when set)
     /// must be a valid, readable and writable mapping that stays mapped until this registration
-    /// is dropped, i.e. until [`MemoryRegistration::unregister`] returned `Ok` (or the last `Arc`
+    /// is dropped (and a region's `file`, when set, must be an open descriptor of the file those
+    /// mappings map, at that offset, for the duration of this call), i.e. until [`MemoryRegistration::unregister`] returned `Ok` (or the last `Arc`
     /// went away). The transport reads it (sends) and writes it (receives) concurrently with
     /// whatever else the VMM does with guest memory; the VMM accepts torn contents of pages it
     /// modifies meanwhile (that is what dirty tracking is for).
@@ -193,7 +224,21 @@ impl MemoryRegistration {
                 });
             }
             prev_end = Some(end);
+            let file = match region.file {
+                None => None,
+                Some(f) => {
+                    // SAFETY: the caller promises `f.fd` is open for the duration of this call;
+                    // it is only duplicated here.
+                    let fd = unsafe { BorrowedFd::borrow_raw(f.fd) };
+                    let own = fd.try_clone_to_owned().map_err(|e| RegisterError::File {
+                        gpa: region.gpa,
+                        errno: e.raw_os_error().unwrap_or(0),
+                    })?;
+                    Some((own, f.offset))
+                }
+            };
             entries.push(RegionEntry {
+                file,
                 region,
                 first_slice: slices.len(),
             });
@@ -284,7 +329,7 @@ impl MemoryRegistration {
                 len: u32::try_from(len).unwrap_or(u32::MAX),
                 buf_index: match target {
                     Target::Guest => u16::try_from(idx).ok(),
-                    Target::Alias => None,
+                    Target::Alias | Target::File => None,
                 },
             };
             f(seg).map_err(SegmentError::Inner)?;
@@ -308,7 +353,42 @@ impl MemoryRegistration {
         Ok(out)
     }
 
+    /// The backing file of the region holding `range` and the range's offset in it, for
+    /// [`Target::File`] receives. Checks like [`MemoryRegistration::for_each_segment`].
+    pub fn file_extent(&self, range: GpaRange) -> Result<(BorrowedFd<'_>, u64), RangeError> {
+        let entry = self.entry(range)?;
+        let (fd, base) = entry.file.as_ref().ok_or(RangeError::NoFile {
+            gpa: range.gpa,
+            len: range.len,
+        })?;
+        let off = base
+            .checked_add(range.gpa - entry.region.gpa)
+            .ok_or(RangeError::OutOfRange {
+                gpa: range.gpa,
+                len: range.len,
+            })?;
+        Ok((fd.as_fd(), off))
+    }
+
     fn locate(&self, range: GpaRange, target: Target) -> Result<(&RegionEntry, usize), RangeError> {
+        let entry = self.entry(range)?;
+        let base = match target {
+            Target::Guest => entry.region.host_addr,
+            Target::Alias => entry.region.alias_addr.ok_or(RangeError::NoAlias {
+                gpa: range.gpa,
+                len: range.len,
+            })?,
+            Target::File => {
+                return Err(RangeError::NotMapped {
+                    gpa: range.gpa,
+                    len: range.len,
+                });
+            }
+        };
+        Ok((entry, base))
+    }
+
+    fn entry(&self, range: GpaRange) -> Result<&RegionEntry, RangeError> {
         let out_of_range = RangeError::OutOfRange {
             gpa: range.gpa,
             len: range.len,
@@ -326,14 +406,7 @@ impl MemoryRegistration {
         if end > region_end {
             return Err(out_of_range);
         }
-        let base = match target {
-            Target::Guest => entry.region.host_addr,
-            Target::Alias => entry.region.alias_addr.ok_or(RangeError::NoAlias {
-                gpa: range.gpa,
-                len: range.len,
-            })?,
-        };
-        Ok((entry, base))
+        Ok(entry)
     }
 
     /// Drops the registration if nothing else holds it, waiting up to `timeout` for streams and

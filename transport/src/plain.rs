@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::error::{At, ConnectError, Op, StreamError};
 use crate::memory::{GpaRange, MemoryRegistration, SegmentError, Target};
 use crate::socket::Socket;
+use crate::splice::{FileReceiver, recv_to_files};
 use crate::stream::{DataStream, StreamConfig, StreamStats};
 use crate::sys::{self, IoVec, IoVecs};
 
@@ -29,6 +30,8 @@ pub struct SocketStream {
     stats: StreamStats,
     iov: IoVecs,
     at: Vec<At>,
+    /// Pipe for [`Target::File`] receives, made at first use.
+    file_rx: Option<FileReceiver>,
 }
 
 impl SocketStream {
@@ -49,6 +52,7 @@ impl SocketStream {
             stats: StreamStats::default(),
             iov: IoVecs::default(),
             at: Vec::new(),
+            file_rx: None,
         })
     }
 
@@ -228,6 +232,26 @@ impl DataStream for SocketStream {
 
     fn recv_into(&mut self, ranges: &[GpaRange], target: Target) -> Result<(), StreamError> {
         self.check_open()?;
+        if target == Target::File {
+            let mut moved = 0;
+            let res = recv_to_files(
+                &mut self.file_rx,
+                self.sock.as_fd(),
+                &self.reg,
+                ranges,
+                &mut moved,
+            );
+            self.stats.bytes_received += moved;
+            return res.map_err(|e| {
+                e.into_stream_error(
+                    self.index,
+                    self.sock.peer().to_owned(),
+                    self.timeout,
+                    moved,
+                    ranges.iter().map(|r| r.len).sum(),
+                )
+            });
+        }
         self.iov.0.clear();
         self.at.clear();
         self.gather(ranges, target)?;

@@ -38,7 +38,7 @@ mod sys;
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,6 +48,7 @@ use io_uring::{IoUring, Probe, cqueue, opcode, squeue};
 use crate::error::{At, ConnectError, Op, StreamError};
 use crate::memory::{GpaRange, InflightGuard, MemoryRegistration, SegmentError, Target};
 use crate::socket::Socket;
+use crate::splice::{FileReceiver, recv_to_files};
 use crate::stream::{ADAPTIVE_ZC_PROBE, DataStream, StreamConfig, StreamStats, ZeroCopy};
 
 const TAG_SHIFT: u32 = 62;
@@ -177,6 +178,9 @@ pub struct UringStream {
     stats: StreamStats,
     entries: Vec<squeue::Entry>,
     segs: Vec<(usize, u32, Option<u16>)>,
+    /// Pipe for [`Target::File`] receives (blocking `splice` on the socket, outside the ring),
+    /// made at first use, when the socket also gets its receive timeout.
+    file_rx: Option<FileReceiver>,
 }
 
 fn kernel_at_least(major: u32, minor: u32) -> bool {
@@ -329,6 +333,7 @@ impl UringStream {
             stats: StreamStats::default(),
             entries: Vec::with_capacity(cap),
             segs: Vec::new(),
+            file_rx: None,
         })
     }
 
@@ -346,6 +351,52 @@ impl UringStream {
             stream: self.index,
             peer: self.peer_string(),
         }
+    }
+
+    /// [`Target::File`] receives: blocking `splice` on the socket (see `crate::splice`), with
+    /// the stall timeout as the socket's receive timeout. No ring operation is in flight on the
+    /// receive side between calls, so the byte order of the stream is kept.
+    fn recv_file(&mut self, ranges: &[GpaRange]) -> Result<(), StreamError> {
+        let expected = ranges.iter().map(|r| r.len).sum();
+        if self.file_rx.is_none()
+            && let Err(e) = rustix::net::sockopt::set_socket_timeout(
+                self.sock.as_fd(),
+                rustix::net::sockopt::Timeout::Recv,
+                Some(self.cfg.timeout),
+            )
+        {
+            self.failed = true;
+            return Err(StreamError::Io {
+                stream: self.index,
+                peer: self.peer_string(),
+                op: Op::RecvPayload,
+                at: At::Stream,
+                source: e.into(),
+            });
+        }
+        let mut moved = 0;
+        let res = recv_to_files(
+            &mut self.file_rx,
+            self.sock.as_fd(),
+            &self.reg,
+            ranges,
+            &mut moved,
+        );
+        self.stats.bytes_received += moved;
+        res.map_err(|e| {
+            // A bad range is refused before any byte moved; anything else desynchronised the
+            // stream.
+            if !matches!(e, crate::splice::FileRecvError::Range(_)) {
+                self.failed = true;
+            }
+            e.into_stream_error(
+                self.index,
+                self.peer_string(),
+                self.cfg.timeout,
+                moved,
+                expected,
+            )
+        })
     }
 
     fn check_open(&self) -> Result<(), StreamError> {
@@ -1012,6 +1063,9 @@ impl DataStream for UringStream {
 
     fn recv_into(&mut self, ranges: &[GpaRange], target: Target) -> Result<(), StreamError> {
         self.check_open()?;
+        if target == Target::File {
+            return self.recv_file(ranges);
+        }
         self.recv.batch.clear();
         let mut ops = std::mem::take(&mut self.recv.batch.ops);
         for &range in ranges {
