@@ -21,15 +21,27 @@ pub fn digest_of(hashes: impl Iterator<Item = u64>) -> [u8; 16] {
     h.digest128().to_le_bytes()
 }
 
-/// Hashes every page of guest memory (the source, paused) and returns the digest.
+/// Hashes every page of guest memory (the source, paused) and returns the digest. Holes of
+/// memfd regions (never-written pages, see `Layout::file_holes`) are hashed as zero pages
+/// without being read: reading them would allocate them.
 pub fn digest_memory(layout: &Layout) -> [u8; 16] {
     let ps = layout.page_size();
+    let zero = vec![0u8; ps as usize];
     let mut hashes = Vec::with_capacity(layout.total_pages() as usize);
+    let mut holes = Vec::new();
     for r in layout.regions() {
         let range = ferry_protocol::GpaRange::new(r.gpa, r.len);
+        holes.clear();
+        layout.file_holes(range, &mut holes);
+        let mut h = 0;
         if let Ok(bytes) = layout.bytes(range) {
             for (i, page) in bytes.chunks_exact(ps as usize).enumerate() {
-                hashes.push(page_hash(r.gpa + i as u64 * ps, page));
+                let gpa = r.gpa + i as u64 * ps;
+                while h < holes.len() && holes[h].gpa + holes[h].len <= gpa {
+                    h += 1;
+                }
+                let in_hole = holes.get(h).is_some_and(|hole| hole.gpa <= gpa);
+                hashes.push(page_hash(gpa, if in_hole { &zero } else { page }));
             }
         }
     }

@@ -83,6 +83,11 @@ struct Pending {
 
 const MAX_ZERO_RANGES: usize = 4096;
 
+/// Ranges of at least this many bytes are checked for memfd holes before their pages are read
+/// (see `Layout::file_holes`); a dirty page of a later round has been written, so single
+/// pages are not worth a system call.
+const HOLE_CHECK_MIN: u64 = 64 * 1024;
+
 impl Worker<'_> {
     pub fn run(mut self, work: Receiver<Work>, done: Sender<Done>) {
         crate::warm::thread();
@@ -171,11 +176,33 @@ impl Worker<'_> {
             sums: Vec::new(),
             zeros: Vec::new(),
         };
+        let mut holes = Vec::new();
         for r in ranges {
             let bytes = self.layout.bytes(*r)?;
+            holes.clear();
+            if r.len >= HOLE_CHECK_MIN {
+                self.layout.file_holes(*r, &mut holes);
+            }
+            let mut h = 0;
             let mut off = 0u64;
             while off < r.len {
                 let gpa = r.gpa + off;
+                // Never-written pages of a memfd: zero without reading (and so allocating)
+                // them. A guest write into one after the check is in the dirty log.
+                while h < holes.len() && holes[h].gpa + holes[h].len <= gpa {
+                    h += 1;
+                }
+                if let Some(hole) = holes.get(h)
+                    && hole.gpa <= gpa
+                {
+                    let n = hole.gpa + hole.len - gpa;
+                    push_run(&mut p.zeros, gpa, n);
+                    if p.zeros.len() >= MAX_ZERO_RANGES {
+                        self.flush_zeros(&mut p)?;
+                    }
+                    off += n;
+                    continue;
+                }
                 let page = &bytes[off as usize..(off + ps) as usize];
                 if is_zero(page) {
                     push_run(&mut p.zeros, gpa, ps);

@@ -89,7 +89,7 @@ pub fn connect_source(
     let session =
         ferry_transport::session::connect(endpoint, &connect_config(layout, policy, opts))?;
     let reg = layout.register(None, false, opts.registration)?;
-    let streams = source_streams(session, &reg, opts)?;
+    let streams = source_streams(session, &reg, &source_options(layout, opts))?;
     Ok((streams, reg))
 }
 
@@ -108,7 +108,22 @@ pub fn reconnect_source(
         &connect_config(layout, policy, opts),
         session,
     )?;
-    source_streams(s, reg, opts)
+    source_streams(s, reg, &source_options(layout, opts))
+}
+
+/// The source's stream options: io_uring fixed buffers only when every page of guest memory
+/// is allocated (see [`Layout::fully_allocated`]); otherwise `SEND_ZC` works on plain
+/// addresses and untouched memory stays unallocated.
+fn source_options(layout: &Layout, opts: &SessionOptions) -> SessionOptions {
+    let mut o = opts.clone();
+    if o.stream.fixed_buffers && o.transport == TransportKind::Uring && !layout.fully_allocated() {
+        tracing::info!(
+            "guest memory is not fully allocated: no io_uring fixed buffers (registering pins, \
+             and so allocates, every page); SEND_ZC on plain addresses"
+        );
+        o.stream.fixed_buffers = false;
+    }
+    o
 }
 
 fn connect_config(layout: &Layout, policy: &Policy, opts: &SessionOptions) -> ConnectConfig {

@@ -22,6 +22,26 @@ pub unsafe fn discard(addr: usize, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether every page of `addr..addr+len` is resident in this process's page tables
+/// (`mincore(2)`): a private anonymous page never touched is not. `Err` if the call failed.
+///
+/// # Safety
+///
+/// The range must be one page-aligned mapping of this process (mincore only reads page
+/// tables; no byte of it is accessed).
+pub unsafe fn all_resident(addr: usize, len: u64) -> io::Result<bool> {
+    let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let pages = len.div_ceil(4096);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: `vec` has one byte per 4 KiB page of the range, as mincore writes; the caller
+    // guarantees the range is a mapping of this process.
+    let rc = unsafe { libc::mincore(addr as *mut c_void, len, vec.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(vec.iter().all(|b| b & 1 == 1))
+}
+
 /// Most ranges one `process_madvise` call takes (`UIO_MAXIOV`).
 const MAX_IOV: usize = 1024;
 /// Most bytes one `process_madvise` call is given (a batch of one larger range is fine).
