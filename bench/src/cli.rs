@@ -107,6 +107,9 @@ pub struct KvmArgs {
     /// How the destination receives memfd memory: page-cache (splice) or mapping.
     #[arg(long, default_value = "page-cache")]
     pub recv_into: String,
+    /// Seconds the guest runs before each migration (`ferry demo --warmup-s`).
+    #[arg(long, default_value_t = 0.5)]
+    pub warmup_s: f64,
 }
 
 /// Output options (accepted before or after the suite name).
@@ -297,6 +300,7 @@ fn run_kvm(k: &KvmArgs, peer: &PeerLauncher, out: &mut Output) -> Result<()> {
         )
         .args(["--blackout-priority", &k.blackout_priority])
         .args(["--recv-into", &k.recv_into])
+        .args(["--warmup-s", &k.warmup_s.to_string()])
         .stderr(std::process::Stdio::inherit())
         .output()
         .context("Cannot run ferry demo")?;

@@ -114,6 +114,13 @@ pub struct VmArgs {
     pub blackout_priority: PriorityArg,
 }
 
+/// A duration option given in seconds: refused with its name when negative, not a number or
+/// too large (`Duration::from_secs_f64` would panic).
+fn seconds(option: &str, value: f64) -> Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .map_err(|_| anyhow!("{option} {value}: not a duration in seconds (0 or more)"))
+}
+
 /// `--recv-into`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum RecvIntoArg {
@@ -376,6 +383,10 @@ pub struct DemoArgs {
     /// One JSON object per run on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Seconds the guest runs before each migration. A built-in guest touches its memory as
+    /// it runs: a large guest needs a long warm-up before all of it is in use.
+    #[arg(long, default_value_t = 0.5)]
+    pub warmup_s: f64,
 }
 
 fn require_kvm() -> Result<()> {
@@ -765,7 +776,7 @@ pub fn send(a: SendArgs) -> Result<()> {
         &a.vm,
         &a.migrate,
         auth,
-        Duration::from_secs_f64(a.warmup_s),
+        seconds("--warmup-s", a.warmup_s)?,
         a.json,
     )?;
     if a.json {
@@ -814,7 +825,7 @@ pub fn recv(a: RecvArgs) -> Result<()> {
         vm,
         &cfg,
         &DestOptions {
-            run_after: Duration::from_secs_f64(a.run_after_s),
+            run_after: seconds("--run-after-s", a.run_after_s)?,
             wait: Duration::from_secs(a.wait_s),
             recovery_window: Duration::from_secs(a.recovery_window_s),
             cut_after_resume: a.fault_cut_after_resume,
@@ -907,6 +918,7 @@ fn print_source_summary(v: &Value) {
 
 /// `ferry demo`: the source here, the destination in a child process on loopback.
 pub fn demo(a: DemoArgs) -> Result<()> {
+    let warmup = seconds("--warmup-s", a.warmup_s)?;
     require_kvm()?;
     let key = Psk::generate().context("Cannot generate a session key")?;
     let exe = std::env::current_exe().context("Cannot find the ferry executable")?;
@@ -958,7 +970,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
             &a.vm,
             &a.migrate,
             Auth::Psk(key.clone()),
-            Duration::from_millis(500),
+            warmup,
             a.json,
         );
         let mut dest_result = None;
