@@ -104,8 +104,8 @@ pub struct KvmArgs {
     /// How the blackout's threads are raised: fifo, nice, slice or off.
     #[arg(long, default_value = "fifo")]
     pub blackout_priority: String,
-    /// How the destination receives memfd memory: page-cache (splice) or mapping.
-    #[arg(long, default_value = "page-cache")]
+    /// How the destination receives memfd memory: mapping or page-cache (splice).
+    #[arg(long, default_value = "mapping")]
     pub recv_into: String,
     /// Seconds the guest runs before each migration (`ferry demo --warmup-s`).
     #[arg(long, default_value_t = 0.5)]

@@ -192,11 +192,32 @@ impl Layout {
         }
     }
 
+    /// Whether `range` (inside one memfd region) holds no data at all: one `SEEK_DATA` from
+    /// its start finds none before its end. A check independent of [`Layout::file_holes`]'s
+    /// block probing, for the digest.
+    pub(crate) fn is_hole(&self, range: GpaRange) -> bool {
+        let Ok((idx, off, _)) = self.locate(range) else {
+            return false;
+        };
+        let Backing::Memfd { fd, offset } = &self.regions[idx].backing else {
+            return false;
+        };
+        let start = offset + off;
+        match rustix::fs::seek(&**fd, rustix::fs::SeekFrom::Data(start)) {
+            Ok(d) => d >= start + range.len,
+            Err(rustix::io::Errno::NXIO) => true,
+            Err(_) => false,
+        }
+    }
+
     /// Whether every page of guest memory is allocated: a memfd region without a hole, an
     /// anonymous region whose pages are all resident (`mincore`), a hugetlbfs region always.
     /// Registering io_uring fixed buffers pins, and so allocates, every page: the source
     /// registers them only when this holds (a migration must not inflate a sparse guest to
-    /// its full size on the host being drained).
+    /// its full size on the host being drained). Approximate both ways, which costs only
+    /// speed: an anonymous page only ever read maps the shared zero page and counts as
+    /// resident (pinning it for writing would allocate it), and memfd pages allocated by
+    /// `fallocate` but never written count as holes.
     pub fn fully_allocated(&self) -> bool {
         self.regions.iter().all(|r| match &r.backing {
             Backing::Memfd { fd, offset } => {
@@ -319,5 +340,68 @@ mod tests {
                 .file_holes(GpaRange::new(0, 32 * PS), &mut holes);
             assert_eq!(holes.is_empty(), backing == MemBacking::Anonymous);
         }
+    }
+
+    /// Two regions in one memfd, the second at a non-zero file offset and a gpa unlike it (as
+    /// the KVM backend's memory above the PCI hole): holes come back at their gpas.
+    #[test]
+    fn holes_of_a_region_at_a_file_offset() {
+        use crate::memory::MemRegion;
+        use crate::vm::GuestRegion;
+
+        struct TwoInOne(Vec<GuestRegion>);
+        // SAFETY: the regions lie in `file`'s mapping, which outlives every use in this test.
+        unsafe impl GuestMemory for TwoInOne {
+            fn regions(&self) -> &[GuestRegion] {
+                &self.0
+            }
+        }
+        let file = MemRegion::memfd("two-in-one", 256 * PS, MemOptions::default()).unwrap();
+        let Backing::Memfd { fd, .. } = file.backing() else {
+            panic!("memfd expected");
+        };
+        let base = usize::try_from(file.addr()).unwrap();
+        // Low: file pages 0..64 at gpa 0. High: file pages 64..256 at gpa 4 GiB.
+        let high_gpa = 4 << 30;
+        let mem = TwoInOne(vec![
+            GuestRegion {
+                gpa: 0,
+                len: 64 * PS,
+                host_addr: base,
+                backing: Backing::Memfd {
+                    fd: std::sync::Arc::clone(&fd),
+                    offset: 0,
+                },
+                page_size: PS,
+            },
+            GuestRegion {
+                gpa: high_gpa,
+                len: 192 * PS,
+                host_addr: base + 64 * PS as usize,
+                backing: Backing::Memfd {
+                    fd: std::sync::Arc::clone(&fd),
+                    offset: 64 * PS,
+                },
+                page_size: PS,
+            },
+        ]);
+        // Data at high-region page 100 (file page 164) only.
+        file.store_u64(164 * PS, 7).unwrap();
+        let layout = Layout::new(&mem).unwrap();
+        let mut holes = Vec::new();
+        layout.file_holes(GpaRange::new(high_gpa, 192 * PS), &mut holes);
+        // Probe blocks follow the file offset: 64..128, 128..192 (data at 164), 192..256.
+        assert_eq!(
+            holes,
+            vec![
+                GpaRange::new(high_gpa, 100 * PS),
+                GpaRange::new(high_gpa + 128 * PS, 64 * PS)
+            ]
+        );
+        assert!(layout.is_hole(GpaRange::new(high_gpa, 100 * PS)));
+        assert!(!layout.is_hole(GpaRange::new(high_gpa + 99 * PS, 2 * PS)));
+        holes.clear();
+        layout.file_holes(GpaRange::new(0, 64 * PS), &mut holes);
+        assert_eq!(holes, vec![GpaRange::new(0, 64 * PS)]);
     }
 }

@@ -101,9 +101,10 @@ pub struct VmArgs {
     /// fails before the switchover. Not with `--anonymous`.
     #[arg(long, conflicts_with = "anonymous")]
     pub prefault: bool,
-    /// Destination: how pages of memfd-backed guest memory are received: into the memfd
-    /// through the page cache (`splice`, no page fault per page), or through a mapping of it.
-    #[arg(long, value_enum, default_value_t = RecvIntoArg::PageCache)]
+    /// Destination: how pages of memfd-backed guest memory arriving for the first time are
+    /// received: through a mapping of the memfd, or into it through the page cache (`splice`:
+    /// no page fault per page, but the streams' writes serialise on the file's inode lock).
+    #[arg(long, value_enum, default_value_t = RecvIntoArg::Mapping)]
     pub recv_into: RecvIntoArg,
     /// Dirty tracking: auto, bitmap or ring.
     #[arg(long, default_value = "auto")]
@@ -124,9 +125,10 @@ fn seconds(option: &str, value: f64) -> Result<Duration> {
 /// `--recv-into`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum RecvIntoArg {
-    /// `splice` from the socket into the memfd (the default).
+    /// `splice` from the socket into the memfd.
     PageCache,
-    /// Receive through a shared mapping of the memfd (one page fault per fresh page).
+    /// Receive through a shared mapping of the memfd (one page fault per fresh page; the
+    /// default).
     Mapping,
 }
 

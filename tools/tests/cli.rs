@@ -87,6 +87,9 @@ mod tests {
                 "--prefault",
                 "--switch-overhead-us",
                 "450",
+                // Received into the memfd through the page cache (`splice`).
+                "--recv-into",
+                "page-cache",
             ])
             .output()?;
         let stdout = String::from_utf8(out.stdout)?;
@@ -95,6 +98,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))?;
         ensure!(v["verified"] == serde_json::json!(true), "{v}");
         ensure!(v["switch_overhead_us"] == serde_json::json!(450), "{v}");
+        ensure!(v["recv_into"] == serde_json::json!("page-cache"), "{v}");
         ensure!(
             v["prefault_ms"].as_f64().is_some(),
             "no prefault reported: {v}"

@@ -233,21 +233,26 @@ impl DataStream for SocketStream {
     fn recv_into(&mut self, ranges: &[GpaRange], target: Target) -> Result<(), StreamError> {
         self.check_open()?;
         if target == Target::File {
-            let mut moved = 0;
+            let mut taken = 0;
             let res = recv_to_files(
                 &mut self.file_rx,
                 self.sock.as_fd(),
                 &self.reg,
                 ranges,
-                &mut moved,
+                &mut taken,
             );
-            self.stats.bytes_received += moved;
+            self.stats.bytes_received += taken;
             return res.map_err(|e| {
+                // A bad range is refused before any byte is taken; anything else lost the
+                // stream's byte position.
+                if !matches!(e, crate::splice::FileRecvError::Range(_)) {
+                    self.closed = true;
+                }
                 e.into_stream_error(
                     self.index,
                     self.sock.peer().to_owned(),
                     self.timeout,
-                    moved,
+                    taken,
                     ranges.iter().map(|r| r.len).sum(),
                 )
             });

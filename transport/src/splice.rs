@@ -115,15 +115,16 @@ impl FileRecvError {
 
 /// Receives exactly the bytes of `ranges`, in order, from `sock` into each range's place in its
 /// region's backing file. Every range is checked before the first byte is consumed. The socket
-/// must be blocking; its receive timeout (`SO_RCVTIMEO`) bounds each wait. `moved` counts the
-/// bytes that reached files, also on failure. After a failure the pipe may hold bytes: `rx`
-/// is taken (set to `None`) and the next call makes a new pipe.
+/// must be blocking; its receive timeout (`SO_RCVTIMEO`) bounds each wait. `taken` counts the
+/// bytes consumed from the socket, also on failure. After a failure the pipe may hold bytes
+/// that never reached the file: `rx` is taken (set to `None`), and the caller must treat the
+/// stream as failed (its byte position is lost).
 pub(crate) fn recv_to_files(
     rx: &mut Option<FileReceiver>,
     sock: BorrowedFd<'_>,
     reg: &MemoryRegistration,
     ranges: &[GpaRange],
-    moved: &mut u64,
+    taken: &mut u64,
 ) -> Result<(), FileRecvError> {
     for r in ranges {
         reg.file_extent(*r).map_err(FileRecvError::Range)?;
@@ -145,6 +146,7 @@ pub(crate) fn recv_to_files(
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => return Err(FileRecvError::Io(at, e.into())),
             };
+            *taken += n as u64;
             let mut in_pipe = n;
             while in_pipe > 0 {
                 match splice(
@@ -161,10 +163,7 @@ pub(crate) fn recv_to_files(
                             io::Error::new(io::ErrorKind::WriteZero, "splice into file moved 0"),
                         ));
                     }
-                    Ok(k) => {
-                        in_pipe -= k;
-                        *moved += k as u64;
-                    }
+                    Ok(k) => in_pipe -= k,
                     Err(rustix::io::Errno::INTR) => {}
                     Err(e) => return Err(FileRecvError::Io(at, e.into())),
                 }

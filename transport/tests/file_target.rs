@@ -145,11 +145,11 @@ mod tests {
     fn offset_is_applied() -> Result<()> {
         // One file holding a region at file offset 1 MiB: bytes for gpa 0 land at 1 MiB.
         let file = FileMem::new(3 * MIB as usize);
-        // SAFETY: the region maps file bytes 1..3 MiB through `file`'s mapping (plus 1 MiB),
-        // which lives until the end of the test.
-        let region = GuestRegion::new(0, unsafe { file.ptr.add(MIB as usize) }, 2 * MIB)
-            .with_file(file.fd.as_raw_fd(), MIB);
-        // SAFETY: as above; the registration is dropped before `file`.
+        // The region's host mapping is separate anonymous memory: a receive into the file
+        // must leave it untouched (proving the file path ran, not a receive into a mapping).
+        let host = Mem::new(2 * MIB as usize);
+        let region = GuestRegion::new(0, host.ptr(), 2 * MIB).with_file(file.fd.as_raw_fd(), MIB);
+        // SAFETY: `host` and `file` live until the end of the test, after the registration.
         let dst =
             unsafe { MemoryRegistration::new(&[region], RegistrationConfig { slice_size: MIB }) }?;
         let src = Guest::new(&[2 * MIB], MIB, Some(7), None);
@@ -166,6 +166,10 @@ mod tests {
         ensure!(
             file.bytes()[..MIB as usize].iter().all(|&b| b == 0),
             "wrote below the region"
+        );
+        ensure!(
+            host.bytes().iter().all(|&b| b == 0),
+            "wrote into the host mapping"
         );
         Ok(())
     }
@@ -229,6 +233,12 @@ mod tests {
                 "{backend} {net:?}: {err}"
             );
             ensure!(mems[0].bytes()[..12288] == src.mems[0].bytes()[..12288]);
+            // The stream lost its byte position: it refuses further use.
+            let again = rx.recv_exact(&mut [0u8; 1]).unwrap_err();
+            ensure!(
+                matches!(again, StreamError::Closed { .. }),
+                "{backend} {net:?}: after a failed file receive: {again}"
+            );
         }
         Ok(())
     }

@@ -374,17 +374,17 @@ impl UringStream {
                 source: e.into(),
             });
         }
-        let mut moved = 0;
+        let mut taken = 0;
         let res = recv_to_files(
             &mut self.file_rx,
             self.sock.as_fd(),
             &self.reg,
             ranges,
-            &mut moved,
+            &mut taken,
         );
-        self.stats.bytes_received += moved;
+        self.stats.bytes_received += taken;
         res.map_err(|e| {
-            // A bad range is refused before any byte moved; anything else desynchronised the
+            // A bad range is refused before any byte is taken; anything else desynchronised the
             // stream.
             if !matches!(e, crate::splice::FileRecvError::Range(_)) {
                 self.failed = true;
@@ -393,7 +393,7 @@ impl UringStream {
                 self.index,
                 self.peer_string(),
                 self.cfg.timeout,
-                moved,
+                taken,
                 expected,
             )
         })
