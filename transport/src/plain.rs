@@ -12,7 +12,7 @@ use std::time::Duration;
 use crate::error::{At, ConnectError, Op, StreamError};
 use crate::memory::{GpaRange, MemoryRegistration, SegmentError, Target};
 use crate::socket::Socket;
-use crate::splice::{FileReceiver, recv_to_files};
+use crate::splice::{FileReceiver, StreamId, recv_for_stream};
 use crate::stream::{DataStream, StreamConfig, StreamStats};
 use crate::sys::{self, IoVec, IoVecs};
 
@@ -233,28 +233,22 @@ impl DataStream for SocketStream {
     fn recv_into(&mut self, ranges: &[GpaRange], target: Target) -> Result<(), StreamError> {
         self.check_open()?;
         if target == Target::File {
-            let mut taken = 0;
-            let res = recv_to_files(
+            let id = StreamId {
+                index: self.index,
+                peer: self.sock.peer(),
+                timeout: self.timeout,
+            };
+            let res = recv_for_stream(
                 &mut self.file_rx,
                 self.sock.as_fd(),
                 &self.reg,
                 ranges,
-                &mut taken,
+                &mut self.stats,
+                &id,
             );
-            self.stats.bytes_received += taken;
-            return res.map_err(|e| {
-                // A bad range is refused before any byte is taken; anything else lost the
-                // stream's byte position.
-                if !matches!(e, crate::splice::FileRecvError::Range(_)) {
-                    self.closed = true;
-                }
-                e.into_stream_error(
-                    self.index,
-                    self.sock.peer().to_owned(),
-                    self.timeout,
-                    taken,
-                    ranges.iter().map(|r| r.len).sum(),
-                )
+            return res.map_err(|(e, lost)| {
+                self.closed |= lost;
+                e
             });
         }
         self.iov.0.clear();

@@ -113,6 +113,40 @@ impl FileRecvError {
     }
 }
 
+/// Who is receiving, for [`recv_for_stream`]'s errors.
+pub(crate) struct StreamId<'a> {
+    /// Stream index.
+    pub index: usize,
+    /// The peer's address.
+    pub peer: &'a str,
+    /// The stream's stall timeout.
+    pub timeout: Duration,
+}
+
+/// A stream's whole [`Target::File`] receive: [`recv_to_files`], the bytes taken counted in
+/// `stats`, and the error as a [`StreamError`] plus whether the stream lost its byte position
+/// (every error but a refused range, which is refused before any byte is taken).
+///
+/// [`Target::File`]: crate::memory::Target::File
+pub(crate) fn recv_for_stream(
+    rx: &mut Option<FileReceiver>,
+    sock: BorrowedFd<'_>,
+    reg: &MemoryRegistration,
+    ranges: &[GpaRange],
+    stats: &mut crate::stream::StreamStats,
+    id: &StreamId<'_>,
+) -> Result<(), (StreamError, bool)> {
+    let mut taken = 0;
+    let res = recv_to_files(rx, sock, reg, ranges, &mut taken);
+    stats.bytes_received += taken;
+    res.map_err(|e| {
+        let lost = !matches!(e, FileRecvError::Range(_));
+        let expected = ranges.iter().map(|r| r.len).sum();
+        let err = e.into_stream_error(id.index, id.peer.to_owned(), id.timeout, taken, expected);
+        (err, lost)
+    })
+}
+
 /// Receives exactly the bytes of `ranges`, in order, from `sock` into each range's place in its
 /// region's backing file. Every range is checked before the first byte is consumed. The socket
 /// must be blocking; its receive timeout (`SO_RCVTIMEO`) bounds each wait. `taken` counts the

@@ -48,7 +48,7 @@ use io_uring::{IoUring, Probe, cqueue, opcode, squeue};
 use crate::error::{At, ConnectError, Op, StreamError};
 use crate::memory::{GpaRange, InflightGuard, MemoryRegistration, SegmentError, Target};
 use crate::socket::Socket;
-use crate::splice::{FileReceiver, recv_to_files};
+use crate::splice::{FileReceiver, StreamId, recv_for_stream};
 use crate::stream::{ADAPTIVE_ZC_PROBE, DataStream, StreamConfig, StreamStats, ZeroCopy};
 
 const TAG_SHIFT: u32 = 62;
@@ -357,7 +357,6 @@ impl UringStream {
     /// the stall timeout as the socket's receive timeout. No ring operation is in flight on the
     /// receive side between calls, so the byte order of the stream is kept.
     fn recv_file(&mut self, ranges: &[GpaRange]) -> Result<(), StreamError> {
-        let expected = ranges.iter().map(|r| r.len).sum();
         if self.file_rx.is_none()
             && let Err(e) = rustix::net::sockopt::set_socket_timeout(
                 self.sock.as_fd(),
@@ -374,28 +373,22 @@ impl UringStream {
                 source: e.into(),
             });
         }
-        let mut taken = 0;
-        let res = recv_to_files(
+        let id = StreamId {
+            index: self.index,
+            peer: self.sock.peer(),
+            timeout: self.cfg.timeout,
+        };
+        let res = recv_for_stream(
             &mut self.file_rx,
             self.sock.as_fd(),
             &self.reg,
             ranges,
-            &mut taken,
+            &mut self.stats,
+            &id,
         );
-        self.stats.bytes_received += taken;
-        res.map_err(|e| {
-            // A bad range is refused before any byte is taken; anything else desynchronised the
-            // stream.
-            if !matches!(e, crate::splice::FileRecvError::Range(_)) {
-                self.failed = true;
-            }
-            e.into_stream_error(
-                self.index,
-                self.peer_string(),
-                self.cfg.timeout,
-                taken,
-                expected,
-            )
+        res.map_err(|(e, lost)| {
+            self.failed |= lost;
+            e
         })
     }
 
