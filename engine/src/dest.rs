@@ -1845,9 +1845,9 @@ fn place_post(
         // The state each page was claimed from (`None`: not claimed, the other path has it).
         let claimed: Vec<Option<u8>> = (0..n).map(|j| shared.claim_from(first + j)).collect();
         let alias = shared.alias(region);
-        // Receive in runs of equal claim status (and claimed-from state). If the stream fails part-way, the claims
-        // not placed yet are given back (STALE): a page is marked present only once all its
-        // bytes arrived and were placed, never from a partial receive.
+        // Receive in runs of equal claim status (and claimed-from state). If the stream fails
+        // part-way, the claims not placed yet are given back (STALE): a page is marked present
+        // only once all its bytes arrived and were placed, never from a partial receive.
         let mut placed_all = || -> Result<(), MigrateError> {
             let mut j = 0u64;
             while j < n {

@@ -172,11 +172,13 @@ impl MemoryRegistration {
     ///
     /// Every region's `host_addr..host_addr+len` (and `alias_addr..alias_addr+len` when set)
     /// must be a valid, readable and writable mapping that stays mapped until this registration
-    /// is dropped (and a region's `file`, when set, must be an open descriptor of the file those
-    /// mappings map, at that offset, for the duration of this call), i.e. until [`MemoryRegistration::unregister`] returned `Ok` (or the last `Arc`
-    /// went away). The transport reads it (sends) and writes it (receives) concurrently with
-    /// whatever else the VMM does with guest memory; the VMM accepts torn contents of pages it
-    /// modifies meanwhile (that is what dirty tracking is for).
+    /// is dropped, i.e. until [`MemoryRegistration::unregister`] returned `Ok` (or the last
+    /// `Arc` went away). A region's `file`, when set, must be an open descriptor of the file
+    /// those mappings map, at that offset, for the duration of this call (the registration
+    /// keeps a duplicate, and writes into the file the bytes of received ranges). The
+    /// transport reads the memory (sends) and writes it (receives) concurrently with whatever
+    /// else the VMM does with guest memory; the VMM accepts torn contents of pages it modifies
+    /// meanwhile (that is what dirty tracking is for).
     pub unsafe fn new(
         regions: &[GuestRegion],
         config: RegistrationConfig,
