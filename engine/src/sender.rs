@@ -71,6 +71,9 @@ pub(crate) struct Worker<'a> {
     pub checksums: bool,
     pub compression: Compression,
     pub frame_bytes: u64,
+    /// Probe ranges for memfd holes (see `Layout::file_holes`): guest memory was not fully
+    /// allocated when the connection started.
+    pub check_holes: bool,
     pub counters: &'a Counters,
 }
 
@@ -180,7 +183,7 @@ impl Worker<'_> {
         for r in ranges {
             let bytes = self.layout.bytes(*r)?;
             holes.clear();
-            if r.len >= HOLE_CHECK_MIN {
+            if self.check_holes && r.len >= HOLE_CHECK_MIN {
                 self.layout.file_holes(*r, &mut holes);
             }
             let mut h = 0;
