@@ -92,7 +92,7 @@ pub fn connect_source(
     let session =
         ferry_transport::session::connect(endpoint, &connect_config(layout, policy, opts))?;
     let reg = layout.register(None, false, opts.registration)?;
-    let streams = source_streams(session, &reg, &source_options(layout, opts))?;
+    let streams = source_streams(session, &reg, layout, opts)?;
     Ok((streams, reg))
 }
 
@@ -111,22 +111,7 @@ pub fn reconnect_source(
         &connect_config(layout, policy, opts),
         session,
     )?;
-    source_streams(s, reg, &source_options(layout, opts))
-}
-
-/// The source's stream options: io_uring fixed buffers only when every page of guest memory
-/// is allocated (see [`Layout::fully_allocated`]); otherwise `SEND_ZC` works on plain
-/// addresses and untouched memory stays unallocated.
-fn source_options(layout: &Layout, opts: &SessionOptions) -> SessionOptions {
-    let mut o = opts.clone();
-    if o.stream.fixed_buffers && o.transport == TransportKind::Uring && !layout.fully_allocated() {
-        tracing::info!(
-            "guest memory is not fully allocated: no io_uring fixed buffers (registering pins, \
-             and so allocates, every page); SEND_ZC on plain addresses"
-        );
-        o.stream.fixed_buffers = false;
-    }
-    o
+    source_streams(s, reg, layout, opts)
 }
 
 fn connect_config(layout: &Layout, policy: &Policy, opts: &SessionOptions) -> ConnectConfig {
@@ -154,11 +139,25 @@ fn clone_socket(s: &Socket) -> Result<Socket, MigrateError> {
 fn source_streams(
     session: Session,
     reg: &Arc<MemoryRegistration>,
+    layout: &Layout,
     opts: &SessionOptions,
 ) -> Result<SourceStreams, MigrateError> {
+    // One look at guest memory (see `Layout::fully_allocated`) serves the streams and the
+    // senders: io_uring fixed buffers only when every page is allocated (otherwise `SEND_ZC`
+    // works on plain addresses and untouched memory stays unallocated), and hole probing
+    // only when some is not.
+    let sparse_memory = !layout.fully_allocated();
+    let mut stream = opts.stream;
+    if sparse_memory && stream.fixed_buffers && opts.transport == TransportKind::Uring {
+        tracing::info!(
+            "guest memory is not fully allocated: no io_uring fixed buffers (registering pins, \
+             and so allocates, every page); SEND_ZC on plain addresses"
+        );
+        stream.fixed_buffers = false;
+    }
     let cfg = StreamConfig {
         backend: backend(session.params.transport),
-        ..opts.stream
+        ..stream
     };
     let mut sockets = vec![clone_socket(session.control.socket())?];
     let mut bulk = Vec::with_capacity(session.bulk.len());
@@ -191,6 +190,7 @@ fn source_streams(
         transport: kind_name(session.params.transport).into(),
         sockets,
         session: session.id,
+        sparse_memory,
     })
 }
 

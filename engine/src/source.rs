@@ -95,6 +95,10 @@ pub struct SourceStreams {
     pub sockets: Vec<ferry_transport::Socket>,
     /// The session these connections belong to.
     pub session: SessionId,
+    /// Guest memory was not fully allocated when these streams were opened
+    /// (`Layout::fully_allocated`): no io_uring fixed buffers were registered, and the senders
+    /// probe ranges for memfd holes (a system call per 256 KiB) instead of reading them.
+    pub sparse_memory: bool,
 }
 
 /// How the source recovers a migration whose connection was lost after the state was sent
@@ -249,6 +253,7 @@ fn start_conn<'scope>(
         bulk,
         urgent,
         sockets,
+        sparse_memory,
         ..
     } = streams;
     if bulk.len() != ctx.counters.len() {
@@ -261,10 +266,6 @@ fn start_conn<'scope>(
     let policy = ctx.policy;
     let ctl_reader = control.try_clone()?;
     let (done_tx, done_rx) = unbounded();
-    // Probing for memfd holes costs a system call per 256 KiB; memory with none (the usual
-    // long-running guest) skips it. Checked once per connection (a walk of the files' page
-    // caches: ~40 ms per 4 GiB here).
-    let check_holes = !layout.fully_allocated();
     let mut work = Vec::with_capacity(bulk.len());
     for (index, stream) in bulk.into_iter().enumerate() {
         let (tx, rx) = bounded(2);
@@ -276,7 +277,7 @@ fn start_conn<'scope>(
             checksums: policy.checksums,
             compression: policy.compression,
             frame_bytes: policy.frame_bytes,
-            check_holes,
+            check_holes: sparse_memory,
             counters: &ctx.counters[index],
         };
         let done_tx = done_tx.clone();
