@@ -9,7 +9,7 @@
 //! xxh3 detects corruption and engine bugs (a page lost by dirty tracking, misplaced, torn); it
 //! is not a MAC.
 
-use crate::layout::Layout;
+use crate::layout::{HoleCursor, Layout};
 use crate::pages::page_hash;
 
 /// The digest of a page-hash array.
@@ -37,14 +37,11 @@ pub fn digest_memory(layout: &Layout) -> [u8; 16] {
         // from its start to its end), so that a fault in the block probing cannot hide from
         // the digest. An unconfirmed hole is read like any page.
         holes.retain(|hole| layout.is_hole(*hole));
-        let mut h = 0;
+        let mut cursor = HoleCursor::new(&holes);
         if let Ok(bytes) = layout.bytes(range) {
             for (i, page) in bytes.chunks_exact(ps as usize).enumerate() {
                 let gpa = r.gpa + i as u64 * ps;
-                while h < holes.len() && holes[h].gpa + holes[h].len <= gpa {
-                    h += 1;
-                }
-                let in_hole = holes.get(h).is_some_and(|hole| hole.gpa <= gpa);
+                let in_hole = cursor.hole_end(gpa).is_some();
                 hashes.push(page_hash(gpa, if in_hole { &zero } else { page }));
             }
         }

@@ -2,6 +2,7 @@
 //! Guest memory as the engine indexes it: the negotiated [`MemoryMap`], global page numbers,
 //! and checked translation from guest-physical ranges to host pointers.
 
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use ferry_protocol::memmap::MemoryMapError;
@@ -44,6 +45,42 @@ pub struct Layout {
     first_page: Vec<u64>,
     page_size: u64,
     total_pages: u64,
+}
+
+/// `lseek(SEEK_DATA)`: the file offset of the first data at or after `pos`, or `None` when
+/// there is none (a hole to the end of the file).
+fn next_data(fd: &OwnedFd, pos: u64) -> rustix::io::Result<Option<u64>> {
+    match rustix::fs::seek(fd, rustix::fs::SeekFrom::Data(pos)) {
+        Ok(d) => Ok(Some(d)),
+        Err(rustix::io::Errno::NXIO) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Walks holes from [`Layout::file_holes`] (sorted, not overlapping) alongside guest
+/// addresses that never decrease: the sender and the digest skip them the same way.
+#[derive(Debug)]
+pub(crate) struct HoleCursor<'h> {
+    holes: &'h [GpaRange],
+}
+
+impl<'h> HoleCursor<'h> {
+    pub(crate) fn new(holes: &'h [GpaRange]) -> Self {
+        Self { holes }
+    }
+
+    /// The end of the hole holding `gpa`, if one does.
+    pub(crate) fn hole_end(&mut self, gpa: u64) -> Option<u64> {
+        while let Some((h, rest)) = self.holes.split_first()
+            && h.gpa + h.len <= gpa
+        {
+            self.holes = rest;
+        }
+        self.holes
+            .first()
+            .filter(|h| h.gpa <= gpa)
+            .map(|h| h.gpa + h.len)
+    }
 }
 
 /// Block size of [`Layout::file_holes`]'s probes.
@@ -159,32 +196,25 @@ impl Layout {
     /// found only from the next block on; the pages before it are read, as before. Only memfd
     /// regions; any error means "no more holes known".
     pub(crate) fn file_holes(&self, range: GpaRange, out: &mut Vec<GpaRange>) {
-        let Ok((idx, off, _)) = self.locate(range) else {
-            return;
-        };
-        let r = &self.regions[idx];
-        let Backing::Memfd { fd, offset } = &r.backing else {
+        let Some((fd, start)) = self.memfd_of(range) else {
             return;
         };
         let ps = self.page_size;
-        let start = offset + off;
         let end = start + range.len;
+        let gpa_of = |file_off: u64| range.gpa + (file_off - start);
         let mut pos = start;
         while pos < end {
-            let data = match rustix::fs::seek(&**fd, rustix::fs::SeekFrom::Data(pos)) {
-                Ok(d) => d.min(end),
-                // No data at or after `pos`: a hole to the end of the file.
-                Err(rustix::io::Errno::NXIO) => end,
+            let data = match next_data(fd, pos) {
+                Ok(Some(d)) => d.min(end),
+                Ok(None) => end,
                 Err(_) => return,
             };
             // Page granular on shmem; rounded inwards all the same.
             let (h0, h1) = (pos.next_multiple_of(ps), data / ps * ps);
             if h1 > h0 {
                 match out.last_mut() {
-                    Some(last) if last.gpa + last.len == r.gpa + (h0 - offset) => {
-                        last.len += h1 - h0;
-                    }
-                    _ => out.push(GpaRange::new(r.gpa + (h0 - offset), h1 - h0)),
+                    Some(last) if last.gpa + last.len == gpa_of(h0) => last.len += h1 - h0,
+                    _ => out.push(GpaRange::new(gpa_of(h0), h1 - h0)),
                 }
             }
             // Data at `data`: probe again from the next block.
@@ -196,17 +226,23 @@ impl Layout {
     /// its start finds none before its end. A check independent of [`Layout::file_holes`]'s
     /// block probing, for the digest.
     pub(crate) fn is_hole(&self, range: GpaRange) -> bool {
-        let Ok((idx, off, _)) = self.locate(range) else {
+        let Some((fd, start)) = self.memfd_of(range) else {
             return false;
         };
-        let Backing::Memfd { fd, offset } = &self.regions[idx].backing else {
-            return false;
-        };
-        let start = offset + off;
-        match rustix::fs::seek(&**fd, rustix::fs::SeekFrom::Data(start)) {
-            Ok(d) => d >= start + range.len,
-            Err(rustix::io::Errno::NXIO) => true,
+        match next_data(fd, start) {
+            Ok(Some(d)) => d >= start + range.len,
+            Ok(None) => true,
             Err(_) => false,
+        }
+    }
+
+    /// The memfd behind `range` (inside one memfd region) and the file offset of its first
+    /// byte; `None` for other backings or a range outside the layout.
+    fn memfd_of(&self, range: GpaRange) -> Option<(&OwnedFd, u64)> {
+        let (idx, off, _) = self.locate(range).ok()?;
+        match &self.regions[idx].backing {
+            Backing::Memfd { fd, offset } => Some((&**fd, offset + off)),
+            _ => None,
         }
     }
 
@@ -403,5 +439,17 @@ mod tests {
         holes.clear();
         layout.file_holes(GpaRange::new(0, 64 * PS), &mut holes);
         assert_eq!(holes, vec![GpaRange::new(0, 64 * PS)]);
+    }
+
+    #[test]
+    fn hole_cursor_walks_forward() {
+        let holes = [GpaRange::new(PS, 2 * PS), GpaRange::new(8 * PS, PS)];
+        let mut c = HoleCursor::new(&holes);
+        assert_eq!(c.hole_end(0), None);
+        assert_eq!(c.hole_end(PS), Some(3 * PS));
+        assert_eq!(c.hole_end(2 * PS), Some(3 * PS));
+        assert_eq!(c.hole_end(3 * PS), None);
+        assert_eq!(c.hole_end(8 * PS), Some(9 * PS));
+        assert_eq!(c.hole_end(9 * PS), None);
     }
 }

@@ -13,7 +13,7 @@ use ferry_protocol::{Frame, GpaRange};
 use ferry_transport::DataStream;
 
 use crate::error::MigrateError;
-use crate::layout::Layout;
+use crate::layout::{HoleCursor, Layout};
 use crate::pages::{is_zero, page_hash};
 use crate::policy::Compression;
 
@@ -186,19 +186,14 @@ impl Worker<'_> {
             if self.check_holes && r.len >= HOLE_CHECK_MIN {
                 self.layout.file_holes(*r, &mut holes);
             }
-            let mut h = 0;
+            let mut cursor = HoleCursor::new(&holes);
             let mut off = 0u64;
             while off < r.len {
                 let gpa = r.gpa + off;
                 // Never-written pages of a memfd: zero without reading (and so allocating)
                 // them. A guest write into one after the check is in the dirty log.
-                while h < holes.len() && holes[h].gpa + holes[h].len <= gpa {
-                    h += 1;
-                }
-                if let Some(hole) = holes.get(h)
-                    && hole.gpa <= gpa
-                {
-                    let n = hole.gpa + hole.len - gpa;
+                if let Some(hole_end) = cursor.hole_end(gpa) {
+                    let n = hole_end - gpa;
                     push_run(&mut p.zeros, gpa, n);
                     if p.zeros.len() >= MAX_ZERO_RANGES {
                         self.flush_zeros(&mut p)?;
