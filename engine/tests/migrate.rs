@@ -285,6 +285,36 @@ mod tests {
         Ok(())
     }
 
+    /// Migrates `src` into `dst` over loopback, leaving `dst` restored but not resumed (see
+    /// [`NoResume`]) so its memory is exactly what the migration placed; `zeroed` is
+    /// `DestVm::zeroed`. Returns the source's report.
+    fn migrate_into_paused(
+        src: &mut ProcessVm,
+        dst: &mut ProcessVm,
+        zeroed: bool,
+        policy: &Policy,
+        opts: &SessionOptions,
+    ) -> Result<ferry_engine::MigrationReport> {
+        let (src_mem, dst_mem) = (src.memory(), dst.memory());
+        let mut tracker = src.tracker();
+        Ok(migrate_local(
+            SourceVm {
+                memory: &*src_mem,
+                dirty: &mut tracker,
+                control: src,
+            },
+            DestVm {
+                memory: &*dst_mem,
+                control: &mut NoResume(dst),
+                zeroed,
+            },
+            policy,
+            opts,
+            &mut |_| {},
+        )?
+        .source)
+    }
+
     /// Memfd destinations are checked receiving both ways: through the alias mapping (the
     /// default) and into the file through the page cache (`splice`).
     fn byte_exact(backing: MemBacking, mode: Mode, prep: Prep) -> Result<()> {
@@ -333,23 +363,7 @@ mod tests {
             ..Policy::default()
         };
         let src_mem = src.memory();
-        let mut tracker = src.tracker();
-        let r = migrate_local(
-            SourceVm {
-                memory: &*src_mem,
-                dirty: &mut tracker,
-                control: &mut src,
-            },
-            DestVm {
-                memory: &*dst_mem,
-                control: &mut NoResume(&mut dst),
-                zeroed: prep == Prep::Prefaulted,
-            },
-            &policy,
-            &opts,
-            &mut |_| {},
-        )?
-        .source;
+        let r = migrate_into_paused(&mut src, &mut dst, prep == Prep::Prefaulted, &policy, &opts)?;
         assert!(r.verified);
         assert_eq!(r.rounds >= 1, mode == Mode::PreCopy);
         assert!(r.zero_pages > 0, "no zero pages: the case is not exercised");
@@ -409,23 +423,7 @@ mod tests {
             max_blackout: Duration::from_millis(100),
             ..Policy::default()
         };
-        let mut tracker = src.tracker();
-        let r = migrate_local(
-            SourceVm {
-                memory: &*src_mem,
-                dirty: &mut tracker,
-                control: &mut src,
-            },
-            DestVm {
-                memory: &*dst_mem,
-                control: &mut NoResume(&mut dst),
-                zeroed: false,
-            },
-            &policy,
-            &opts,
-            &mut |_| {},
-        )?
-        .source;
+        let r = migrate_into_paused(&mut src, &mut dst, false, &policy, &opts)?;
         assert!(r.verified);
         let hole_pages = (cfg.mem_bytes / 2) / 4096;
         assert_eq!(
