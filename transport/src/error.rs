@@ -304,6 +304,17 @@ pub enum StreamError {
         #[source]
         source: RangeError,
     },
+    /// The RDMA data path (queue pair, completions, batch framing) failed; see the source.
+    #[error("Stream {stream} ({peer}): RDMA data path failed")]
+    Rdma {
+        /// Stream index.
+        stream: usize,
+        /// Peer address.
+        peer: String,
+        /// The cause (an RDMA stream error or a framing error).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The stream was shut down or failed earlier; it cannot be used any more.
     #[error("Stream {stream} ({peer}): closed after an earlier shutdown or error")]
     Closed {
@@ -334,6 +345,7 @@ impl StreamError {
             | StreamError::Timeout { stream, .. }
             | StreamError::Io { stream, .. }
             | StreamError::Range { stream, .. }
+            | StreamError::Rdma { stream, .. }
             | StreamError::Closed { stream, .. } => *stream,
         }
     }

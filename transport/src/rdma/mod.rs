@@ -15,6 +15,8 @@
 //!   release) and completion-status mapping.
 //! - [`conn`]: rdmacm listener / connector, N bulk streams plus one urgent stream.
 //! - [`stream`]: the data path of one queue pair.
+//! - [`framed`]: [`RdmaDataStream`], the transport's `DataStream` API over one queue pair plus a
+//!   TCP connection for frame headers (what the engine's pre-copy push runs on).
 //! - `sys`: the unsafe calls (memory registration over raw addresses, posting scatter-gather
 //!   entries, the bounce mapping, waiting on the rdmacm fd).
 //!
@@ -38,6 +40,7 @@ pub mod conn;
 pub mod device;
 #[cfg(test)]
 mod fake;
+pub mod framed;
 pub mod memory;
 pub mod region;
 pub mod stream;
@@ -48,6 +51,7 @@ pub use conn::{
     ConnEvent, ConnectError, ConnectOptions, QueueSizing, RdmaConnection, RdmaListener, connect,
 };
 pub use device::{DeviceError, DeviceLimits, DeviceSummary, RdmaDevice, list_devices};
+pub use framed::{FramedError, PushTarget, RdmaDataStream};
 pub use memory::{
     BouncePool, BounceSlot, DeregisterError, FilledSlot, RdmaPd, RegisterError, RegisterOptions,
     RegisteredMemory, Role,
