@@ -8,6 +8,7 @@
 //! staging copy of page data.
 
 use crate::codec::{DecodeError, Reader, Writer};
+use crate::handshake::RdmaRegion;
 use crate::memmap::{GpaRange, MemoryMap, RangeError};
 
 /// Bytes in a frame header.
@@ -120,6 +121,12 @@ commands! {
     EndOfStream = 0x004A,
     /// Post-copy fault statistics measured by the destination.
     FaultStats = 0x004B,
+    /// RDMA sessions, destination to source on the control stream right after the handshake:
+    /// the rdmacm port the destination listens on (same address as the control stream).
+    RdmaOffer = 0x0050,
+    /// RDMA sessions, destination to source once the queue pairs are connected: the
+    /// destination's registered guest memory (address, length and rkey per chunk).
+    RdmaRegions = 0x0051,
 }
 
 /// The fixed 16-byte header before every frame (all fields little-endian):
@@ -406,7 +413,21 @@ pub enum Frame {
     EndOfStream,
     /// Post-copy fault statistics.
     FaultStats(FaultSummary),
+    /// RDMA sessions: where the destination's rdmacm listener waits.
+    RdmaOffer {
+        /// Its port, on the control stream's address.
+        port: u16,
+    },
+    /// RDMA sessions: the destination's registered guest memory, which the source may write.
+    RdmaRegions {
+        /// The regions (at most [`MAX_RDMA_REGIONS`]).
+        regions: Vec<RdmaRegion>,
+    },
 }
+
+/// Most regions in one [`Frame::RdmaRegions`] (guest memory chunked by the device's largest
+/// memory region).
+pub const MAX_RDMA_REGIONS: usize = crate::memmap::MAX_REGIONS * 64;
 
 const RANGE_LEN: usize = 16;
 
@@ -475,6 +496,8 @@ impl Frame {
             Frame::Resend { .. } => Command::Resend,
             Frame::EndOfStream => Command::EndOfStream,
             Frame::FaultStats(_) => Command::FaultStats,
+            Frame::RdmaOffer { .. } => Command::RdmaOffer,
+            Frame::RdmaRegions { .. } => Command::RdmaRegions,
         }
     }
 
@@ -593,6 +616,16 @@ impl Frame {
                 w.count(n);
                 for (t, l) in &f.points[..n] {
                     w.u32(*t).u32(*l);
+                }
+            }
+            Frame::RdmaOffer { port } => {
+                w.u16(*port);
+            }
+            Frame::RdmaRegions { regions } => {
+                let n = regions.len().min(MAX_RDMA_REGIONS);
+                w.count(n);
+                for r in &regions[..n] {
+                    w.u64(r.gpa).u64(r.addr).u64(r.len).u32(r.rkey);
                 }
             }
         }
@@ -794,6 +827,22 @@ impl Frame {
                 }
                 Frame::FaultStats(f)
             }
+            Command::RdmaOffer => Frame::RdmaOffer {
+                port: r.u16("rdma port")?,
+            },
+            Command::RdmaRegions => {
+                let n = r.count("rdma regions", MAX_RDMA_REGIONS, 28)?;
+                let mut regions = Vec::with_capacity(n);
+                for _ in 0..n {
+                    regions.push(RdmaRegion {
+                        gpa: r.u64("rdma gpa")?,
+                        addr: r.u64("rdma addr")?,
+                        len: r.u64("rdma len")?,
+                        rkey: r.u32("rdma rkey")?,
+                    });
+                }
+                Frame::RdmaRegions { regions }
+            }
         };
         r.finish(name)?;
         let expected = match &frame {
@@ -964,6 +1013,22 @@ mod tests {
             (any::<u32>(), any::<u64>())
                 .prop_map(|(round, pages)| Frame::RoundBegin { round, pages }),
             any::<u32>().prop_map(|round| Frame::RoundEnd { round }),
+            any::<u16>().prop_map(|port| Frame::RdmaOffer { port }),
+            proptest::collection::vec(
+                (any::<u64>(), any::<u64>(), any::<u64>(), any::<u32>()),
+                0..20
+            )
+            .prop_map(|v| Frame::RdmaRegions {
+                regions: v
+                    .into_iter()
+                    .map(|(gpa, addr, len, rkey)| RdmaRegion {
+                        gpa,
+                        addr,
+                        len,
+                        rkey
+                    })
+                    .collect()
+            }),
             (
                 prop_oneof![
                     Just(SwitchoverKind::StopAndCopy),
@@ -1071,7 +1136,7 @@ mod tests {
             Command::AuthOk,
             Command::Refused,
         ];
-        assert_eq!(Command::ALL.len(), handshake.len() + 21);
+        assert_eq!(Command::ALL.len(), handshake.len() + 23);
     }
 
     #[test]

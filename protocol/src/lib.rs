@@ -34,6 +34,12 @@
 //!     S->>D: ClientAuth(MAC_c)
 //!     D->>S: AuthOk
 //!     Note over S,D: N bulk streams + 1 urgent stream, each: Hello(session) / Hello / Auth / AuthOk
+//!     opt transport RDMA (pre-copy only)
+//!         D->>S: RdmaOffer(port) [control]
+//!         Note over S,D: rdmacm: N RC queue pairs, connected in bulk-stream order
+//!         D->>S: RdmaRegions(addr, len, rkey per registered chunk) [control]
+//!         Note over S,D: Pages payload: RDMA WRITE + WRITE_WITH_IMM(seq, units) on queue pair i,<br/>then the frame's header on bulk stream i
+//!     end
 //!     loop pre-copy rounds (pre-copy, hybrid)
 //!         S->>D: RoundBegin(round) [control]
 //!         S->>D: Pages / ZeroPages / CompressedPages [bulk, parallel]
