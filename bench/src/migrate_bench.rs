@@ -182,7 +182,7 @@ impl MigrateBench {
     fn check(&self) -> Result<()> {
         ensure!(
             self.transport != TransportChoice::Rdma,
-            "Migrations over RDMA are not benchmarked here (no RDMA device on this machine)"
+            "This benchmark migrates over loopback, which rdmacm cannot route: migrations over RDMA run between two hosts with `ferry send`/`ferry recv --transport rdma`"
         );
         ensure!(
             (1..=64).contains(&self.streams),

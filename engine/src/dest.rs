@@ -135,6 +135,10 @@ pub struct DestStreams {
     pub sockets: Vec<Socket>,
     /// The session these connections belong to.
     pub session: SessionId,
+    /// Guest memory was already emptied ([`empty_guest_memory`]) and the transport pinned it
+    /// (RDMA registration): the receiver must not drop pages from it again, or the transport
+    /// would write into pages no longer mapped.
+    pub prepared: bool,
 }
 
 /// How the destination recovers a migration whose connection was lost after the switchover
@@ -294,6 +298,7 @@ pub fn receive_with(
         page_cache,
         sockets,
         session,
+        prepared,
     } = streams;
     let mut shared = Shared {
         layout: &layout,
@@ -334,7 +339,9 @@ pub fn receive_with(
     // with guest size. Before the receivers start: the source sends its first round right
     // after the handshake, and a page placed before this ran would be dropped while counted as
     // present (read as zeroes later, or a fault that never resolves).
-    discard_guest_memory(&shared, vm.zeroed)?;
+    if !prepared {
+        discard_guest_memory(&layout, vm.zeroed)?;
+    }
     let result = thread::scope(|s| {
         let (note_tx, note_rx) = unbounded();
         let (go_tx, go_rx) = bounded::<()>(n.max(1));
@@ -1983,13 +1990,19 @@ fn fill(shared: &Shared<'_>, range: GpaRange, src: Src<'_>) -> Result<(), Migrat
     Ok(())
 }
 
+/// Empties guest memory before a transport pins it (see [`DestStreams::prepared`]): every page
+/// dropped from its mapping and from the page cache of shared-backed regions, so that pages the
+/// source sends as zero (never written) read as zero.
+pub fn empty_guest_memory(layout: &Layout) -> Result<(), MigrateError> {
+    discard_guest_memory(layout, false)
+}
+
 /// Drops every page of guest memory from its mapping (see [`discard`]) before a session
 /// receives anything; unless the memory is known to read as zero ([`DestVm::zeroed`]), the page
 /// cache of shared-backed regions is emptied too (`MADV_REMOVE`), since pre-copy data lands
 /// there and a page received as zeroes is not written: whatever a stray write left must not
 /// show through.
-fn discard_guest_memory(shared: &Shared<'_>, zeroed: bool) -> Result<(), MigrateError> {
-    let layout = shared.layout;
+fn discard_guest_memory(layout: &Layout, zeroed: bool) -> Result<(), MigrateError> {
     for r in layout.regions() {
         // Every shared-backed region (memfd, hugetlbfs): dropping the mapping alone would leave
         // its page cache, which a fault maps again.

@@ -140,6 +140,23 @@ pub enum MigrateError {
         /// What failed.
         what: String,
     },
+    /// An RDMA session could not be set up.
+    #[error("RDMA session setup: {step}")]
+    Rdma {
+        /// The step that failed.
+        step: &'static str,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The chosen transport cannot do what the migration needs.
+    #[error("Transport {transport} cannot {what}")]
+    Unsupported {
+        /// The transport.
+        transport: &'static str,
+        /// What it cannot do, and why.
+        what: String,
+    },
     /// A worker thread panicked or vanished.
     #[error("Worker thread '{0}' died")]
     Worker(&'static str),

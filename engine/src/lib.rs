@@ -11,6 +11,7 @@
 //!   (urgent replies, background push by fault neighbourhood), the source digest.
 //! - [`dest::receive`]: receive into guest memory, apply the switchover, restore and resume,
 //!   post-copy fault resolution with [`uffd`], the destination digest.
+//! - `rdma` (cargo feature `rdma`): RDMA sessions, pre-copy pushed by RDMA WRITE.
 //! - [`session`]: connecting and accepting a whole migration session (handshake, streams),
 //!   and resuming it after a lost connection in post-copy ([`source::migrate_with`],
 //!   [`dest::receive_with`]).
@@ -32,6 +33,8 @@ pub mod memory;
 pub mod pages;
 pub mod policy;
 pub mod procmem;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod report;
 mod sender;
 pub mod session;

@@ -29,8 +29,8 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Transport options of a session.
 #[derive(Debug, Clone)]
 pub struct SessionOptions {
-    /// The data transport (`Tcp`, `Unix` or `Uring`; RDMA sessions are set up by
-    /// `ferry_transport::rdma`).
+    /// The data transport. `Rdma` (cargo feature `rdma`, pre-copy only) pushes page payload by
+    /// RDMA WRITE and frame headers over TCP; see [`crate::rdma`].
     pub transport: TransportKind,
     /// Bulk streams to ask for.
     pub streams: u16,
@@ -49,6 +49,10 @@ pub struct SessionOptions {
     /// 17% shorter), but writes to one file serialise on its inode lock, so parallel streams
     /// no longer receive in parallel (8 GiB post-copy there: 41–45 s against 29 s).
     pub page_cache: bool,
+    /// Destination, RDMA sessions: the rdmacm port to listen on (0: the session's TCP port
+    /// number, which lives in a separate port space on InfiniBand and RoCE; give another one on
+    /// iWARP, whose connections use the host's TCP ports).
+    pub rdma_port: u16,
 }
 
 impl Default for SessionOptions {
@@ -61,6 +65,7 @@ impl Default for SessionOptions {
             registration: RegistrationConfig::default(),
             timeout: Duration::from_secs(10),
             page_cache: false,
+            rdma_port: 0,
         }
     }
 }
@@ -89,11 +94,80 @@ pub fn connect_source(
     policy: &Policy,
     opts: &SessionOptions,
 ) -> Result<(SourceStreams, Arc<MemoryRegistration>), MigrateError> {
+    if opts.transport == TransportKind::Rdma {
+        rdma_precheck(policy.mode)?;
+    }
     let session =
         ferry_transport::session::connect(endpoint, &connect_config(layout, policy, opts))?;
     let reg = layout.register(None, false, opts.registration)?;
-    let streams = source_streams(session, &reg, layout, opts)?;
+    let streams = if session.params.transport == TransportKind::Rdma {
+        rdma_source_streams(session, endpoint, &reg, layout, opts)?
+    } else {
+        source_streams(session, &reg, layout, opts)?
+    };
     Ok((streams, reg))
+}
+
+/// What an RDMA session needs before it is asked for: the feature, a device, pre-copy.
+#[cfg(feature = "rdma")]
+fn rdma_precheck(mode: Mode) -> Result<(), MigrateError> {
+    crate::rdma::check_mode(mode)?;
+    crate::rdma::devices().map(drop)
+}
+
+#[cfg(not(feature = "rdma"))]
+fn rdma_precheck(_mode: Mode) -> Result<(), MigrateError> {
+    Err(not_built())
+}
+
+#[cfg(not(feature = "rdma"))]
+fn not_built() -> MigrateError {
+    MigrateError::Unsupported {
+        transport: "rdma",
+        what: "be used: this build lacks the `rdma` cargo feature".into(),
+    }
+}
+
+#[cfg(feature = "rdma")]
+fn rdma_source_streams(
+    mut session: Session,
+    endpoint: &Endpoint,
+    reg: &Arc<MemoryRegistration>,
+    layout: &Layout,
+    opts: &SessionOptions,
+) -> Result<SourceStreams, MigrateError> {
+    let Endpoint::Tcp(peer) = endpoint else {
+        return Err(MigrateError::Unsupported {
+            transport: "rdma",
+            what: format!("reach {endpoint}: RDMA sessions need a TCP address"),
+        });
+    };
+    let mut sockets = vec![clone_socket(session.control.socket())?];
+    for s in &session.bulk {
+        sockets.push(clone_socket(s)?);
+    }
+    let bulk = crate::rdma::source_bulk(&mut session, *peer, reg, layout, opts)?;
+    Ok(SourceStreams {
+        control: session.control,
+        bulk,
+        urgent: None,
+        transport: kind_name(TransportKind::Rdma).into(),
+        sockets,
+        session: session.id,
+        // Registration pinned, and so allocated, every page.
+        sparse_memory: false,
+    })
+}
+
+#[cfg(not(feature = "rdma"))]
+fn rdma_source_streams(
+    _session: Session,
+    _endpoint: &Endpoint,
+    _reg: &Arc<MemoryRegistration>,
+    _layout: &Layout,
+    _opts: &SessionOptions,
+) -> Result<SourceStreams, MigrateError> {
+    Err(not_built())
 }
 
 /// The source side of a post-copy recovery: resumes `session` at `endpoint` (same key, same
@@ -194,6 +268,23 @@ fn source_streams(
     })
 }
 
+/// The transports this build and host can serve: RDMA only with the `rdma` feature and a
+/// device.
+fn offered_transports() -> Vec<TransportKind> {
+    #[cfg(feature = "rdma")]
+    let rdma = crate::rdma::devices().is_ok();
+    #[cfg(not(feature = "rdma"))]
+    let rdma = false;
+    [
+        TransportKind::Tcp,
+        TransportKind::Unix,
+        TransportKind::Uring,
+    ]
+    .into_iter()
+    .chain(rdma.then_some(TransportKind::Rdma))
+    .collect()
+}
+
 /// The destination's server configuration for guest memory `layout`.
 pub fn server_config(layout: &Layout, auth: Auth, max_streams: u16) -> ServerConfig {
     ServerConfig {
@@ -203,11 +294,7 @@ pub fn server_config(layout: &Layout, auth: Auth, max_streams: u16) -> ServerCon
             compression: true,
             checksums: true,
             max_streams,
-            transports: vec![
-                TransportKind::Tcp,
-                TransportKind::Unix,
-                TransportKind::Uring,
-            ],
+            transports: offered_transports(),
             memory: Some(layout.map().clone()),
             rdma: Vec::new(),
         },
@@ -238,10 +325,85 @@ pub fn accept_destination(
         .iter()
         .map(|a| a.as_ref().and_then(|a| usize::try_from(a.addr()).ok()))
         .collect();
-    let reg = layout.register(Some(&alias_addrs), opts.page_cache, opts.registration)?;
+    let rdma = session.params.transport == TransportKind::Rdma;
+    let reg = layout.register(
+        Some(&alias_addrs),
+        opts.page_cache && !rdma,
+        opts.registration,
+    )?;
     let params = session.params.clone();
-    let streams = dest_streams(session, &reg, opts, aliases)?;
+    let streams = if rdma {
+        let port = match (opts.rdma_port, listener.endpoint()?) {
+            (0, Endpoint::Tcp(addr)) => addr.port(),
+            (p, _) => p,
+        };
+        rdma_dest_streams(session, &reg, layout, opts, aliases, port)?
+    } else {
+        dest_streams(session, &reg, opts, aliases)?
+    };
     Ok((streams, reg, params))
+}
+
+#[cfg(feature = "rdma")]
+fn rdma_dest_streams(
+    mut session: Session,
+    reg: &Arc<MemoryRegistration>,
+    layout: &Layout,
+    opts: &SessionOptions,
+    aliases: Vec<Option<AliasMapping>>,
+    port: u16,
+) -> Result<DestStreams, MigrateError> {
+    let refuse = |control: &ferry_transport::session::ControlChannel, e: &MigrateError| {
+        let message = ferry_protocol::handshake::error_chain(e);
+        let _ = control.send(&ferry_protocol::Frame::Error { code: 1, message }, &[]);
+    };
+    if let Err(e) = crate::rdma::check_mode(session.params.mode) {
+        refuse(&session.control, &e);
+        return Err(e);
+    }
+    let mut sockets = Vec::with_capacity(session.bulk.len());
+    for s in &session.bulk {
+        sockets.push(clone_socket(s)?);
+    }
+    let Some(local) = session.control.socket().local_addr() else {
+        let e = MigrateError::Unsupported {
+            transport: "rdma",
+            what: "listen on a Unix-domain socket: RDMA sessions need a TCP address".into(),
+        };
+        refuse(&session.control, &e);
+        return Err(e);
+    };
+    let bulk = crate::rdma::dest_bulk(
+        &session.control,
+        std::mem::take(&mut session.bulk),
+        std::net::SocketAddr::new(local.ip(), port),
+        reg,
+        layout,
+        opts,
+    )
+    .inspect_err(|e| refuse(&session.control, e))?;
+    Ok(DestStreams {
+        control: session.control,
+        bulk,
+        urgent: None,
+        page_cache: false,
+        aliases,
+        sockets,
+        session: session.id,
+        prepared: true,
+    })
+}
+
+#[cfg(not(feature = "rdma"))]
+fn rdma_dest_streams(
+    _session: Session,
+    _reg: &Arc<MemoryRegistration>,
+    _layout: &Layout,
+    _opts: &SessionOptions,
+    _aliases: Vec<Option<AliasMapping>>,
+    _port: u16,
+) -> Result<DestStreams, MigrateError> {
+    Err(not_built())
 }
 
 /// The destination side of a post-copy recovery: waits up to `deadline` on `listener` for the
@@ -309,6 +471,7 @@ fn dest_streams(
         aliases,
         sockets,
         session: session.id,
+        prepared: false,
     })
 }
 
@@ -399,13 +562,55 @@ pub fn migrate_local_with(
     recovery: &LocalRecovery,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<LocalOutcome, MigrateError> {
+    migrate_on(
+        std::net::Ipv4Addr::LOCALHOST.into(),
+        src,
+        dst,
+        policy,
+        opts,
+        recovery,
+        progress,
+    )
+}
+
+/// As [`migrate_local`], with the destination listening on `ip` (an ephemeral port) instead of
+/// loopback: RDMA sessions need the address of an RDMA interface, which rdmacm can route.
+pub fn migrate_over(
+    ip: std::net::IpAddr,
+    src: SourceVm<'_>,
+    dst: DestVm<'_>,
+    policy: &Policy,
+    opts: &SessionOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<LocalMigration, MigrateError> {
+    let out = migrate_on(
+        ip,
+        src,
+        dst,
+        policy,
+        opts,
+        &LocalRecovery::default(),
+        progress,
+    )?;
+    Ok(LocalMigration {
+        source: out.source?,
+        dest: out.dest?,
+    })
+}
+
+fn migrate_on(
+    ip: std::net::IpAddr,
+    src: SourceVm<'_>,
+    dst: DestVm<'_>,
+    policy: &Policy,
+    opts: &SessionOptions,
+    recovery: &LocalRecovery,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<LocalOutcome, MigrateError> {
     let layout_d = Layout::new(dst.memory)?;
     let layout_s = Layout::new(src.memory)?;
     let listener = SessionListener::bind(
-        &Endpoint::Tcp(std::net::SocketAddr::from((
-            std::net::Ipv4Addr::LOCALHOST,
-            0,
-        ))),
+        &Endpoint::Tcp(std::net::SocketAddr::new(ip, 0)),
         server_config(
             &layout_d,
             opts.auth.clone(),

@@ -54,7 +54,8 @@ pub enum TransportArg {
     Uring,
     /// Plain blocking TCP sockets.
     Tcp,
-    /// RDMA verbs (needs an RDMA NIC and the `rdma` build feature).
+    /// RDMA verbs: pre-copy pages pushed by RDMA WRITE, frame headers over TCP (needs an RDMA
+    /// NIC on both hosts, the `rdma` build feature and `--mode precopy`; `send`/`recv` only).
     Rdma,
 }
 
@@ -285,9 +286,9 @@ impl MigrateArgs {
         match self.transport {
             TransportArg::Uring => Ok(TransportKind::Uring),
             TransportArg::Tcp => Ok(TransportKind::Tcp),
-            TransportArg::Rdma => bail!(
-                "The RDMA transport is not wired into live migration yet (ferry_transport::rdma is built and unit-tested; see README's status table), and this machine has no RDMA device"
-            ),
+            // The engine refuses it with the reason when this build lacks the `rdma` feature,
+            // the host has no device, or the mode is not pre-copy.
+            TransportArg::Rdma => Ok(TransportKind::Rdma),
         }
     }
 }
@@ -921,6 +922,11 @@ fn print_source_summary(v: &Value) {
 /// `ferry demo`: the source here, the destination in a child process on loopback.
 pub fn demo(a: DemoArgs) -> Result<()> {
     let warmup = seconds("--warmup-s", a.warmup_s)?;
+    if a.migrate.transport == TransportArg::Rdma {
+        bail!(
+            "The demo migrates over loopback (127.0.0.1), which rdmacm cannot route: run `ferry recv --listen ADDR:PORT` and `ferry send --to ADDR:PORT --transport rdma --mode precopy` with ADDR on an RDMA interface"
+        );
+    }
     require_kvm()?;
     let key = Psk::generate().context("Cannot generate a session key")?;
     let exe = std::env::current_exe().context("Cannot find the ferry executable")?;

@@ -180,6 +180,14 @@ impl Socket {
         }
     }
 
+    /// The local address of a TCP socket (`None` for Unix-domain sockets).
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Socket::Tcp(s, _) => s.local_addr().ok(),
+            Socket::Unix(..) => None,
+        }
+    }
+
     /// True for TCP.
     pub fn is_tcp(&self) -> bool {
         matches!(self, Socket::Tcp(..))

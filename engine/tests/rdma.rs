@@ -1,0 +1,190 @@
+// SPDX-License-Identifier: Apache-2.0 OR MIT
+//! RDMA sessions: what is refused without a device, the feature or pre-copy (runs everywhere),
+//! and live pre-copy migrations of process memory over RDMA WRITE (need an RDMA device and
+//! `FERRY_RDMA_ADDR`, an IP address of an RDMA interface; they skip with the reason otherwise,
+//! which is the case on the development machines: no RDMA NIC, no InfiniBand in the kernel).
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::Duration;
+
+    use anyhow::{Result, bail};
+    use ferry_engine::MigrateError;
+    use ferry_engine::layout::Layout;
+    use ferry_engine::memory::MemBacking;
+    use ferry_engine::policy::{Mode, Policy};
+    use ferry_engine::procmem::{ProcVmConfig, ProcessVm};
+    use ferry_engine::session::{SessionOptions, connect_source, server_config};
+    use ferry_protocol::handshake::{Auth, TransportKind};
+    use ferry_transport::Endpoint;
+
+    fn cfg(backing: MemBacking) -> ProcVmConfig {
+        ProcVmConfig {
+            mem_bytes: 16 << 20,
+            regions: 2,
+            backing,
+            writers: 1,
+            write_mib_s: Some(4),
+            seed: 3,
+            fill_percent: 40,
+            ..ProcVmConfig::default()
+        }
+    }
+
+    fn opts() -> SessionOptions {
+        SessionOptions {
+            transport: TransportKind::Rdma,
+            auth: Auth::Insecure,
+            timeout: Duration::from_secs(2),
+            ..SessionOptions::default()
+        }
+    }
+
+    fn has_device() -> bool {
+        #[cfg(feature = "rdma")]
+        return ferry_engine::rdma::devices().is_ok();
+        #[cfg(not(feature = "rdma"))]
+        false
+    }
+
+    /// Refused before any connection is made: nothing listens on the endpoint.
+    fn refused(mode: Mode) -> Result<String> {
+        let vm = ProcessVm::new_destination(&cfg(MemBacking::Anonymous))?;
+        let mem = vm.memory();
+        let layout = Layout::new(&*mem)?;
+        let policy = Policy {
+            mode,
+            ..Policy::default()
+        };
+        let nowhere = Endpoint::Tcp("127.0.0.1:9".parse()?);
+        match connect_source(&nowhere, &layout, &policy, &opts()) {
+            Ok(_) => bail!("an RDMA session to a closed port was opened"),
+            Err(e @ MigrateError::Unsupported { transport, .. }) => {
+                assert_eq!(transport, "rdma");
+                Ok(e.to_string())
+            }
+            Err(e) => bail!("expected a refusal naming the transport, got: {e}"),
+        }
+    }
+
+    #[test]
+    fn rdma_refuses_post_copy_and_hybrid_before_connecting() -> Result<()> {
+        for mode in [Mode::PostCopy, Mode::Hybrid] {
+            let msg = refused(mode)?;
+            if cfg!(feature = "rdma") {
+                assert!(msg.contains("pre-copy only"), "{msg}");
+            } else {
+                assert!(msg.contains("`rdma` cargo feature"), "{msg}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rdma_without_a_device_is_refused_with_the_reason() -> Result<()> {
+        if has_device() {
+            eprintln!("SKIP: an RDMA device exists here; the refusal cannot be shown");
+            return Ok(());
+        }
+        let msg = refused(Mode::PreCopy)?;
+        if cfg!(feature = "rdma") {
+            assert!(msg.contains("without an RDMA device"), "{msg}");
+        } else {
+            assert!(msg.contains("`rdma` cargo feature"), "{msg}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn destinations_offer_rdma_only_when_they_can_serve_it() -> Result<()> {
+        let vm = ProcessVm::new_destination(&cfg(MemBacking::Anonymous))?;
+        let mem = vm.memory();
+        let layout = Layout::new(&*mem)?;
+        let offered = server_config(&layout, Auth::Insecure, 4).capabilities.transports;
+        assert_eq!(
+            offered.contains(&TransportKind::Rdma),
+            cfg!(feature = "rdma") && has_device(),
+            "{offered:?}"
+        );
+        assert!(offered.contains(&TransportKind::Uring));
+        Ok(())
+    }
+
+    #[cfg(feature = "rdma")]
+    mod device {
+        use super::*;
+        use ferry_engine::dest::DestVm;
+        use ferry_engine::session::migrate_over;
+        use ferry_engine::source::SourceVm;
+        use ferry_engine::vm::VmControl;
+        use std::net::IpAddr;
+
+        fn rdma_ip_or_skip(test: &str) -> Option<IpAddr> {
+            if let Err(e) = ferry_engine::rdma::devices() {
+                eprintln!("SKIP {test}: {e}");
+                return None;
+            }
+            match std::env::var("FERRY_RDMA_ADDR").ok().and_then(|a| a.parse().ok()) {
+                Some(ip) => Some(ip),
+                None => {
+                    eprintln!(
+                        "SKIP {test}: set FERRY_RDMA_ADDR to an IP address of an RDMA interface"
+                    );
+                    None
+                }
+            }
+        }
+
+        fn migrate(backing: MemBacking, test: &str) -> Result<()> {
+            let Some(ip) = rdma_ip_or_skip(test) else {
+                return Ok(());
+            };
+            let c = cfg(backing);
+            let mut src = ProcessVm::new(c.clone())?;
+            src.start()?;
+            let mut dst = ProcessVm::new_destination(&c)?;
+            let (src_mem, dst_mem) = (src.memory(), dst.memory());
+            let mut tracker = src.tracker();
+            let policy = Policy {
+                mode: Mode::PreCopy,
+                max_blackout: Duration::from_millis(5),
+                checksums: true,
+                timeout: Duration::from_secs(30),
+                ..Policy::default()
+            };
+            let done = migrate_over(
+                ip,
+                SourceVm {
+                    memory: &*src_mem,
+                    dirty: &mut tracker,
+                    control: &mut src,
+                },
+                DestVm {
+                    memory: &*dst_mem,
+                    control: &mut dst,
+                    zeroed: false,
+                },
+                &policy,
+                &opts(),
+                &mut |_| {},
+            )?;
+            dst.pause().map_err(|e| anyhow::anyhow!("pause: {e}"))?;
+            assert_eq!(done.source.transport, "rdma");
+            assert!(done.source.verified && done.dest.verified);
+            assert_eq!(done.source.digest, done.dest.digest);
+            assert!(done.source.bytes_sent > 0);
+            Ok(())
+        }
+
+        #[test]
+        fn precopy_over_rdma_anonymous() -> Result<()> {
+            migrate(MemBacking::Anonymous, "precopy_over_rdma_anonymous")
+        }
+
+        #[test]
+        fn precopy_over_rdma_memfd() -> Result<()> {
+            migrate(MemBacking::Memfd, "precopy_over_rdma_memfd")
+        }
+    }
+}
