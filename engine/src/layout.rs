@@ -271,38 +271,6 @@ impl Layout {
         })
     }
 
-    /// Registers guest memory (every region's primary mapping) with an RDMA protection domain,
-    /// for `role`: the source's memory is read by the NIC, the destination's written by the
-    /// peer. Registration pins, and so allocates, every page.
-    #[cfg(feature = "rdma")]
-    pub fn register_rdma(
-        &self,
-        pd: &ferry_transport::rdma::RdmaPd,
-        role: ferry_transport::rdma::Role,
-    ) -> Result<Arc<ferry_transport::rdma::RegisteredMemory>, ferry_transport::rdma::RegisterError>
-    {
-        let regions: Vec<ferry_transport::rdma::GuestRegion> = self
-            .regions
-            .iter()
-            .map(|r| ferry_transport::rdma::GuestRegion {
-                gpa: r.gpa,
-                host_addr: r.host_addr as u64,
-                len: r.len,
-            })
-            .collect();
-        let opts = ferry_transport::rdma::RegisterOptions {
-            max_chunk: None,
-            page_size: self.page_size(),
-        };
-        // SAFETY: the regions come from a `GuestMemory`, whose contract keeps them mapped while
-        // its owner lives; the engine holds this registration only inside the migration's
-        // streams, which `source::migrate` / `dest::receive` drop before they return, while the
-        // caller keeps the memory alive. The destination looks at a pushed page only after the
-        // batch carrying it arrived, and the source sends a page again only on the same queue
-        // pair after a later frame header, as with the socket transports.
-        unsafe { pd.register_guest_memory(&regions, role, opts) }
-    }
-
     /// Registers the memory with the transport (fixed-buffer slices), with optional alias
     /// mappings per region (destination post-copy placement) and, with `files`, the backing
     /// file of every memfd region (destination receives through the page cache:

@@ -26,7 +26,8 @@ use std::time::Duration;
 use ferry_protocol::Frame;
 use ferry_protocol::handshake::{Mode, RdmaRegion};
 use ferry_transport::rdma::{
-    ConnectOptions, PushTarget, RdmaDataStream, RdmaListener, RemoteMap, Role, list_devices,
+    ConnectOptions, PushTarget, RdmaDataStream, RdmaProvider, RegisterOptions, RemoteMap, Role,
+    Verbs, list_devices,
 };
 use ferry_transport::session::{ControlChannel, Session};
 use ferry_transport::{Backend, DataStream, MemoryRegistration, Socket, StreamConfig, open_stream};
@@ -34,6 +35,9 @@ use ferry_transport::{Backend, DataStream, MemoryRegistration, Socket, StreamCon
 use crate::error::MigrateError;
 use crate::layout::Layout;
 use crate::session::{IDLE_TIMEOUT, SessionOptions};
+
+/// The least time the source waits for the destination's regions.
+const REGISTER_WAIT: Duration = Duration::from_secs(120);
 
 fn setup_err(
     step: &'static str,
@@ -62,6 +66,44 @@ pub fn devices() -> Result<Vec<String>, MigrateError> {
         return Err(none("ibv_get_device_list is empty".into()));
     }
     Ok(devices.into_iter().map(|d| d.name).collect())
+}
+
+/// The provider a session uses: the options' (a simulator, in tests), else verbs devices.
+pub(crate) fn provider(opts: &SessionOptions) -> Arc<dyn RdmaProvider> {
+    opts.rdma_provider
+        .clone()
+        .unwrap_or_else(|| Arc::new(Verbs))
+}
+
+/// Registers guest memory (every region's primary mapping) on `link` for `role`: the source's
+/// memory is read by the NIC, the destination's written by the peer. Registration pins, and so
+/// allocates, every page.
+fn register(
+    link: &dyn ferry_transport::rdma::RdmaLink,
+    layout: &Layout,
+    role: Role,
+) -> Result<Arc<ferry_transport::rdma::RegisteredMemory>, MigrateError> {
+    let regions: Vec<ferry_transport::rdma::GuestRegion> = layout
+        .regions()
+        .iter()
+        .map(|r| ferry_transport::rdma::GuestRegion {
+            gpa: r.gpa,
+            host_addr: r.host_addr as u64,
+            len: r.len,
+        })
+        .collect();
+    let opts = RegisterOptions {
+        max_chunk: None,
+        page_size: layout.page_size(),
+    };
+    // SAFETY: the regions come from a `GuestMemory`, whose contract keeps them mapped while its
+    // owner lives; the engine holds this registration only inside the migration's streams,
+    // which `source::migrate` / `dest::receive` drop before they return, while the caller keeps
+    // the memory alive. The destination looks at a pushed page only after the batch carrying it
+    // arrived, and the source sends a page again only on the same queue pair after a later
+    // frame header, as with the socket transports.
+    unsafe { link.register_guest_memory(&regions, role, opts) }
+        .map_err(boxed("registering guest memory"))
 }
 
 /// RDMA sessions migrate in pre-copy only (see the module docs).
@@ -123,12 +165,13 @@ pub(crate) fn source_bulk(
     copts.streams = n;
     copts.urgent = false;
     copts.timeout = opts.timeout;
-    let mut conn = ferry_transport::rdma::connect(SocketAddr::new(peer.ip(), port), &copts)
+    let mut conn = provider(opts)
+        .connect(SocketAddr::new(peer.ip(), port), &copts)
         .map_err(boxed("connecting queue pairs"))?;
-    let local = layout
-        .register_rdma(conn.pd(), Role::Source)
-        .map_err(boxed("registering guest memory"))?;
-    let regions = match recv_control(&session.control, opts.timeout)? {
+    let local = register(conn.as_ref(), layout, Role::Source)?;
+    // The destination empties and registers (pins) all of guest memory first: seconds per
+    // tens of GiB.
+    let regions = match recv_control(&session.control, opts.timeout.max(REGISTER_WAIT))? {
         Frame::RdmaRegions { regions } => regions,
         other => {
             return Err(MigrateError::Unexpected {
@@ -183,7 +226,9 @@ pub(crate) fn dest_bulk(
     opts: &SessionOptions,
 ) -> Result<Vec<Box<dyn DataStream>>, MigrateError> {
     let n = sockets.len();
-    let listener = RdmaListener::bind(listen).map_err(boxed("binding the rdmacm listener"))?;
+    let listener = provider(opts)
+        .listen(listen)
+        .map_err(boxed("binding the rdmacm listener"))?;
     control.send(
         &Frame::RdmaOffer {
             port: listen.port(),
@@ -198,9 +243,7 @@ pub(crate) fn dest_bulk(
         .accept(&copts)
         .map_err(boxed("accepting queue pairs"))?;
     crate::dest::empty_guest_memory(layout)?;
-    let mem = layout
-        .register_rdma(conn.pd(), Role::Destination)
-        .map_err(boxed("registering guest memory"))?;
+    let mem = register(conn.as_ref(), layout, Role::Destination)?;
     let regions: Vec<RdmaRegion> = conn
         .expose(&mem)
         .map_err(boxed("exposing guest memory"))?

@@ -53,6 +53,10 @@ pub struct SessionOptions {
     /// number, which lives in a separate port space on InfiniBand and RoCE; give another one on
     /// iWARP, whose connections use the host's TCP ports).
     pub rdma_port: u16,
+    /// RDMA sessions: where connections come from (`None`: the host's verbs devices through
+    /// rdmacm). Tests give `ferry_transport::rdma::SimProvider` (feature `rdma-sim`).
+    #[cfg(feature = "rdma")]
+    pub rdma_provider: Option<Arc<dyn ferry_transport::rdma::RdmaProvider>>,
 }
 
 impl Default for SessionOptions {
@@ -66,6 +70,8 @@ impl Default for SessionOptions {
             timeout: Duration::from_secs(10),
             page_cache: false,
             rdma_port: 0,
+            #[cfg(feature = "rdma")]
+            rdma_provider: None,
         }
     }
 }
@@ -95,7 +101,7 @@ pub fn connect_source(
     opts: &SessionOptions,
 ) -> Result<(SourceStreams, Arc<MemoryRegistration>), MigrateError> {
     if opts.transport == TransportKind::Rdma {
-        rdma_precheck(policy.mode)?;
+        rdma_precheck(policy.mode, opts)?;
     }
     let session =
         ferry_transport::session::connect(endpoint, &connect_config(layout, policy, opts))?;
@@ -110,13 +116,16 @@ pub fn connect_source(
 
 /// What an RDMA session needs before it is asked for: the feature, a device, pre-copy.
 #[cfg(feature = "rdma")]
-fn rdma_precheck(mode: Mode) -> Result<(), MigrateError> {
+fn rdma_precheck(mode: Mode, opts: &SessionOptions) -> Result<(), MigrateError> {
     crate::rdma::check_mode(mode)?;
+    if opts.rdma_provider.is_some() {
+        return Ok(());
+    }
     crate::rdma::devices().map(drop)
 }
 
 #[cfg(not(feature = "rdma"))]
-fn rdma_precheck(_mode: Mode) -> Result<(), MigrateError> {
+fn rdma_precheck(_mode: Mode, _opts: &SessionOptions) -> Result<(), MigrateError> {
     Err(not_built())
 }
 
@@ -609,13 +618,25 @@ fn migrate_on(
 ) -> Result<LocalOutcome, MigrateError> {
     let layout_d = Layout::new(dst.memory)?;
     let layout_s = Layout::new(src.memory)?;
+    #[allow(unused_mut)]
+    let mut config = server_config(
+        &layout_d,
+        opts.auth.clone(),
+        ferry_protocol::handshake::MAX_STREAMS,
+    );
+    // A given RDMA provider (a simulator) serves RDMA without a device.
+    #[cfg(feature = "rdma")]
+    if opts.rdma_provider.is_some()
+        && !config
+            .capabilities
+            .transports
+            .contains(&TransportKind::Rdma)
+    {
+        config.capabilities.transports.push(TransportKind::Rdma);
+    }
     let listener = SessionListener::bind(
         &Endpoint::Tcp(std::net::SocketAddr::new(ip, 0)),
-        server_config(
-            &layout_d,
-            opts.auth.clone(),
-            ferry_protocol::handshake::MAX_STREAMS,
-        ),
+        config,
         opts.timeout,
     )?;
     let endpoint = listener.endpoint()?;

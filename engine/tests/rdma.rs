@@ -101,7 +101,9 @@ mod tests {
         let vm = ProcessVm::new_destination(&cfg(MemBacking::Anonymous))?;
         let mem = vm.memory();
         let layout = Layout::new(&*mem)?;
-        let offered = server_config(&layout, Auth::Insecure, 4).capabilities.transports;
+        let offered = server_config(&layout, Auth::Insecure, 4)
+            .capabilities
+            .transports;
         assert_eq!(
             offered.contains(&TransportKind::Rdma),
             cfg!(feature = "rdma") && has_device(),
@@ -109,6 +111,182 @@ mod tests {
         );
         assert!(offered.contains(&TransportKind::Uring));
         Ok(())
+    }
+
+    /// Whole migrations over the in-process RDMA simulator: the session setup, registration,
+    /// framing and the engine's pre-copy over `RdmaDataStream`, end to end. Not an RDMA
+    /// measurement: the simulator copies with the CPU.
+    #[cfg(feature = "rdma-sim")]
+    mod simulated {
+        use super::*;
+        use ferry_engine::dest::DestVm;
+        use ferry_engine::session::migrate_local;
+        use ferry_engine::source::SourceVm;
+        use ferry_engine::vm::VmControl;
+        use ferry_transport::rdma::SimProvider;
+        use std::sync::Arc;
+
+        fn migrate(
+            backing: MemBacking,
+            mode: Mode,
+        ) -> Result<(SimProvider, ferry_engine::session::LocalMigration)> {
+            let sim = SimProvider::new();
+            let c = cfg(backing);
+            let mut src = ProcessVm::new(c.clone())?;
+            src.start()?;
+            let mut dst = ProcessVm::new_destination(&c)?;
+            let (src_mem, dst_mem) = (src.memory(), dst.memory());
+            let mut tracker = src.tracker();
+            let policy = Policy {
+                mode,
+                max_blackout: Duration::from_millis(5),
+                max_rounds: 8,
+                checksums: true,
+                // A refused session leaves the destination waiting for this long.
+                timeout: Duration::from_secs(if mode == Mode::PreCopy { 30 } else { 2 }),
+                ..Policy::default()
+            };
+            let opts = SessionOptions {
+                rdma_provider: Some(Arc::new(sim.clone())),
+                ..opts()
+            };
+            let done = migrate_local(
+                SourceVm {
+                    memory: &*src_mem,
+                    dirty: &mut tracker,
+                    control: &mut src,
+                },
+                DestVm {
+                    memory: &*dst_mem,
+                    control: &mut dst,
+                    zeroed: false,
+                },
+                &policy,
+                &opts,
+                &mut |_| {},
+            )?;
+            // The writers run on at the destination.
+            std::thread::sleep(Duration::from_millis(30));
+            assert!(
+                dst.stats().writes > 0,
+                "the destination's writers did not run"
+            );
+            dst.pause().map_err(|e| anyhow::anyhow!("pause: {e}"))?;
+            Ok((sim, done))
+        }
+
+        fn check(sim: &SimProvider, done: &ferry_engine::session::LocalMigration) {
+            let r = &done.source;
+            eprintln!(
+                "rdma (simulated) {}: rounds {} blackout {:.0} µs bytes {} verified {}",
+                r.mode, r.rounds, r.blackout_us, r.bytes_sent, r.verified
+            );
+            assert_eq!(r.transport, "rdma");
+            assert!(r.verified && done.dest.verified, "digests differ");
+            assert_eq!(r.digest, done.dest.digest);
+            assert_eq!(r.switchover, "stop-and-copy");
+            assert!(r.rounds >= 1 && r.data_pages > 0, "{r:?}");
+            assert_eq!(
+                sim.registered_keys(),
+                0,
+                "both sides released their registrations when the migration ended"
+            );
+        }
+
+        #[test]
+        fn precopy_over_simulated_rdma_anonymous() -> Result<()> {
+            let (sim, done) = migrate(MemBacking::Anonymous, Mode::PreCopy)?;
+            check(&sim, &done);
+            Ok(())
+        }
+
+        #[test]
+        fn precopy_over_simulated_rdma_memfd() -> Result<()> {
+            let (sim, done) = migrate(MemBacking::Memfd, Mode::PreCopy)?;
+            check(&sim, &done);
+            Ok(())
+        }
+
+        #[test]
+        fn a_connection_cut_in_precopy_over_simulated_rdma_leaves_the_source_running() -> Result<()>
+        {
+            use ferry_engine::session::{LocalRecovery, migrate_local_with};
+            use ferry_engine::source::Phase;
+            let sim = SimProvider::new();
+            let c = ProcVmConfig {
+                mem_bytes: 64 << 20,
+                ..cfg(MemBacking::Anonymous)
+            };
+            let mut src = ProcessVm::new(c.clone())?;
+            src.start()?;
+            let mut dst = ProcessVm::new_destination(&c)?;
+            let (src_mem, dst_mem) = (src.memory(), dst.memory());
+            let mut tracker = src.tracker();
+            let policy = Policy {
+                mode: Mode::PreCopy,
+                timeout: Duration::from_secs(10),
+                progress_interval: Duration::from_millis(1),
+                ..Policy::default()
+            };
+            let opts = SessionOptions {
+                rdma_provider: Some(Arc::new(sim.clone())),
+                ..opts()
+            };
+            let recovery = LocalRecovery::default();
+            let tap = recovery.tap.clone();
+            let mut cut = 0;
+            let out = migrate_local_with(
+                SourceVm {
+                    memory: &*src_mem,
+                    dirty: &mut tracker,
+                    control: &mut src,
+                },
+                DestVm {
+                    memory: &*dst_mem,
+                    control: &mut dst,
+                    zeroed: false,
+                },
+                &policy,
+                &opts,
+                &recovery,
+                &mut |p| {
+                    if cut == 0 && p.phase == Phase::Round(1) && p.pages_done > 0 {
+                        cut = tap.cut();
+                    }
+                },
+            )?;
+            assert!(cut > 0, "the connection was never cut");
+            let e = out
+                .source
+                .expect_err("the source finished over a cut connection");
+            eprintln!("source: {e:#}");
+            assert!(
+                out.dest.is_err(),
+                "the destination finished over a cut connection"
+            );
+            let before = src.stats().writes;
+            std::thread::sleep(Duration::from_millis(30));
+            assert!(
+                src.stats().writes > before,
+                "the source VM does not run after the failed migration"
+            );
+            src.pause().map_err(|e| anyhow::anyhow!("pause: {e}"))?;
+            drop(dst);
+            assert_eq!(
+                sim.registered_keys(),
+                0,
+                "registrations outlived the session"
+            );
+            Ok(())
+        }
+
+        #[test]
+        fn hybrid_over_simulated_rdma_is_refused() {
+            let Err(e) = migrate(MemBacking::Anonymous, Mode::Hybrid) else {
+                panic!("hybrid over RDMA ran");
+            };
+            assert!(format!("{e:#}").contains("pre-copy only"), "{e:#}");
+        }
     }
 
     #[cfg(feature = "rdma")]
@@ -125,7 +303,10 @@ mod tests {
                 eprintln!("SKIP {test}: {e}");
                 return None;
             }
-            match std::env::var("FERRY_RDMA_ADDR").ok().and_then(|a| a.parse().ok()) {
+            match std::env::var("FERRY_RDMA_ADDR")
+                .ok()
+                .and_then(|a| a.parse().ok())
+            {
                 Some(ip) => Some(ip),
                 None => {
                     eprintln!(

@@ -1,151 +1,24 @@
 // SPDX-License-Identifier: Apache-2.0 OR MIT
-//! Unit tests of the stream data path against a simulated RC queue-pair pair (test-only code).
-//!
-//! The simulator executes work requests at post time against real process memory: it checks
-//! lkeys and rkeys against the keys the test registered, copies the bytes (WRITE, READ), consumes
-//! a posted receive for every WRITE_WITH_IMM, puts a completion in the initiator's queue for
-//! signalled requests, and on a key violation fails the queue pair like hardware does (an error
-//! completion for the failing request, flush errors for everything after it). What it does not
-//! model: wire timing, receiver-not-ready retries (a WRITE_WITH_IMM without a posted receive fails
-//! at once with RNR_RETRY_EXC), and READ/atomic ordering rules beyond posting order.
+//! Unit tests of the stream data path against the simulated fabric of [`super::sim`], one wire
+//! per test, receiver-not-ready retries off (a WRITE_WITH_IMM without a posted receive fails at
+//! once with RNR_RETRY_EXC), keys registered by hand.
 // Test arithmetic on small, known sizes.
 #![allow(clippy::cast_possible_truncation)]
 
-use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use sideway::ibverbs::completion::{PollCompletionQueueError, WorkCompletionOperationType as Op};
-use sideway::ibverbs::queue_pair::{PostRecvError, PostSendError};
 
 use super::memory::{BouncePool, RegisteredMemory, Role};
 use super::region::{
     ChunkTable, GuestRange, GuestRegion, ImportLimits, LocalChunk, RemoteMap, plan_chunks,
 };
-use super::stream::{
-    CompletionOp, QueueOps, RawWc, RdmaStream, StreamConfig, StreamError, StreamKind,
-};
-use super::sys::{AnonMapping, SendOp, SendWr};
+use super::sim::{Fabric, FakeQueue};
+use super::stream::{CompletionOp, RdmaStream, StreamConfig, StreamError, StreamKind};
+use super::sys::AnonMapping;
 use super::window::{WcStatus, WrOp};
 
 const PAGE: u64 = 4096;
-const FLUSH: u32 = 5;
-const LOC_PROT: u32 = 4;
-const REM_ACCESS: u32 = 10;
-const RNR_EXC: u32 = 13;
-
-#[derive(Debug, Default)]
-struct Side {
-    cq: VecDeque<RawWc>,
-    recvs: VecDeque<u64>,
-    failed: bool,
-}
-
-/// Two connected queue pairs (side 0 and side 1) sharing one key space.
-#[derive(Debug, Default)]
-struct Fabric {
-    sides: [Side; 2],
-    keys: HashMap<u32, (u64, u64)>,
-    /// Withhold successful send completions (a peer that stopped acknowledging).
-    stall: bool,
-}
-
-impl Fabric {
-    fn covers(&self, key: u32, addr: u64, len: u32) -> bool {
-        self.keys
-            .get(&key)
-            .is_some_and(|&(a, l)| addr >= a && addr + u64::from(len) <= a + l)
-    }
-}
-
-#[derive(Debug)]
-struct FakeQueue {
-    fabric: Arc<Mutex<Fabric>>,
-    me: usize,
-}
-
-fn wc(wr_id: u64, status: u32, opcode: u32) -> RawWc {
-    RawWc {
-        wr_id,
-        status,
-        opcode,
-        vendor_err: if status == 0 { 0 } else { 0x99 },
-        byte_len: 0,
-        imm: 0,
-    }
-}
-
-impl QueueOps for FakeQueue {
-    unsafe fn post_send(&mut self, wrs: &[SendWr]) -> Result<(), PostSendError> {
-        let mut f = self.fabric.lock().expect("fabric lock");
-        let (me, peer) = (self.me, 1 - self.me);
-        for wr in wrs {
-            if f.sides[me].failed {
-                f.sides[me].cq.push_back(wc(wr.wr_id, FLUSH, 0));
-                continue;
-            }
-            let (rkey, raddr, opcode) = match wr.op {
-                SendOp::Write { rkey, remote_addr }
-                | SendOp::WriteImm {
-                    rkey, remote_addr, ..
-                } => (rkey, remote_addr, Op::Write as u32),
-                SendOp::Read { rkey, remote_addr } => (rkey, remote_addr, Op::Read as u32),
-            };
-            let status = if !f.covers(wr.lkey, wr.local_addr, wr.len) {
-                LOC_PROT
-            } else if !f.covers(rkey, raddr, wr.len) {
-                REM_ACCESS
-            } else if matches!(wr.op, SendOp::WriteImm { .. }) && f.sides[peer].recvs.is_empty() {
-                RNR_EXC
-            } else {
-                0
-            };
-            if status != 0 {
-                f.sides[me].failed = true;
-                f.sides[me].cq.push_back(wc(wr.wr_id, status, 0));
-                continue;
-            }
-            let (src, dst) = match wr.op {
-                SendOp::Read { .. } => (raddr, wr.local_addr),
-                _ => (wr.local_addr, raddr),
-            };
-            // SAFETY: both ranges were checked against keys the test registered over live
-            // mappings it owns for the whole test; distinct mappings never overlap.
-            unsafe {
-                std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, wr.len as usize);
-            }
-            if let SendOp::WriteImm { imm_be, .. } = wr.op {
-                let id = f.sides[peer].recvs.pop_front().unwrap_or_default();
-                f.sides[peer].cq.push_back(RawWc {
-                    byte_len: wr.len,
-                    imm: imm_be,
-                    ..wc(id, 0, Op::ReceiveWithImmediate as u32)
-                });
-            }
-            if wr.signalled && !f.stall {
-                f.sides[me].cq.push_back(wc(wr.wr_id, 0, opcode));
-            }
-        }
-        Ok(())
-    }
-
-    fn post_recv(&mut self, wr_ids: &[u64]) -> Result<(), PostRecvError> {
-        let mut f = self.fabric.lock().expect("fabric lock");
-        f.sides[self.me].recvs.extend(wr_ids);
-        Ok(())
-    }
-
-    fn poll(&mut self, out: &mut Vec<RawWc>) -> Result<(), PollCompletionQueueError> {
-        let mut f = self.fabric.lock().expect("fabric lock");
-        out.extend(f.sides[self.me].cq.drain(..));
-        Ok(())
-    }
-
-    fn qp_number(&self) -> u32 {
-        0x100 + u32::try_from(self.me).unwrap_or(0)
-    }
-}
 
 /// One side's guest memory: regions at gpa 0..32 pages and 40..56 pages, back to back in one
 /// mapping, chunked by `chunk_pages`, with keys `key_base + i` registered in the fabric.
@@ -244,6 +117,7 @@ fn stream(
     let mut s = RdmaStream::new(
         Box::new(FakeQueue {
             fabric: Arc::clone(fabric),
+            wire: 0,
             me,
         }),
         keep,

@@ -217,6 +217,8 @@ impl RdmaPd {
             role,
             device: self.device.clone(),
             pd_key: self.key(),
+            #[cfg(any(test, feature = "rdma-sim"))]
+            _sim: None,
         }))
     }
 
@@ -260,6 +262,9 @@ pub struct RegisteredMemory {
     role: Role,
     device: String,
     pd_key: usize,
+    /// A simulated registration's keys, revoked when it is dropped.
+    #[cfg(any(test, feature = "rdma-sim"))]
+    _sim: Option<super::sim::SimKeys>,
 }
 
 /// A registration could not be released.
@@ -317,6 +322,25 @@ impl RegisteredMemory {
             role,
             device: "simulated".to_owned(),
             pd_key,
+            _sim: None,
+        })
+    }
+
+    /// A registration on the simulated fabric (its keys are revoked with it).
+    #[cfg(any(test, feature = "rdma-sim"))]
+    pub(crate) fn simulated(
+        table: ChunkTable,
+        role: Role,
+        pd_key: usize,
+        keys: super::sim::SimKeys,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            mrs: Vec::new(),
+            table,
+            role,
+            device: "simulated".to_owned(),
+            pd_key,
+            _sim: Some(keys),
         })
     }
 

@@ -14,6 +14,9 @@
 //! - [`window`]: device-free send-queue bookkeeping (batching, selective signalling, guard
 //!   release) and completion-status mapping.
 //! - [`conn`]: rdmacm listener / connector, N bulk streams plus one urgent stream.
+//! - [`provider`]: [`RdmaProvider`], the seam between session setup and the fabric: [`Verbs`]
+//!   (rdmacm and a device), or the in-process simulator (`sim`, cargo feature `rdma-sim`, for
+//!   tests on machines without a device).
 //! - [`stream`]: the data path of one queue pair.
 //! - [`framed`]: [`RdmaDataStream`], the transport's `DataStream` API over one queue pair plus a
 //!   TCP connection for frame headers (what the engine's pre-copy push runs on).
@@ -42,7 +45,10 @@ pub mod device;
 mod fake;
 pub mod framed;
 pub mod memory;
+pub mod provider;
 pub mod region;
+#[cfg(any(test, feature = "rdma-sim"))]
+pub mod sim;
 pub mod stream;
 mod sys;
 pub mod window;
@@ -56,10 +62,13 @@ pub use memory::{
     BouncePool, BounceSlot, DeregisterError, FilledSlot, RdmaPd, RegisterError, RegisterOptions,
     RegisteredMemory, Role,
 };
+pub use provider::{RdmaAcceptor, RdmaLink, RdmaProvider, Verbs};
 pub use region::{
     ChunkTable, GuestRange, GuestRegion, ImportError, ImportLimits, LayoutError, RemoteMap,
     RemoteRegion, TranslateError,
 };
+#[cfg(any(test, feature = "rdma-sim"))]
+pub use sim::SimProvider;
 pub use stream::{
     Arrival, BatchStats, CompletionError, CompletionOp, RdmaStream, ReadTicket, StreamError,
     StreamKind, StreamStats,
