@@ -513,6 +513,8 @@ impl RdmaLink for SimLink {
 }
 
 #[cfg(test)]
+// Test arithmetic on small, known sizes.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use crate::rdma::region::{GuestRange, RemoteMap};
