@@ -61,6 +61,45 @@ mod tests {
     }
 
     #[test]
+    fn demo_refuses_rdma_because_loopback_cannot_carry_it() -> Result<()> {
+        let out = ferry().args(["demo", "--transport", "rdma"]).output()?;
+        ensure!(!out.status.success());
+        let err = String::from_utf8(out.stderr)?;
+        ensure!(err.contains("rdmacm cannot route"), "{err}");
+        ensure!(err.contains("ferry send"), "no way forward named: {err}");
+        Ok(())
+    }
+
+    #[test]
+    fn send_over_rdma_names_what_is_missing() -> Result<()> {
+        if !kvm_or_skip() {
+            return Ok(());
+        }
+        let out = ferry()
+            .args([
+                "send",
+                "--to",
+                "127.0.0.1:9",
+                "--insecure-no-auth",
+                "--mem-mib",
+                "64",
+                "--transport",
+                "rdma",
+                "--mode",
+                "hybrid",
+            ])
+            .output()?;
+        ensure!(!out.status.success());
+        let err = String::from_utf8(out.stderr)?;
+        // Without the feature the build says so; with it, hybrid is refused first.
+        ensure!(
+            err.contains("`rdma` cargo feature") || err.contains("pre-copy only"),
+            "{err}"
+        );
+        Ok(())
+    }
+
+    #[test]
     fn demo_migrates_a_kvm_guest_precopy() -> Result<()> {
         if !kvm_or_skip() {
             return Ok(());
