@@ -32,6 +32,9 @@ pub(crate) enum Work {
     /// Send `RoundEnd { round }` after everything before it and carry on: the receiver waits
     /// for it, nobody here does (the switchover marker, inside the blackout).
     Marker(u32),
+    /// From here on the destination may run the guest on memory the stream could write
+    /// directly: the stream sends payload in-band (see `DataStream::end_direct_placement`).
+    InBand,
     /// Send `EndOfStream`, flush, exit.
     End,
 }
@@ -118,6 +121,14 @@ impl Worker<'_> {
                         crate::timeline::mark("src stream marker sent");
                     }
                 }),
+                Work::InBand => {
+                    self.stream
+                        .end_direct_placement()
+                        .map_err(|source| MigrateError::Stream {
+                            stream: index,
+                            source,
+                        })
+                }
                 Work::End => {
                     let r = self
                         .send(&Frame::EndOfStream.encode(), &[])

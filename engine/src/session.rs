@@ -29,8 +29,8 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Transport options of a session.
 #[derive(Debug, Clone)]
 pub struct SessionOptions {
-    /// The data transport. `Rdma` (cargo feature `rdma`, pre-copy only) pushes page payload by
-    /// RDMA WRITE and frame headers over TCP; see [`crate::rdma`].
+    /// The data transport. `Rdma` (cargo feature `rdma`) pushes page payload by RDMA WRITE
+    /// and frame headers over TCP until a switch to post-copy; see `ferry_engine::rdma`.
     pub transport: TransportKind,
     /// Bulk streams to ask for.
     pub streams: u16,
@@ -101,7 +101,7 @@ pub fn connect_source(
     opts: &SessionOptions,
 ) -> Result<(SourceStreams, Arc<MemoryRegistration>), MigrateError> {
     if opts.transport == TransportKind::Rdma {
-        rdma_precheck(policy.mode, opts)?;
+        rdma_precheck(opts)?;
     }
     let session =
         ferry_transport::session::connect(endpoint, &connect_config(layout, policy, opts))?;
@@ -114,10 +114,10 @@ pub fn connect_source(
     Ok((streams, reg))
 }
 
-/// What an RDMA session needs before it is asked for: the feature, a device, pre-copy.
+/// What an RDMA session needs before it is asked for: the feature and a device (or a
+/// provider given in the options).
 #[cfg(feature = "rdma")]
-fn rdma_precheck(mode: Mode, opts: &SessionOptions) -> Result<(), MigrateError> {
-    crate::rdma::check_mode(mode)?;
+fn rdma_precheck(opts: &SessionOptions) -> Result<(), MigrateError> {
     if opts.rdma_provider.is_some() {
         return Ok(());
     }
@@ -125,7 +125,7 @@ fn rdma_precheck(mode: Mode, opts: &SessionOptions) -> Result<(), MigrateError> 
 }
 
 #[cfg(not(feature = "rdma"))]
-fn rdma_precheck(_mode: Mode, _opts: &SessionOptions) -> Result<(), MigrateError> {
+fn rdma_precheck(_opts: &SessionOptions) -> Result<(), MigrateError> {
     Err(not_built())
 }
 
@@ -137,9 +137,11 @@ fn not_built() -> MigrateError {
     }
 }
 
+/// The streams of an RDMA session: those of a TCP session (control, urgent, and the bulk
+/// streams, which then carry frame headers), with RDMA queue pairs under the bulk streams.
 #[cfg(feature = "rdma")]
 fn rdma_source_streams(
-    mut session: Session,
+    session: Session,
     endpoint: &Endpoint,
     reg: &Arc<MemoryRegistration>,
     layout: &Layout,
@@ -151,21 +153,13 @@ fn rdma_source_streams(
             what: format!("reach {endpoint}: RDMA sessions need a TCP address"),
         });
     };
-    let mut sockets = vec![clone_socket(session.control.socket())?];
-    for s in &session.bulk {
-        sockets.push(clone_socket(s)?);
-    }
-    let bulk = crate::rdma::source_bulk(&mut session, *peer, reg, layout, opts)?;
-    Ok(SourceStreams {
-        control: session.control,
-        bulk,
-        urgent: None,
-        transport: kind_name(TransportKind::Rdma).into(),
-        sockets,
-        session: session.id,
-        // Registration pinned, and so allocated, every page.
-        sparse_memory: false,
-    })
+    let mut st = source_streams(session, reg, layout, opts)?;
+    let headers = std::mem::take(&mut st.bulk);
+    st.bulk = crate::rdma::source_bulk(&st.control, headers, *peer, layout, opts)?;
+    st.transport = kind_name(TransportKind::Rdma).into();
+    // Registration pinned, and so allocated, every page.
+    st.sparse_memory = false;
+    Ok(st)
 }
 
 #[cfg(not(feature = "rdma"))]
@@ -355,7 +349,7 @@ pub fn accept_destination(
 
 #[cfg(feature = "rdma")]
 fn rdma_dest_streams(
-    mut session: Session,
+    session: Session,
     reg: &Arc<MemoryRegistration>,
     layout: &Layout,
     opts: &SessionOptions,
@@ -366,41 +360,33 @@ fn rdma_dest_streams(
         let message = ferry_protocol::handshake::error_chain(e);
         let _ = control.send(&ferry_protocol::Frame::Error { code: 1, message }, &[]);
     };
-    if let Err(e) = crate::rdma::check_mode(session.params.mode) {
-        refuse(&session.control, &e);
-        return Err(e);
-    }
-    let mut sockets = Vec::with_capacity(session.bulk.len());
-    for s in &session.bulk {
-        sockets.push(clone_socket(s)?);
-    }
-    let Some(local) = session.control.socket().local_addr() else {
+    let mode = session.params.mode;
+    let local = session.control.socket().local_addr();
+    let opts_tcp = SessionOptions {
+        page_cache: false,
+        ..opts.clone()
+    };
+    let mut st = dest_streams(session, reg, &opts_tcp, aliases)?;
+    let Some(local) = local else {
         let e = MigrateError::Unsupported {
             transport: "rdma",
             what: "listen on a Unix-domain socket: RDMA sessions need a TCP address".into(),
         };
-        refuse(&session.control, &e);
+        refuse(&st.control, &e);
         return Err(e);
     };
-    let bulk = crate::rdma::dest_bulk(
-        &session.control,
-        std::mem::take(&mut session.bulk),
+    let headers = std::mem::take(&mut st.bulk);
+    st.bulk = crate::rdma::dest_bulk(
+        &st.control,
+        headers,
         std::net::SocketAddr::new(local.ip(), port),
-        reg,
         layout,
+        mode,
         opts,
     )
-    .inspect_err(|e| refuse(&session.control, e))?;
-    Ok(DestStreams {
-        control: session.control,
-        bulk,
-        urgent: None,
-        page_cache: false,
-        aliases,
-        sockets,
-        session: session.id,
-        prepared: true,
-    })
+    .inspect_err(|e| refuse(&st.control, e))?;
+    st.prepared = true;
+    Ok(st)
 }
 
 #[cfg(not(feature = "rdma"))]

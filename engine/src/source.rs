@@ -1141,6 +1141,18 @@ impl Run<'_, '_> {
         }
         self.report.rounds = round;
 
+        // Post-copy follows: the destination will run the guest while pages still arrive, so
+        // no stream may write its memory directly any more (RDMA WRITE); payload goes in-band
+        // from here, behind everything queued so far. Nothing for the socket transports.
+        if post_copy {
+            let phase = Phase::Round(round);
+            let r = (0..self.stream_count).try_for_each(|s| self.send_work(s, Work::InBand, phase));
+            if let Err(e) = r {
+                let _ = dirty.stop();
+                return Err(e);
+            }
+        }
+
         // Hybrid switching to post-copy: the pages dirty now will be stale. Have the
         // destination drop them while the VM still runs here, so the blackout only drops what
         // is dirtied from now on (dropping costs ~0.1–1 µs per page at the destination).

@@ -4,6 +4,9 @@
 //! `FERRY_RDMA_ADDR`, an IP address of an RDMA interface; they skip with the reason otherwise,
 //! which is the case on the development machines: no RDMA NIC, no InfiniBand in the kernel).
 
+#[allow(dead_code)]
+mod common;
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -69,29 +72,18 @@ mod tests {
     }
 
     #[test]
-    fn rdma_refuses_post_copy_and_hybrid_before_connecting() -> Result<()> {
-        for mode in [Mode::PostCopy, Mode::Hybrid] {
-            let msg = refused(mode)?;
-            if cfg!(feature = "rdma") {
-                assert!(msg.contains("pre-copy only"), "{msg}");
-            } else {
-                assert!(msg.contains("`rdma` cargo feature"), "{msg}");
-            }
-        }
-        Ok(())
-    }
-
-    #[test]
     fn rdma_without_a_device_is_refused_with_the_reason() -> Result<()> {
         if has_device() {
             eprintln!("SKIP: an RDMA device exists here; the refusal cannot be shown");
             return Ok(());
         }
-        let msg = refused(Mode::PreCopy)?;
-        if cfg!(feature = "rdma") {
-            assert!(msg.contains("without an RDMA device"), "{msg}");
-        } else {
-            assert!(msg.contains("`rdma` cargo feature"), "{msg}");
+        for mode in [Mode::PreCopy, Mode::Hybrid, Mode::PostCopy] {
+            let msg = refused(mode)?;
+            if cfg!(feature = "rdma") {
+                assert!(msg.contains("without an RDMA device"), "{msg}");
+            } else {
+                assert!(msg.contains("`rdma` cargo feature"), "{msg}");
+            }
         }
         Ok(())
     }
@@ -118,6 +110,7 @@ mod tests {
     /// measurement: the simulator copies with the CPU.
     #[cfg(feature = "rdma-sim")]
     mod simulated {
+        use super::super::common::uffd_available as uffd_or_skip;
         use super::*;
         use ferry_engine::dest::DestVm;
         use ferry_engine::session::migrate_local;
@@ -129,9 +122,13 @@ mod tests {
         fn migrate(
             backing: MemBacking,
             mode: Mode,
+            rate: Option<u64>,
         ) -> Result<(SimProvider, ferry_engine::session::LocalMigration)> {
             let sim = SimProvider::new();
-            let c = cfg(backing);
+            let c = ProcVmConfig {
+                write_mib_s: rate,
+                ..cfg(backing)
+            };
             let mut src = ProcessVm::new(c.clone())?;
             src.start()?;
             let mut dst = ProcessVm::new_destination(&c)?;
@@ -142,8 +139,7 @@ mod tests {
                 max_blackout: Duration::from_millis(5),
                 max_rounds: 8,
                 checksums: true,
-                // A refused session leaves the destination waiting for this long.
-                timeout: Duration::from_secs(if mode == Mode::PreCopy { 30 } else { 2 }),
+                timeout: Duration::from_secs(30),
                 ..Policy::default()
             };
             let opts = SessionOptions {
@@ -175,17 +171,28 @@ mod tests {
             Ok((sim, done))
         }
 
-        fn check(sim: &SimProvider, done: &ferry_engine::session::LocalMigration) {
+        fn check(
+            sim: &SimProvider,
+            done: &ferry_engine::session::LocalMigration,
+            switchover: &str,
+        ) {
             let r = &done.source;
             eprintln!(
-                "rdma (simulated) {}: rounds {} blackout {:.0} µs bytes {} verified {}",
-                r.mode, r.rounds, r.blackout_us, r.bytes_sent, r.verified
+                "rdma (simulated) {}: rounds {} switchover {} blackout {:.0} µs stale {} faults {} bytes {} verified {}",
+                r.mode,
+                r.rounds,
+                r.switchover,
+                r.blackout_us,
+                r.stale_pages,
+                r.faults.count,
+                r.bytes_sent,
+                r.verified
             );
             assert_eq!(r.transport, "rdma");
             assert!(r.verified && done.dest.verified, "digests differ");
             assert_eq!(r.digest, done.dest.digest);
-            assert_eq!(r.switchover, "stop-and-copy");
-            assert!(r.rounds >= 1 && r.data_pages > 0, "{r:?}");
+            assert_eq!(r.switchover, switchover);
+            assert!(r.data_pages > 0, "{r:?}");
             assert_eq!(
                 sim.registered_keys(),
                 0,
@@ -195,15 +202,48 @@ mod tests {
 
         #[test]
         fn precopy_over_simulated_rdma_anonymous() -> Result<()> {
-            let (sim, done) = migrate(MemBacking::Anonymous, Mode::PreCopy)?;
-            check(&sim, &done);
+            let (sim, done) = migrate(MemBacking::Anonymous, Mode::PreCopy, Some(4))?;
+            check(&sim, &done, "stop-and-copy");
+            assert!(done.source.rounds >= 1);
             Ok(())
         }
 
         #[test]
         fn precopy_over_simulated_rdma_memfd() -> Result<()> {
-            let (sim, done) = migrate(MemBacking::Memfd, Mode::PreCopy)?;
-            check(&sim, &done);
+            let (sim, done) = migrate(MemBacking::Memfd, Mode::PreCopy, Some(4))?;
+            check(&sim, &done, "stop-and-copy");
+            Ok(())
+        }
+
+        fn hybrid(backing: MemBacking) -> Result<()> {
+            if !uffd_or_skip() {
+                return Ok(());
+            }
+            // Writers at full speed: pre-copy cannot converge, hybrid switches to post-copy.
+            let (sim, done) = migrate(backing, Mode::Hybrid, None)?;
+            check(&sim, &done, "post-copy");
+            assert!(done.source.rounds >= 1, "no pre-copy round went by RDMA");
+            Ok(())
+        }
+
+        #[test]
+        fn hybrid_over_simulated_rdma_anonymous() -> Result<()> {
+            hybrid(MemBacking::Anonymous)
+        }
+
+        #[test]
+        fn hybrid_over_simulated_rdma_memfd() -> Result<()> {
+            hybrid(MemBacking::Memfd)
+        }
+
+        #[test]
+        fn postcopy_over_simulated_rdma_memfd() -> Result<()> {
+            if !uffd_or_skip() {
+                return Ok(());
+            }
+            let (sim, done) = migrate(MemBacking::Memfd, Mode::PostCopy, Some(64))?;
+            check(&sim, &done, "post-copy");
+            assert!(done.source.faults.count > 0, "no page was demand-fetched");
             Ok(())
         }
 
@@ -278,14 +318,6 @@ mod tests {
                 "registrations outlived the session"
             );
             Ok(())
-        }
-
-        #[test]
-        fn hybrid_over_simulated_rdma_is_refused() {
-            let Err(e) = migrate(MemBacking::Anonymous, Mode::Hybrid) else {
-                panic!("hybrid over RDMA ran");
-            };
-            assert!(format!("{e:#}").contains("pre-copy only"), "{e:#}");
         }
     }
 

@@ -54,8 +54,9 @@ pub enum TransportArg {
     Uring,
     /// Plain blocking TCP sockets.
     Tcp,
-    /// RDMA verbs: pre-copy pages pushed by RDMA WRITE, frame headers over TCP (needs an RDMA
-    /// NIC on both hosts, the `rdma` build feature and `--mode precopy`; `send`/`recv` only).
+    /// RDMA verbs: pages pushed by RDMA WRITE, frame headers over TCP (needs an RDMA NIC on
+    /// both hosts, with on-demand paging for hybrid and post-copy, and the `rdma` build
+    /// feature; `send`/`recv` only).
     Rdma,
 }
 
@@ -286,8 +287,8 @@ impl MigrateArgs {
         match self.transport {
             TransportArg::Uring => Ok(TransportKind::Uring),
             TransportArg::Tcp => Ok(TransportKind::Tcp),
-            // The engine refuses it with the reason when this build lacks the `rdma` feature,
-            // the host has no device, or the mode is not pre-copy.
+            // The engine refuses it with the reason when this build lacks the `rdma` feature
+            // or the host has no device.
             TransportArg::Rdma => Ok(TransportKind::Rdma),
         }
     }
@@ -924,7 +925,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     let warmup = seconds("--warmup-s", a.warmup_s)?;
     if a.migrate.transport == TransportArg::Rdma {
         bail!(
-            "The demo migrates over loopback (127.0.0.1), which rdmacm cannot route: run `ferry recv --listen ADDR:PORT` and `ferry send --to ADDR:PORT --transport rdma --mode precopy` with ADDR on an RDMA interface"
+            "The demo migrates over loopback (127.0.0.1), which rdmacm cannot route: run `ferry recv --listen ADDR:PORT` and `ferry send --to ADDR:PORT --transport rdma` with ADDR on an RDMA interface"
         );
     }
     require_kvm()?;

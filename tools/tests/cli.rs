@@ -91,9 +91,9 @@ mod tests {
             .output()?;
         ensure!(!out.status.success());
         let err = String::from_utf8(out.stderr)?;
-        // Without the feature the build says so; with it, hybrid is refused first.
+        // Without the feature the build says so; with it, the missing device.
         ensure!(
-            err.contains("`rdma` cargo feature") || err.contains("pre-copy only"),
+            err.contains("`rdma` cargo feature") || err.contains("without an RDMA device"),
             "{err}"
         );
         Ok(())

@@ -81,6 +81,14 @@ pub trait DataStream: Send + fmt::Debug {
     /// mapping, per `target`).
     fn recv_into(&mut self, ranges: &[GpaRange], target: Target) -> Result<(), StreamError>;
 
+    /// From here on the peer may run its guest on the memory this stream could write directly,
+    /// so payload must travel in-band. A transport that places payload in the peer's memory
+    /// itself (RDMA WRITE) switches to sending it on the connection, in order with the frames
+    /// before and after; the socket transports have nothing to do. Called between frames.
+    fn end_direct_placement(&mut self) -> Result<(), StreamError> {
+        Ok(())
+    }
+
     /// Waits until every queued send has completed, zero-copy notifications included. After
     /// `Ok`, the kernel no longer references any guest memory for this stream.
     fn flush(&mut self) -> Result<(), StreamError>;

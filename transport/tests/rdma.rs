@@ -140,6 +140,7 @@ mod tests {
         let opts = RegisterOptions {
             max_chunk: Some(MIB),
             page_size: PAGE,
+            on_demand: false,
         };
         for role in [Role::Source, Role::Destination] {
             // SAFETY: `mem` outlives the registration (dropped at the end of this iteration).
@@ -249,6 +250,7 @@ mod tests {
         let register = RegisterOptions {
             max_chunk: Some(MIB),
             page_size: PAGE,
+            on_demand: false,
         };
         let timeout = Duration::from_secs(10);
 

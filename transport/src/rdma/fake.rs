@@ -378,13 +378,18 @@ mod framed_streams {
     use crate::stream::{Backend, DataStream, StreamConfig as SocketConfig, open_stream};
     use crate::{RegistrationConfig, StreamError as DataError};
 
-    /// Two plain TCP streams connected over loopback, for frame headers.
-    fn header_pair(mem: &Guest) -> (Box<dyn DataStream>, Box<dyn DataStream>) {
-        let region = HostRegion::new(0, mem.mem.addr() as *mut u8, 32 * PAGE);
-        // SAFETY: the mapping outlives both streams (the test drops them first); header
-        // streams never touch guest memory.
-        let reg = unsafe { MemoryRegistration::new(&[region], RegistrationConfig::default()) }
-            .expect("registration");
+    /// Registers the first region (gpa 0, 32 pages) of `g` for a socket stream.
+    fn socket_registration(g: &Guest) -> Arc<MemoryRegistration> {
+        let region = HostRegion::new(0, g.mem.addr() as *mut u8, 32 * PAGE);
+        // SAFETY: the mapping outlives the streams (the tests drop them first).
+        unsafe { MemoryRegistration::new(&[region], RegistrationConfig::default()) }
+            .expect("registration")
+    }
+
+    /// Two plain TCP streams connected over loopback, for frame headers (and in-band payload,
+    /// from `src`'s memory into `dst`'s).
+    fn header_pair(src: &Guest, dst: &Guest) -> (Box<dyn DataStream>, Box<dyn DataStream>) {
+        let (reg_tx, reg_rx) = (socket_registration(src), socket_registration(dst));
         let l = Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().expect("addr"))).expect("bind");
         let ep = l.endpoint().expect("endpoint");
         let c = Socket::connect(&ep, T).expect("connect");
@@ -395,8 +400,8 @@ mod framed_streams {
             ..SocketConfig::default()
         };
         (
-            open_stream(c, 0, &reg, &cfg).expect("open"),
-            open_stream(a, 0, &reg, &cfg).expect("open"),
+            open_stream(c, 0, &reg_tx, &cfg).expect("open"),
+            open_stream(a, 0, &reg_rx, &cfg).expect("open"),
         )
     }
 
@@ -415,7 +420,7 @@ mod framed_streams {
         let q_rx = stream(&fabric, 1, StreamKind::Bulk, 16, 4, 8, 4);
         let remote = import(&dst);
         raw(&mut q_tx, &src, &remote);
-        let (h_tx, h_rx) = header_pair(&src);
+        let (h_tx, h_rx) = header_pair(&src, &dst);
         let target = PushTarget {
             local: Arc::clone(&src.reg),
             remote: Arc::new(remote),
@@ -473,6 +478,74 @@ mod framed_streams {
         assert_eq!(tx.bytes_sent, 14 + 19 * PAGE, "headers plus pushed payload");
         assert_eq!(rx.bytes_received, 14 + 19 * PAGE);
         assert_eq!(p.tx.backend(), "rdma");
+    }
+
+    #[test]
+    fn after_the_in_band_marker_payload_travels_on_tcp_in_order() {
+        let mut p = pair(64, |_, _, _| {});
+        let a = [GpaRange::new(0, 2 * PAGE)];
+        let b = [GpaRange::new(4 * PAGE, 3 * PAGE)];
+        p.tx.send_frame(b"A", &a).expect("a");
+        p.tx.end_direct_placement().expect("switch");
+        p.tx.end_direct_placement()
+            .expect("switching twice is harmless");
+        p.tx.send_frame(b"B", &b).expect("b");
+        p.tx.flush().expect("flush");
+        let writes = p.tx.stats().sqes;
+        let mut h = [0u8; 1];
+        p.rx.recv_exact(&mut h).expect("header a");
+        p.rx.recv_into(&a, Target::Guest).expect("payload a (RDMA)");
+        p.rx.recv_exact(&mut h).expect("header b");
+        assert_eq!(&h, b"B");
+        // The marker comes where batch 1 would; this payload and the rest are in-band.
+        p.rx.recv_into(&b[..], Target::Guest)
+            .expect("payload b (TCP)");
+        for r in a.iter().chain(&b) {
+            assert_eq!(
+                p.src.bytes(r.gpa, r.len),
+                p.dst.bytes(r.gpa, r.len),
+                "{r:?}"
+            );
+        }
+        // In-band receives may target a file-backed region again.
+        p.rx.recv_into(&[], Target::File)
+            .expect("in-band receives take any target");
+        assert_eq!(
+            writes,
+            p.tx.stats().sqes,
+            "nothing more was posted after the marker"
+        );
+    }
+
+    #[test]
+    fn a_marker_inside_a_frame_fails() {
+        // Batch 0 with one page, then the marker (number 1), where the frame expects two pages.
+        let mut p = pair(64, |q, src, remote| {
+            q.write_batch(
+                &src.reg,
+                remote,
+                &[GuestRange::new(0, PAGE)],
+                encode_imm(0, 1),
+                T,
+            )
+            .expect("raw write");
+            q.post_marker(&src.reg, remote, encode_imm(1, 0), T)
+                .expect("raw marker");
+        });
+        p.tx.send_frame(b"h", &[]).expect("header");
+        let mut h = [0u8; 1];
+        p.rx.recv_exact(&mut h).expect("header");
+        let e =
+            p.rx.recv_into(&[GpaRange::new(0, 2 * PAGE)], Target::Guest)
+                .expect_err("marker inside the frame");
+        assert_eq!(
+            inner(&e),
+            FramedError::MarkerInFrame {
+                sequence: 1,
+                consumed: PAGE
+            }
+            .to_string()
+        );
     }
 
     #[test]

@@ -20,10 +20,16 @@
 //! `recv_into` asks for; a frame that ends with credit left over, a skipped sequence number or a
 //! range that is not a whole number of 4 KiB units fail the stream with a typed error.
 //!
-//! Scope: pushes into destination memory the NIC may write, so it is for memory the guest does
-//! not run on yet (pre-copy). Receiving into a file (`Target::File`) is refused. The
-//! destination's registration must cover the same mapping its receiver names (guest memory or
-//! its alias); the engine registers the mapping it lands pre-copy pages in.
+//! **In-band mode.** Writing into the destination's memory is only right while its guest does
+//! not run there. [`DataStream::end_direct_placement`] (the engine calls it when a migration
+//! switches to post-copy) posts a zero-length WRITE_WITH_IMM with 0 units, in sequence: from
+//! that marker on, frames carry their payload on the TCP stream like the socket backend, and
+//! the destination, which meets the marker where it would have waited for the next batch,
+//! receives them the same way (claims, staging and all).
+//!
+//! Receiving into a file (`Target::File`) is refused while payload arrives by RDMA. The
+//! destination's registration must cover the mapping its receiver names (guest memory, or the
+//! alias of a memfd region); the engine registers the mapping it lands pages in.
 //!
 //! Lifetime: dropping or shutting down the destination's stream destroys its queue pair, after
 //! which the peer cannot write through it any more.
@@ -77,11 +83,13 @@ pub enum FramedError {
         /// The one that arrived.
         got: u16,
     },
-    /// A batch announced no payload.
-    #[error("RDMA batch {sequence} announced no payload")]
-    EmptyBatch {
+    /// The in-band marker arrived in the middle of a frame's payload.
+    #[error("RDMA in-band marker {sequence} arrived {consumed} bytes into a frame's payload")]
+    MarkerInFrame {
         /// Its sequence number.
         sequence: u16,
+        /// Bytes of the frame already accounted for.
+        consumed: u64,
     },
     /// A frame ended before it consumed all the bytes its batch carried.
     #[error("A frame ended with {left} bytes of its RDMA batch {sequence} unaccounted for")]
@@ -139,10 +147,15 @@ pub struct RdmaDataStream {
     rdma: Option<RdmaStream>,
     side: Side,
     sequence: u16,
+    /// Payload travels on the TCP stream (after the in-band marker).
+    inline: bool,
     timeout: Duration,
     payload_received: u64,
     batches: Vec<Vec<GuestRange>>,
     max_units: u64,
+    /// Kept alive until after the queue pair (declared after it): what the registration the
+    /// peer writes into covers, when the stream owns it (e.g. mappings made for it).
+    _hold: Option<Arc<dyn fmt::Debug + Send + Sync>>,
 }
 
 impl fmt::Debug for RdmaDataStream {
@@ -198,11 +211,20 @@ impl RdmaDataStream {
             rdma: Some(rdma),
             side,
             sequence: 0,
+            inline: false,
             timeout,
             payload_received: 0,
             batches: Vec::new(),
             max_units: MAX_BATCH_UNITS,
+            _hold: None,
         }
+    }
+
+    /// Keeps `hold` alive until after this stream's queue pair is destroyed: the memory a
+    /// destination's registration covers, when the caller made it for the session.
+    pub fn holding(mut self, hold: Arc<dyn fmt::Debug + Send + Sync>) -> Self {
+        self._hold = Some(hold);
+        self
     }
 
     /// Caps batches at `units` (tests: exercises frames that span several batches).
@@ -258,7 +280,7 @@ impl RdmaDataStream {
         }
     }
 
-    /// Waits for the next batch and returns its size in bytes.
+    /// Waits for the next batch and returns its size in bytes (0: the in-band marker).
     fn next_batch(&mut self) -> Result<u64, StreamError> {
         let timeout = self.timeout;
         let expected = self.sequence;
@@ -269,9 +291,6 @@ impl RdmaDataStream {
         let (got, units) = decode_imm(arrival.batch);
         if got != expected {
             return Err(self.err(FramedError::Sequence { expected, got }));
-        }
-        if units == 0 {
-            return Err(self.err(FramedError::EmptyBatch { sequence: got }));
         }
         self.sequence = self.sequence.wrapping_add(1);
         if let Side::Destination { batch, .. } = &mut self.side {
@@ -295,6 +314,9 @@ impl DataStream for RdmaDataStream {
     }
 
     fn send_frame(&mut self, header: &[u8], ranges: &[GpaRange]) -> Result<(), StreamError> {
+        if self.inline {
+            return self.header.send_frame(header, ranges);
+        }
         if !ranges.is_empty() {
             let Side::Source(target) = &self.side else {
                 return Err(self.err(FramedError::WrongSide {
@@ -348,6 +370,9 @@ impl DataStream for RdmaDataStream {
                 op: "receive page data",
             }));
         }
+        if self.inline {
+            return self.header.recv_into(ranges, target);
+        }
         if target == Target::File {
             return Err(self.err(FramedError::Target { target }));
         }
@@ -359,12 +384,27 @@ impl DataStream for RdmaDataStream {
                 })
             })?;
         }
+        let total = need;
         while need > 0 {
             let Side::Destination { credit, .. } = self.side else {
                 break;
             };
             let have = if credit == 0 {
-                self.next_batch()?
+                let bytes = self.next_batch()?;
+                if bytes == 0 {
+                    // The in-band marker: this frame's payload, and every later one, is on the
+                    // TCP stream. It only ever comes between frames.
+                    let sequence = self.sequence.wrapping_sub(1);
+                    if need != total {
+                        return Err(self.err(FramedError::MarkerInFrame {
+                            sequence,
+                            consumed: total - need,
+                        }));
+                    }
+                    self.inline = true;
+                    return self.header.recv_into(ranges, target);
+                }
+                bytes
             } else {
                 credit
             };
@@ -375,6 +415,25 @@ impl DataStream for RdmaDataStream {
                 *credit = have - take;
             }
         }
+        Ok(())
+    }
+
+    fn end_direct_placement(&mut self) -> Result<(), StreamError> {
+        let Side::Source(target) = &self.side else {
+            // The destination learns it from the marker.
+            return Ok(());
+        };
+        if self.inline {
+            return Ok(());
+        }
+        let target = target.clone();
+        let imm = encode_imm(self.sequence, 0);
+        let timeout = self.timeout;
+        self.rdma()?
+            .post_marker(&target.local, &target.remote, imm, timeout)
+            .map_err(|e| rdma_err(self.header.as_ref(), e))?;
+        self.sequence = self.sequence.wrapping_add(1);
+        self.inline = true;
         Ok(())
     }
 

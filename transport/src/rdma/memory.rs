@@ -80,6 +80,11 @@ pub struct RegisterOptions {
     pub max_chunk: Option<u64>,
     /// Guest page size every region must be aligned to.
     pub page_size: u64,
+    /// On-demand paging (`IBV_ACCESS_ON_DEMAND`): nothing is pinned or populated; the device
+    /// resolves pages through the process's page tables when it touches them, and follows
+    /// them when they change (`MADV_DONTNEED`, userfaultfd placement). Needs a device with ODP
+    /// (ConnectX-4 and later); registration fails otherwise.
+    pub on_demand: bool,
 }
 
 impl Default for RegisterOptions {
@@ -87,6 +92,7 @@ impl Default for RegisterOptions {
         Self {
             max_chunk: None,
             page_size: 4096,
+            on_demand: false,
         }
     }
 }
@@ -193,13 +199,20 @@ impl RdmaPd {
         let mut mrs = Vec::with_capacity(plan.len());
         let mut chunks = Vec::with_capacity(plan.len());
         for c in plan {
-            // SAFETY: each chunk lies inside a region the caller guarantees stays mapped for the
-            // registration's life; the memory region is dropped with the registration.
-            let mr = unsafe { sys::reg_mr(&self.pd, c.host_addr, c.len, role.mr_access()) }
-                .map_err(|source| RegisterError::Register {
-                    gpa: c.gpa,
-                    len: c.len,
-                    source,
+            let access = if opts.on_demand {
+                role.mr_access() | AccessFlags::OnDemand
+            } else {
+                role.mr_access()
+            };
+            let mr =
+                // SAFETY: each chunk lies inside a region the caller guarantees stays mapped for
+                // the registration's life; the memory region is dropped with the registration.
+                unsafe { sys::reg_mr(&self.pd, c.host_addr, c.len, access) }.map_err(|source| {
+                    RegisterError::Register {
+                        gpa: c.gpa,
+                        len: c.len,
+                        source,
+                    }
                 })?;
             chunks.push(LocalChunk {
                 gpa: c.gpa,

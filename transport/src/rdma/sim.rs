@@ -15,7 +15,9 @@
 //! ones find it gone.
 //!
 //! What it does not model: wire timing, the NIC reading source memory later than at execution,
-//! and READ/atomic ordering rules beyond posting order.
+//! READ/atomic ordering rules beyond posting order, and pinning: its copies go through the
+//! process's current page tables, as an on-demand-paging registration's do, so a pinned
+//! registration's failure modes (pages dropped behind the device's back) cannot show here.
 //!
 //! [`SimProvider`] (cargo feature `rdma-sim`) is an [`RdmaProvider`]: listeners and connections
 //! keyed by port inside one process, registrations that hand out keys and revoke them when

@@ -751,6 +751,52 @@ impl RdmaStream {
         })
     }
 
+    /// Posts a zero-length WRITE_WITH_IMM carrying `imm` (host order): it moves no data, and
+    /// the peer sees it, like a batch's immediate, in order after everything posted before it.
+    /// A signal between the sides of a framing built on immediates.
+    pub fn post_marker(
+        &mut self,
+        local: &Arc<RegisteredMemory>,
+        remote: &RemoteMap,
+        imm: u32,
+        timeout: Duration,
+    ) -> Result<(), StreamError> {
+        self.check_failed()?;
+        let stream = self.cfg.index;
+        if local.pd_key() != self.cfg.pd_key {
+            return Err(StreamError::ForeignRegistration { stream });
+        }
+        // Any registered addresses do: nothing is read or written.
+        let (Some(l), Some(r)) = (local.table().chunks().first(), remote.regions().first()) else {
+            return Err(StreamError::EmptyBatch { stream, batch: imm });
+        };
+        let start = Instant::now();
+        self.wait_slots(1, start + timeout, start)?;
+        let info = WrInfo {
+            op: WrOp::WriteImm,
+            gpa: l.gpa,
+            len: 0,
+        };
+        let (wr_id, signalled) = self
+            .window
+            .stage(info, Guard::Memory(Arc::clone(local)), true)
+            .map_err(|source| StreamError::Window { stream, source })?;
+        self.wrs.clear();
+        self.wrs.push(SendWr {
+            wr_id,
+            signalled,
+            op: SendOp::WriteImm {
+                rkey: r.rkey,
+                remote_addr: r.addr,
+                imm_be: imm.to_be(),
+            },
+            local_addr: l.host_addr,
+            len: 0,
+            lkey: l.lkey,
+        });
+        self.post_staged()
+    }
+
     /// Polls until every posted send work request has completed.
     pub fn flush(&mut self, timeout: Duration) -> Result<(), StreamError> {
         let start = Instant::now();
