@@ -27,8 +27,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_protocol::Frame;
 use ferry_protocol::handshake::{Mode, RdmaRegion};
+use ferry_protocol::{Frame, GpaRange};
 use ferry_transport::DataStream;
 use ferry_transport::rdma::{
     ConnectOptions, PushTarget, RdmaDataStream, RdmaProvider, RegisterOptions, RemoteMap, Role,
@@ -186,6 +186,7 @@ pub(crate) fn source_bulk(
     headers: Vec<Box<dyn DataStream>>,
     peer: SocketAddr,
     layout: &Layout,
+    mode: Mode,
     opts: &SessionOptions,
 ) -> Result<Vec<Box<dyn DataStream>>, MigrateError> {
     let port = match recv_control(control, opts.timeout)? {
@@ -197,15 +198,27 @@ pub(crate) fn source_bulk(
             });
         }
     };
+    // Post-copy: one more queue pair, on which the destination READs the pages its guest
+    // faults on, without this side's CPU.
+    let reads = mode != Mode::PreCopy;
     let mut copts = ConnectOptions::new(Role::Source);
     copts.streams = headers.len();
-    copts.urgent = false;
+    copts.urgent = reads;
     copts.timeout = opts.timeout;
     let mut conn = provider(opts)
         .connect(SocketAddr::new(peer.ip(), port), &copts)
         .map_err(boxed("connecting queue pairs"))?;
     let own = landing(layout, Role::Source)?;
     let local = register(conn.as_ref(), &own, layout, Role::Source, false)?;
+    if reads {
+        let regions: Vec<RdmaRegion> = conn
+            .expose(&local)
+            .map_err(boxed("exposing guest memory"))?
+            .into_iter()
+            .map(Into::into)
+            .collect();
+        control.send(&Frame::RdmaRegions { regions }, &[])?;
+    }
     // The destination empties and registers all of guest memory first: seconds per tens of
     // GiB when it pins.
     let regions = match recv_control(control, opts.timeout.max(REGISTER_WAIT))? {
@@ -223,16 +236,16 @@ pub(crate) fn source_bulk(
         local,
         remote: Arc::new(remote),
     };
-    let (queues, _) = conn.take_streams();
+    let (queues, urgent) = conn.take_streams();
+    // The READ queue pair only needs to exist here: the streams keep it.
+    let hold: Arc<dyn std::fmt::Debug + Send + Sync> = Arc::new(std::sync::Mutex::new(urgent));
     Ok(header_bound(headers, queues, "connecting RDMA streams")?
         .into_iter()
         .map(|(h, q)| {
-            Box::new(RdmaDataStream::source(
-                h,
-                q,
-                target.clone(),
-                opts.stream.timeout,
-            )) as Box<dyn DataStream>
+            Box::new(
+                RdmaDataStream::source(h, q, target.clone(), opts.stream.timeout)
+                    .holding(Arc::clone(&hold)),
+            ) as Box<dyn DataStream>
         })
         .collect())
 }
@@ -248,7 +261,7 @@ pub(crate) fn dest_bulk(
     layout: &Layout,
     mode: Mode,
     opts: &SessionOptions,
-) -> Result<Vec<Box<dyn DataStream>>, MigrateError> {
+) -> Result<DestBulk, MigrateError> {
     let listener = provider(opts)
         .listen(listen)
         .map_err(boxed("binding the rdmacm listener"))?;
@@ -258,9 +271,10 @@ pub(crate) fn dest_bulk(
         },
         &[],
     )?;
+    let reads = mode != Mode::PreCopy;
     let mut copts = ConnectOptions::new(Role::Destination);
     copts.streams = headers.len();
-    copts.urgent = false;
+    copts.urgent = reads;
     copts.timeout = opts.timeout;
     let mut conn = listener
         .accept(&copts)
@@ -282,14 +296,246 @@ pub(crate) fn dest_bulk(
         .collect();
     drop(mem);
     control.send(&Frame::RdmaRegions { regions }, &[])?;
-    let (queues, _) = conn.take_streams();
+    let (queues, urgent) = conn.take_streams();
     let hold: Arc<dyn std::fmt::Debug + Send + Sync> = Arc::new(land.aliases);
-    Ok(header_bound(headers, queues, "accepting RDMA streams")?
+    let read_path = match (reads, urgent) {
+        (true, Some(urgent)) => {
+            // The source registered and exposed its memory before it waited for ours.
+            let regions = match recv_control(control, opts.timeout.max(REGISTER_WAIT))? {
+                Frame::RdmaRegions { regions } => regions,
+                other => {
+                    return Err(MigrateError::Unexpected {
+                        got: other.command().name(),
+                        state: "waiting for the source's RDMA regions",
+                    });
+                }
+            };
+            let remote = RemoteMap::from_handshake(&regions, layout.map())
+                .map_err(boxed("importing the source's regions"))?;
+            let pool = conn
+                .bounce_pool(READ_SLOTS, layout.page_size() as usize)
+                .map_err(boxed("registering the READ staging buffers"))?;
+            Some(ReadPath::start(
+                urgent,
+                pool,
+                remote,
+                layout.map().clone(),
+                Arc::clone(&hold),
+                opts.stream.timeout,
+            )?)
+        }
+        (true, None) => {
+            return Err(MigrateError::Unexpected {
+                got: "no READ queue pair",
+                state: "accepting RDMA streams for post-copy",
+            });
+        }
+        (false, _) => None,
+    };
+    let bulk = header_bound(headers, queues, "accepting RDMA streams")?
         .into_iter()
         .map(|(h, q)| {
             Box::new(
                 RdmaDataStream::destination(h, q, opts.stream.timeout).holding(Arc::clone(&hold)),
             ) as Box<dyn DataStream>
         })
-        .collect())
+        .collect();
+    Ok((bulk, read_path))
+}
+
+/// The destination's bulk streams, and its READ path when post-copy may follow.
+pub(crate) type DestBulk = (Vec<Box<dyn DataStream>>, Option<ReadPath>);
+
+/// Staging buffers for post-copy READs in flight (one page each).
+const READ_SLOTS: usize = 64;
+
+/// Post-copy demand fetch by one-sided RDMA READ, presented to the engine's fault path as the
+/// urgent stream it already speaks: the fault loop writes `PageRequest` frames into
+/// `requests`, a bridge thread READs each page from the source's registered memory (the
+/// source's CPU does nothing) into a staging buffer and writes it back as a `PageReply` frame
+/// that the reply loop places like any other (claims, `UFFDIO_COPY`/`UFFDIO_CONTINUE`, the
+/// latency histogram). The local hop costs two copies of a page and a thread wake-up; it
+/// keeps the fault path's races, recovery and accounting in one place. Replies carry no
+/// checksums (the final digest still covers every page).
+#[derive(Debug)]
+pub(crate) struct ReadPath {
+    /// Where the fault loop writes its requests.
+    pub requests: ferry_transport::Socket,
+    /// Where the reply loop reads the pages.
+    pub replies: ferry_transport::Socket,
+}
+
+/// The bridge thread's state. The queue pair is declared first: it is destroyed before the
+/// staging buffers and the memory its registrations cover are released.
+struct Bridge {
+    urgent: ferry_transport::rdma::RdmaStream,
+    pool: ferry_transport::rdma::BouncePool,
+    remote: RemoteMap,
+    map: ferry_protocol::MemoryMap,
+    requests: std::os::unix::net::UnixStream,
+    replies: std::os::unix::net::UnixStream,
+    timeout: Duration,
+    _hold: Arc<dyn std::fmt::Debug + Send + Sync>,
+}
+
+impl ReadPath {
+    fn start(
+        urgent: ferry_transport::rdma::RdmaStream,
+        pool: ferry_transport::rdma::BouncePool,
+        remote: RemoteMap,
+        map: ferry_protocol::MemoryMap,
+        hold: Arc<dyn std::fmt::Debug + Send + Sync>,
+        timeout: Duration,
+    ) -> Result<Self, MigrateError> {
+        use std::os::unix::net::UnixStream;
+        let io = boxed::<std::io::Error>("creating the READ path's sockets");
+        let (req_w, req_r) = UnixStream::pair().map_err(io)?;
+        let (rep_w, rep_r) =
+            UnixStream::pair().map_err(boxed("creating the READ path's sockets"))?;
+        let bridge = Bridge {
+            urgent,
+            pool,
+            remote,
+            map,
+            requests: req_r,
+            replies: rep_w,
+            timeout,
+            _hold: hold,
+        };
+        std::thread::Builder::new()
+            .name("ferry-rdma-read".into())
+            .spawn(move || {
+                if let Err(e) = bridge.run() {
+                    tracing::warn!(error = %ferry_protocol::handshake::error_chain(&e), "RDMA READ path failed");
+                }
+            })
+            .map_err(|_| MigrateError::Worker("RDMA READ path"))?;
+        Ok(Self {
+            requests: ferry_transport::Socket::Unix(req_w, "rdma-read".into()),
+            replies: ferry_transport::Socket::Unix(rep_r, "rdma-read".into()),
+        })
+    }
+}
+
+impl Bridge {
+    fn run(mut self) -> Result<(), MigrateError> {
+        use ferry_protocol::frame::{FrameHeader, HEADER_LEN};
+        use std::collections::{HashMap, VecDeque};
+        use std::io::{ErrorKind, Read, Write};
+
+        let io = |e: std::io::Error| setup_err("the READ path's local sockets")(Box::new(e));
+        let rdma =
+            |e: ferry_transport::rdma::StreamError| setup_err("a post-copy RDMA READ")(Box::new(e));
+        let mut buf: Vec<u8> = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let mut pending: VecDeque<(u64, GpaRange)> = VecDeque::new();
+        let mut inflight = HashMap::new();
+        let mut ended = false;
+        let mut blocking = true;
+        self.requests
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .map_err(io)?;
+        let mut idle = 0u32;
+        loop {
+            let busy = !inflight.is_empty() || !pending.is_empty();
+            if busy == blocking {
+                // Busy: poll the socket without blocking between completion polls.
+                blocking = !busy;
+                self.requests.set_nonblocking(busy).map_err(io)?;
+            }
+            let mut progress = false;
+            if !ended {
+                match self.requests.read(&mut chunk) {
+                    Ok(0) => ended = true,
+                    Ok(n) => {
+                        buf.extend_from_slice(&chunk[..n]);
+                        progress = true;
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                        ) => {}
+                    Err(e) => return Err(io(e)),
+                }
+            }
+            // Whole frames only; anything but a page request or the end is refused.
+            while buf.len() >= HEADER_LEN {
+                let mut h = [0u8; HEADER_LEN];
+                h.copy_from_slice(&buf[..HEADER_LEN]);
+                let header = FrameHeader::decode(&h).map_err(|source| MigrateError::Decode {
+                    stream: usize::MAX,
+                    source,
+                })?;
+                let total = HEADER_LEN + header.meta_len as usize;
+                if buf.len() < total {
+                    break;
+                }
+                let frame = Frame::decode(&header, &buf[HEADER_LEN..total]).map_err(|source| {
+                    MigrateError::Decode {
+                        stream: usize::MAX,
+                        source,
+                    }
+                })?;
+                buf.drain(..total);
+                match frame {
+                    Frame::PageRequest { id, range } => {
+                        self.map.check(range)?;
+                        pending.push_back((id, range));
+                    }
+                    Frame::EndOfStream => ended = true,
+                    other => {
+                        return Err(MigrateError::Unexpected {
+                            got: other.command().name(),
+                            state: "bridging page requests to RDMA READs",
+                        });
+                    }
+                }
+            }
+            while let Some(&(id, range)) = pending.front() {
+                let Some(slot) = self.pool.try_acquire() else {
+                    break;
+                };
+                let ticket = self
+                    .urgent
+                    .post_read(&self.remote, range.into(), slot, self.timeout)
+                    .map_err(rdma)?;
+                inflight.insert(ticket, (id, range));
+                pending.pop_front();
+                progress = true;
+            }
+            if !inflight.is_empty() {
+                self.urgent.poll().map_err(rdma)?;
+                for (ticket, filled) in self.urgent.take_reads() {
+                    let Some((id, range)) = inflight.remove(&ticket) else {
+                        continue;
+                    };
+                    let reply = Frame::PageReply {
+                        id,
+                        range,
+                        checksums: None,
+                    };
+                    self.replies.write_all(&reply.encode()).map_err(io)?;
+                    self.replies.write_all(filled.bytes()).map_err(io)?;
+                    progress = true;
+                }
+            }
+            if ended && pending.is_empty() && inflight.is_empty() {
+                let _ = self.replies.write_all(&Frame::EndOfStream.encode());
+                return Ok(());
+            }
+            if progress {
+                idle = 0;
+            } else if busy {
+                idle = idle.saturating_add(1);
+                if idle < 64 {
+                    std::hint::spin_loop();
+                } else if idle < 256 {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(Duration::from_micros(20));
+                }
+            }
+        }
+    }
 }

@@ -153,9 +153,10 @@ fn rdma_source_streams(
             what: format!("reach {endpoint}: RDMA sessions need a TCP address"),
         });
     };
+    let mode = session.params.mode;
     let mut st = source_streams(session, reg, layout, opts)?;
     let headers = std::mem::take(&mut st.bulk);
-    st.bulk = crate::rdma::source_bulk(&st.control, headers, *peer, layout, opts)?;
+    st.bulk = crate::rdma::source_bulk(&st.control, headers, *peer, layout, mode, opts)?;
     st.transport = kind_name(TransportKind::Rdma).into();
     // Registration pinned, and so allocated, every page.
     st.sparse_memory = false;
@@ -376,7 +377,7 @@ fn rdma_dest_streams(
         return Err(e);
     };
     let headers = std::mem::take(&mut st.bulk);
-    st.bulk = crate::rdma::dest_bulk(
+    let (bulk, reads) = crate::rdma::dest_bulk(
         &st.control,
         headers,
         std::net::SocketAddr::new(local.ip(), port),
@@ -385,7 +386,23 @@ fn rdma_dest_streams(
         opts,
     )
     .inspect_err(|e| refuse(&st.control, e))?;
+    st.bulk = bulk;
     st.prepared = true;
+    if let Some(reads) = reads {
+        // Page requests go to RDMA READs instead of the urgent TCP stream (which stays open,
+        // idle, for the session's life).
+        st.sockets.push(clone_socket(&reads.requests)?);
+        st.sockets.push(clone_socket(&reads.replies)?);
+        let urgent_cfg = ferry_transport::urgent::urgent_config(IDLE_TIMEOUT);
+        let replies =
+            open_stream(reads.replies, usize::MAX, reg, &urgent_cfg).map_err(|source| {
+                MigrateError::Open {
+                    stream: usize::MAX,
+                    source,
+                }
+            })?;
+        st.urgent = Some((replies, reads.requests));
+    }
     Ok(st)
 }
 

@@ -193,6 +193,9 @@ mod tests {
             assert_eq!(r.digest, done.dest.digest);
             assert_eq!(r.switchover, switchover);
             assert!(r.data_pages > 0, "{r:?}");
+            let (writes, reads) = sim.executed();
+            eprintln!("simulated fabric: {writes} WRITEs, {reads} READs");
+            assert!(writes > 0 || r.rounds == 0, "no page went by RDMA WRITE");
             assert_eq!(
                 sim.registered_keys(),
                 0,
@@ -205,6 +208,7 @@ mod tests {
             let (sim, done) = migrate(MemBacking::Anonymous, Mode::PreCopy, Some(4))?;
             check(&sim, &done, "stop-and-copy");
             assert!(done.source.rounds >= 1);
+            assert_eq!(sim.executed().1, 0, "pre-copy READ nothing");
             Ok(())
         }
 
@@ -238,12 +242,24 @@ mod tests {
 
         #[test]
         fn postcopy_over_simulated_rdma_memfd() -> Result<()> {
+            postcopy(MemBacking::Memfd)
+        }
+
+        #[test]
+        fn postcopy_over_simulated_rdma_anonymous() -> Result<()> {
+            postcopy(MemBacking::Anonymous)
+        }
+
+        /// Faults are fetched by one-sided READ (the source's urgent server answers none).
+        fn postcopy(backing: MemBacking) -> Result<()> {
             if !uffd_or_skip() {
                 return Ok(());
             }
-            let (sim, done) = migrate(MemBacking::Memfd, Mode::PostCopy, Some(64))?;
+            let (sim, done) = migrate(backing, Mode::PostCopy, Some(64))?;
             check(&sim, &done, "post-copy");
             assert!(done.source.faults.count > 0, "no page was demand-fetched");
+            let (_, reads) = sim.executed();
+            assert!(reads > 0, "faults were not served by RDMA READ");
             Ok(())
         }
 

@@ -257,6 +257,8 @@ impl RdmaPd {
             inner: Arc::new(PoolInner {
                 lkey: mr.lkey(),
                 _mr: Some(mr),
+                #[cfg(any(test, feature = "rdma-sim"))]
+                _sim: None,
                 mapping,
                 slot_size,
                 slots,
@@ -376,8 +378,11 @@ impl RegisteredMemory {
 #[derive(Debug)]
 struct PoolInner {
     // Declared before `mapping`: the region is deregistered before the memory is unmapped.
-    // `None` only for the unit tests' simulated device.
+    // `None` only for the simulated device.
     _mr: Option<Arc<MemoryRegion>>,
+    /// A simulated pool's key, revoked before the memory is unmapped.
+    #[cfg(any(test, feature = "rdma-sim"))]
+    _sim: Option<super::sim::SimKeys>,
     lkey: u32,
     mapping: sys::AnonMapping,
     slot_size: usize,
@@ -436,6 +441,7 @@ impl BouncePool {
         Self {
             inner: Arc::new(PoolInner {
                 _mr: None,
+                _sim: None,
                 lkey,
                 mapping,
                 slot_size,
@@ -449,6 +455,38 @@ impl BouncePool {
     /// Address and length of the whole pool.
     pub(crate) fn test_span(&self) -> (u64, u64) {
         (self.inner.mapping.addr(), self.inner.mapping.len() as u64)
+    }
+}
+
+#[cfg(any(test, feature = "rdma-sim"))]
+impl BouncePool {
+    /// A pool on the simulated fabric: `register` gets the pool's span and returns its key's
+    /// guard.
+    pub(crate) fn simulated(
+        slots: usize,
+        slot_size: usize,
+        pd_key: usize,
+        register: impl FnOnce(u64, u64) -> (u32, super::sim::SimKeys),
+    ) -> Result<Self, RegisterError> {
+        let len = slots
+            .checked_mul(slot_size)
+            .filter(|&l| l > 0)
+            .ok_or(RegisterError::PoolSize { slots, slot_size })?;
+        let mapping =
+            sys::AnonMapping::new(len).map_err(|source| RegisterError::Map { len, source })?;
+        let (lkey, keys) = register(mapping.addr(), mapping.len() as u64);
+        Ok(Self {
+            inner: Arc::new(PoolInner {
+                _mr: None,
+                _sim: Some(keys),
+                lkey,
+                mapping,
+                slot_size,
+                slots,
+                pd_key,
+                free: Mutex::new((0..slots).rev().collect()),
+            }),
+        })
     }
 }
 

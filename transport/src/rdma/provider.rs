@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use super::conn::{ConnectError, ConnectOptions, RdmaConnection, RdmaListener, connect};
-use super::memory::{RegisterError, RegisterOptions, RegisteredMemory, Role};
+use super::memory::{BouncePool, RegisterError, RegisterOptions, RegisteredMemory, Role};
 use super::region::{GuestRegion, RemoteRegion};
 use super::stream::RdmaStream;
 
@@ -59,6 +59,10 @@ pub trait RdmaLink: fmt::Debug + Send {
 
     /// Moves the streams out (bulk, then the urgent one).
     fn take_streams(&mut self) -> (Vec<RdmaStream>, Option<RdmaStream>);
+
+    /// A pool of `slots` registered staging buffers of `slot_size` bytes on this connection's
+    /// protection domain, for READs placed with `UFFDIO_COPY`.
+    fn bounce_pool(&self, slots: usize, slot_size: usize) -> Result<BouncePool, RegisterError>;
 }
 
 /// RDMA through rdmacm and the host's verbs devices.
@@ -106,5 +110,9 @@ impl RdmaLink for RdmaConnection {
 
     fn take_streams(&mut self) -> (Vec<RdmaStream>, Option<RdmaStream>) {
         RdmaConnection::take_streams(self)
+    }
+
+    fn bounce_pool(&self, slots: usize, slot_size: usize) -> Result<BouncePool, RegisterError> {
+        self.pd().bounce_pool(slots, slot_size)
     }
 }

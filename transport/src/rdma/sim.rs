@@ -34,7 +34,7 @@ use sideway::ibverbs::completion::{PollCompletionQueueError, WorkCompletionOpera
 use sideway::ibverbs::queue_pair::{PostRecvError, PostSendError};
 
 use super::conn::{ConnectError, ConnectOptions};
-use super::memory::{RegisterError, RegisterOptions, RegisteredMemory, Role};
+use super::memory::{BouncePool, RegisterError, RegisterOptions, RegisteredMemory, Role};
 use super::provider::{RdmaAcceptor, RdmaLink, RdmaProvider};
 use super::region::{ChunkTable, GuestRegion, LocalChunk, RemoteRegion, plan_chunks};
 use super::stream::{QueueOps, RawWc, RdmaStream, StreamConfig, StreamKind};
@@ -67,6 +67,8 @@ pub(crate) struct Fabric {
     /// A WRITE_WITH_IMM without a posted receive waits instead of failing.
     pub(crate) rnr_retry: bool,
     next_key: u32,
+    /// Counters of executed requests: (WRITE and WRITE_WITH_IMM, READ).
+    executed: (u64, u64),
 }
 
 enum Executed {
@@ -158,6 +160,10 @@ impl Fabric {
         // never overlap here (local and remote spans belong to different guests).
         unsafe {
             std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, wr.len as usize);
+        }
+        match wr.op {
+            SendOp::Read { .. } => self.executed.1 += 1,
+            _ => self.executed.0 += 1,
         }
         if let SendOp::WriteImm { imm_be, .. } = wr.op {
             let id = self.wire(w)[peer].recvs.pop_front().unwrap_or_default();
@@ -320,6 +326,11 @@ impl SimProvider {
     /// Keys currently registered (a registration's keys go when it is dropped).
     pub fn registered_keys(&self) -> usize {
         lock(&self.fabric).keys.len()
+    }
+
+    /// Work requests executed so far: (WRITEs, including WRITE_WITH_IMM; READs).
+    pub fn executed(&self) -> (u64, u64) {
+        lock(&self.fabric).executed
     }
 
     fn link(&self, wires: &[(usize, StreamKind)], side: usize, opts: &ConnectOptions) -> SimLink {
@@ -511,6 +522,19 @@ impl RdmaLink for SimLink {
 
     fn take_streams(&mut self) -> (Vec<RdmaStream>, Option<RdmaStream>) {
         (std::mem::take(&mut self.streams), self.urgent.take())
+    }
+
+    fn bounce_pool(&self, slots: usize, slot_size: usize) -> Result<BouncePool, RegisterError> {
+        BouncePool::simulated(slots, slot_size, self.pd_key, |addr, len| {
+            let key = lock(&self.fabric).allocate_key(addr, len);
+            (
+                key,
+                SimKeys {
+                    fabric: Arc::clone(&self.fabric),
+                    keys: vec![key],
+                },
+            )
+        })
     }
 }
 

@@ -971,6 +971,15 @@ impl RdmaStream {
         }
     }
 
+    /// Takes the READs completed so far (polled by [`RdmaStream::poll`] or any wait), with
+    /// their filled slots.
+    pub fn take_reads(&mut self) -> Vec<(ReadTicket, FilledSlot)> {
+        self.reads_done
+            .drain(..)
+            .map(|(t, slot)| (ReadTicket(t), slot))
+            .collect()
+    }
+
     /// Post-copy demand fetch: READs `range` of the peer's memory into a slot of `pool` and
     /// returns it filled, ready for `UFFDIO_COPY` to `range.gpa`.
     pub fn read_to_bounce(
