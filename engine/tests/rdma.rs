@@ -365,18 +365,22 @@ mod tests {
             }
         }
 
-        fn migrate(backing: MemBacking, test: &str) -> Result<()> {
+        fn migrate(backing: MemBacking, mode: Mode, test: &str) -> Result<()> {
             let Some(ip) = rdma_ip_or_skip(test) else {
                 return Ok(());
             };
-            let c = cfg(backing);
+            let c = ProcVmConfig {
+                // Hybrid: writers at full speed, so the switch to post-copy happens.
+                write_mib_s: if mode == Mode::PreCopy { Some(4) } else { None },
+                ..cfg(backing)
+            };
             let mut src = ProcessVm::new(c.clone())?;
             src.start()?;
             let mut dst = ProcessVm::new_destination(&c)?;
             let (src_mem, dst_mem) = (src.memory(), dst.memory());
             let mut tracker = src.tracker();
             let policy = Policy {
-                mode: Mode::PreCopy,
+                mode,
                 max_blackout: Duration::from_millis(5),
                 checksums: true,
                 timeout: Duration::from_secs(30),
@@ -408,12 +412,22 @@ mod tests {
 
         #[test]
         fn precopy_over_rdma_anonymous() -> Result<()> {
-            migrate(MemBacking::Anonymous, "precopy_over_rdma_anonymous")
+            migrate(
+                MemBacking::Anonymous,
+                Mode::PreCopy,
+                "precopy_over_rdma_anonymous",
+            )
+        }
+
+        /// Needs on-demand paging on the device.
+        #[test]
+        fn hybrid_over_rdma_memfd() -> Result<()> {
+            migrate(MemBacking::Memfd, Mode::Hybrid, "hybrid_over_rdma_memfd")
         }
 
         #[test]
         fn precopy_over_rdma_memfd() -> Result<()> {
-            migrate(MemBacking::Memfd, "precopy_over_rdma_memfd")
+            migrate(MemBacking::Memfd, Mode::PreCopy, "precopy_over_rdma_memfd")
         }
     }
 }
