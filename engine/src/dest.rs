@@ -135,10 +135,13 @@ pub struct DestStreams {
     pub sockets: Vec<Socket>,
     /// The session these connections belong to.
     pub session: SessionId,
-    /// Guest memory was already emptied ([`empty_guest_memory`]) and the transport pinned it
-    /// (RDMA registration): the receiver must not drop pages from it again, or the transport
-    /// would write into pages no longer mapped.
+    /// Guest memory was already emptied ([`empty_guest_memory`]) before the transport
+    /// registered it (RDMA; pinned in pre-copy): the receiver must not empty it again, or a
+    /// pinned registration would write into pages no longer mapped.
     pub prepared: bool,
+    /// Threads the transport runs for these connections (the RDMA READ path), joined when the
+    /// migration ends, after the sockets above are shut down.
+    pub threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 /// How the destination recovers a migration whose connection was lost after the switchover
@@ -299,6 +302,7 @@ pub fn receive_with(
         sockets,
         session,
         prepared,
+        threads,
     } = streams;
     let mut shared = Shared {
         layout: &layout,
@@ -342,6 +346,13 @@ pub fn receive_with(
     if !prepared {
         discard_guest_memory(&layout, vm.zeroed)?;
     }
+    // The transport's own threads end when their sockets are shut down (at the latest after
+    // the scope below): keep handles to shut them down again before joining.
+    let transport_sockets: Vec<Socket> = if threads.is_empty() {
+        Vec::new()
+    } else {
+        sockets.iter().filter_map(|s| s.try_clone().ok()).collect()
+    };
     let result = thread::scope(|s| {
         let (note_tx, note_rx) = unbounded();
         let (go_tx, go_rx) = bounded::<()>(n.max(1));
@@ -419,6 +430,14 @@ pub fn receive_with(
             r => r,
         }
     });
+    for s in &transport_sockets {
+        let _ = s.shutdown();
+    }
+    for t in threads {
+        if t.join().is_err() {
+            warn!("a transport thread panicked");
+        }
+    }
     if result.is_err()
         && let Some(post) = shared.post.take()
         && shared.present.load(Ordering::Acquire) < total

@@ -19,9 +19,15 @@
 //! When the migration switches to post-copy, the source's senders end direct placement on
 //! every stream (`DataStream::end_direct_placement`) before anything else of the switch: from
 //! that in-order marker on, payload travels on the TCP streams and the destination places it
-//! with its usual claims, since its guest will run on that memory. Post-copy page requests use
-//! the session's urgent TCP stream, as with every transport (the one-sided READ path,
-//! `RdmaStream::read_to_bounce`, is built and tested but the fault path does not use it yet).
+//! with its usual claims, since its guest will run on that memory. Post-copy page requests are
+//! served by one-sided RDMA READs from the source's memory on one more queue pair (the source
+//! sends its own `RdmaRegions` for them), through a local bridge (`ReadPath`); the session's urgent TCP stream
+//! stays open and idle, and serves the requests again after a recovery.
+//!
+//! The destination's bulk queue pairs keep remote write access to its guest memory until each
+//! stream ends (after the migration, in every mode): an authenticated source could write guest
+//! memory while the guest runs, as it could send it wrong pages. Its READ queue pair grants the
+//! source nothing.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -119,7 +125,7 @@ fn landing(layout: &Layout, role: Role) -> Result<Landing, MigrateError> {
 /// behind the process's back, and userfaultfd must see every page not received as missing.
 fn register(
     link: &dyn ferry_transport::rdma::RdmaLink,
-    landing: &Landing,
+    regions: &[ferry_transport::rdma::GuestRegion],
     layout: &Layout,
     role: Role,
     on_demand: bool,
@@ -132,12 +138,14 @@ fn register(
     // SAFETY: the primary mappings come from a `GuestMemory`, whose contract keeps them mapped
     // while its owner lives, and the engine holds this registration only inside the
     // migration's streams, which `source::migrate` / `dest::receive` drop before they return
-    // while the caller keeps the memory alive; the aliases in `landing` are kept by those
-    // streams and dropped after their registration (`RdmaDataStream::holding`). The
+    // while the caller keeps the memory alive (the destination's READ path thread, which also
+    // holds it, is joined before `dest::receive` returns); the aliases in `regions` are made
+    // by `dest_bulk` and kept by those streams and that thread, which drop them after their
+    // queue pairs and registration (`RdmaDataStream::holding`, `Bridge::_hold`). The
     // destination looks at a pushed page only after the batch carrying it arrived, and the
     // source sends a page again only on the same queue pair after a later frame header, as
     // with the socket transports.
-    let reg = unsafe { link.register_guest_memory(&landing.regions, role, opts) };
+    let reg = unsafe { link.register_guest_memory(regions, role, opts) };
     reg.map_err(|e| {
         let step = if on_demand {
             "registering guest memory on demand (ODP; post-copy and hybrid over RDMA need a \
@@ -209,7 +217,7 @@ pub(crate) fn source_bulk(
         .connect(SocketAddr::new(peer.ip(), port), &copts)
         .map_err(boxed("connecting queue pairs"))?;
     let own = landing(layout, Role::Source)?;
-    let local = register(conn.as_ref(), &own, layout, Role::Source, false)?;
+    let local = register(conn.as_ref(), &own.regions, layout, Role::Source, false)?;
     if reads {
         let regions: Vec<RdmaRegion> = conn
             .expose(&local)
@@ -262,6 +270,10 @@ pub(crate) fn dest_bulk(
     mode: Mode,
     opts: &SessionOptions,
 ) -> Result<DestBulk, MigrateError> {
+    // First, so that they are dropped last, after every queue pair and registration over
+    // them, on every path out of here.
+    let land = landing(layout, Role::Destination)?;
+    let hold: Arc<dyn std::fmt::Debug + Send + Sync> = Arc::new(land.aliases);
     let listener = provider(opts)
         .listen(listen)
         .map_err(boxed("binding the rdmacm listener"))?;
@@ -280,10 +292,9 @@ pub(crate) fn dest_bulk(
         .accept(&copts)
         .map_err(boxed("accepting queue pairs"))?;
     crate::dest::empty_guest_memory(layout)?;
-    let land = landing(layout, Role::Destination)?;
     let mem = register(
         conn.as_ref(),
-        &land,
+        &land.regions,
         layout,
         Role::Destination,
         mode != Mode::PreCopy,
@@ -297,7 +308,6 @@ pub(crate) fn dest_bulk(
     drop(mem);
     control.send(&Frame::RdmaRegions { regions }, &[])?;
     let (queues, urgent) = conn.take_streams();
-    let hold: Arc<dyn std::fmt::Debug + Send + Sync> = Arc::new(land.aliases);
     let read_path = match (reads, urgent) {
         (true, Some(urgent)) => {
             // The source registered and exposed its memory before it waited for ours.
@@ -363,6 +373,9 @@ pub(crate) struct ReadPath {
     pub requests: ferry_transport::Socket,
     /// Where the reply loop reads the pages.
     pub replies: ferry_transport::Socket,
+    /// The bridge thread: ends at `EndOfStream` or when those sockets are shut down; joined by
+    /// the destination before it returns (it holds the registration of guest memory).
+    pub thread: std::thread::JoinHandle<()>,
 }
 
 /// The bridge thread's state. The queue pair is declared first: it is destroyed before the
@@ -402,7 +415,7 @@ impl ReadPath {
             timeout,
             _hold: hold,
         };
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("ferry-rdma-read".into())
             .spawn(move || {
                 if let Err(e) = bridge.run() {
@@ -413,6 +426,7 @@ impl ReadPath {
         Ok(Self {
             requests: ferry_transport::Socket::Unix(req_w, "rdma-read".into()),
             replies: ferry_transport::Socket::Unix(rep_r, "rdma-read".into()),
+            thread,
         })
     }
 }

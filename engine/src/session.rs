@@ -156,7 +156,14 @@ fn rdma_source_streams(
     let mode = session.params.mode;
     let mut st = source_streams(session, reg, layout, opts)?;
     let headers = std::mem::take(&mut st.bulk);
-    st.bulk = crate::rdma::source_bulk(&st.control, headers, *peer, layout, mode, opts)?;
+    st.bulk = crate::rdma::source_bulk(&st.control, headers, *peer, layout, mode, opts)
+        .inspect_err(|e| {
+            // The destination waits for our queue pairs and regions: tell it why not.
+            let reason = ferry_protocol::handshake::error_chain(e);
+            let _ = st
+                .control
+                .send(&ferry_protocol::Frame::Abort { reason }, &[]);
+        })?;
     st.transport = kind_name(TransportKind::Rdma).into();
     // Registration pinned, and so allocated, every page.
     st.sparse_memory = false;
@@ -391,6 +398,7 @@ fn rdma_dest_streams(
     if let Some(reads) = reads {
         // Page requests go to RDMA READs instead of the urgent TCP stream (which stays open,
         // idle, for the session's life).
+        st.threads.push(reads.thread);
         st.sockets.push(clone_socket(&reads.requests)?);
         st.sockets.push(clone_socket(&reads.replies)?);
         let urgent_cfg = ferry_transport::urgent::urgent_config(IDLE_TIMEOUT);
@@ -484,6 +492,7 @@ fn dest_streams(
         sockets,
         session: session.id,
         prepared: false,
+        threads: Vec::new(),
     })
 }
 

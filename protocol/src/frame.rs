@@ -124,8 +124,10 @@ commands! {
     /// RDMA sessions, destination to source on the control stream right after the handshake:
     /// the rdmacm port the destination listens on (same address as the control stream).
     RdmaOffer = 0x0050,
-    /// RDMA sessions, destination to source once the queue pairs are connected: the
-    /// destination's registered guest memory (address, length and rkey per chunk).
+    /// RDMA sessions, on the control stream once the queue pairs are connected: the sender's
+    /// registered guest memory (address, length and rkey per chunk). The destination always
+    /// sends its own (the source WRITEs into it); the source sends its own first when
+    /// post-copy may follow (the destination READs from it).
     RdmaRegions = 0x0051,
 }
 
@@ -418,7 +420,8 @@ pub enum Frame {
         /// Its port, on the control stream's address.
         port: u16,
     },
-    /// RDMA sessions: the destination's registered guest memory, which the source may write.
+    /// RDMA sessions: the sender's registered guest memory, which the peer may write
+    /// (destination's) or read (source's).
     RdmaRegions {
         /// The regions (at most [`MAX_RDMA_REGIONS`]).
         regions: Vec<RdmaRegion>,

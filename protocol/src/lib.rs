@@ -34,11 +34,12 @@
 //!     S->>D: ClientAuth(MAC_c)
 //!     D->>S: AuthOk
 //!     Note over S,D: N bulk streams + 1 urgent stream, each: Hello(session) / Hello / Auth / AuthOk
-//!     opt transport RDMA (pre-copy only)
+//!     opt transport RDMA
 //!         D->>S: RdmaOffer(port) [control]
-//!         Note over S,D: rdmacm: N RC queue pairs, connected in bulk-stream order
-//!         D->>S: RdmaRegions(addr, len, rkey per registered chunk) [control]
-//!         Note over S,D: Pages payload: RDMA WRITE + WRITE_WITH_IMM(seq, units) on queue pair i,<br/>then the frame's header on bulk stream i
+//!         Note over S,D: rdmacm: N RC queue pairs in bulk-stream order (+1 for READs unless pre-copy)
+//!         S->>D: RdmaRegions(source memory: addr, len, rkey per chunk) [control, unless pre-copy]
+//!         D->>S: RdmaRegions(destination memory) [control]
+//!         Note over S,D: Pages payload: RDMA WRITE + WRITE_WITH_IMM(seq, units) on queue pair i,<br/>then the frame's header on bulk stream i; at the switch to post-copy a<br/>zero-length WRITE_WITH_IMM(seq, 0) on each, and payload in-band from then on;<br/>post-copy faults: the destination READs source memory (no PageRequest sent)
 //!     end
 //!     loop pre-copy rounds (pre-copy, hybrid)
 //!         S->>D: RoundBegin(round) [control]

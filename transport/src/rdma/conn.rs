@@ -30,6 +30,7 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use sideway::ibverbs::AccessFlags;
 use sideway::ibverbs::completion::GenericCompletionQueue;
 use sideway::ibverbs::device::DeviceInfo;
 use sideway::ibverbs::device_context::DeviceContext;
@@ -558,7 +559,12 @@ impl Builder {
         let mut attr = id
             .get_qp_attr(QueuePairState::Init)
             .map_err(verbs("init_qp_attr(INIT)", stream))?;
-        attr.setup_access_flags(self.opts.role.qp_access());
+        // The destination's urgent queue pair only issues READs: it grants the peer nothing.
+        let access = match (self.opts.role, self.kind(stream)) {
+            (Role::Destination, StreamKind::Urgent) => AccessFlags::none(),
+            (role, _) => role.qp_access(),
+        };
+        attr.setup_access_flags(access);
         qp.modify(&attr).map_err(verbs("modify_qp(INIT)", stream))?;
         if self.opts.role == Role::Destination {
             let recv = self.sizing.map_or(1, |s| s.recv_depth);

@@ -600,7 +600,7 @@ mod framed_streams {
     }
 
     #[test]
-    fn unusable_ranges_targets_and_sides_are_refused_before_anything_moves() {
+    fn unusable_ranges_targets_and_sides_are_refused() {
         let mut p = pair(64, |_, _, _| {});
         let e =
             p.tx.send_frame(b"h", &[GpaRange::new(0, 100)])
@@ -610,6 +610,11 @@ mod framed_streams {
             FramedError::Unaligned { gpa: 0, len: 100 }.to_string()
         );
         assert_eq!(p.tx.stats().bytes_sent, 0, "nothing was posted or sent");
+        // A page pushed into registered memory cannot be claimed as received into a file.
+        p.tx.send_frame(b"h", &[GpaRange::new(0, PAGE)])
+            .expect("send");
+        let mut h = [0u8; 1];
+        p.rx.recv_exact(&mut h).expect("header");
         let e =
             p.rx.recv_into(&[GpaRange::new(0, PAGE)], Target::File)
                 .expect_err("file");

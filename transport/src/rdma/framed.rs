@@ -373,9 +373,6 @@ impl DataStream for RdmaDataStream {
         if self.inline {
             return self.header.recv_into(ranges, target);
         }
-        if target == Target::File {
-            return Err(self.err(FramedError::Target { target }));
-        }
         let mut need = 0u64;
         for r in ranges {
             need = need.checked_add(r.len).ok_or_else(|| {
@@ -403,6 +400,10 @@ impl DataStream for RdmaDataStream {
                     }
                     self.inline = true;
                     return self.header.recv_into(ranges, target);
+                }
+                // Payload the peer placed in our registered memory: it cannot be in a file.
+                if target == Target::File {
+                    return Err(self.err(FramedError::Target { target }));
                 }
                 bytes
             } else {

@@ -56,10 +56,13 @@ pub enum Role {
 }
 
 impl Role {
-    /// Memory-region access flags for guest memory of this role.
+    /// Memory-region access flags for guest memory of this role. The source's memory is only
+    /// read, but registered writable too: a read-only registration may pin an untouched
+    /// anonymous page as the shared zero page (or a copy-on-write page), which the guest's next
+    /// write replaces behind the device's back; a writable pin breaks the sharing first.
     pub fn mr_access(self) -> AccessFlags {
         match self {
-            Role::Source => AccessFlags::RemoteRead,
+            Role::Source => AccessFlags::LocalWrite | AccessFlags::RemoteRead,
             Role::Destination => AccessFlags::LocalWrite | AccessFlags::RemoteWrite,
         }
     }
@@ -585,7 +588,10 @@ mod tests {
     fn role_access_flags() {
         let src = Role::Source.mr_access();
         assert!(src.contains(AccessFlags::RemoteRead));
-        assert!(!src.contains(AccessFlags::LocalWrite));
+        assert!(
+            src.contains(AccessFlags::LocalWrite),
+            "pinned writable, see mr_access"
+        );
         assert!(!src.contains(AccessFlags::RemoteWrite));
         let dst = Role::Destination.mr_access();
         assert!(dst.contains(AccessFlags::LocalWrite));

@@ -67,7 +67,7 @@ pub(crate) struct Fabric {
     /// A WRITE_WITH_IMM without a posted receive waits instead of failing.
     pub(crate) rnr_retry: bool,
     next_key: u32,
-    /// Counters of executed requests: (WRITE and WRITE_WITH_IMM, READ).
+    /// Counters of executed requests: (WRITEs and WRITE_WITH_IMMs that moved bytes, READs).
     executed: (u64, u64),
 }
 
@@ -163,7 +163,8 @@ impl Fabric {
         }
         match wr.op {
             SendOp::Read { .. } => self.executed.1 += 1,
-            _ => self.executed.0 += 1,
+            _ if wr.len > 0 => self.executed.0 += 1,
+            _ => {}
         }
         if let SendOp::WriteImm { imm_be, .. } = wr.op {
             let id = self.wire(w)[peer].recvs.pop_front().unwrap_or_default();
@@ -192,6 +193,11 @@ impl Fabric {
 
     /// Runs side `me`'s waiting requests while the peer has receives.
     fn drain(&mut self, w: usize, me: usize) {
+        if self.wire(w)[me].destroyed {
+            // A destroyed queue pair's work was flushed with it.
+            self.wire(w)[me].pending.clear();
+            return;
+        }
         while let Some(wr) = self.wire(w)[me].pending.front().copied() {
             if self.wire(w)[me].failed {
                 break;
@@ -262,6 +268,8 @@ impl Drop for FakeQueue {
         let side = &mut f.wire(self.wire)[me];
         side.destroyed = true;
         side.recvs.clear();
+        // Our own requests still waiting for the peer's receives go with us.
+        side.pending.clear();
         // The peer's requests waiting for our receives can never run now.
         let peer = 1 - me;
         if let Some(wr) = f.wire(self.wire)[peer].pending.pop_front() {
@@ -328,7 +336,7 @@ impl SimProvider {
         lock(&self.fabric).keys.len()
     }
 
-    /// Work requests executed so far: (WRITEs, including WRITE_WITH_IMM; READs).
+    /// Work requests executed so far: (WRITEs and WRITE_WITH_IMMs that moved bytes; READs).
     pub fn executed(&self) -> (u64, u64) {
         lock(&self.fabric).executed
     }
