@@ -77,6 +77,12 @@ mod tests {
             transport,
             streams: 2,
             auth: key(9),
+            // RDMA over the in-process simulator (no device here).
+            #[cfg(feature = "rdma-sim")]
+            rdma_provider: (transport == TransportKind::Rdma).then(|| {
+                std::sync::Arc::new(ferry_transport::rdma::SimProvider::new())
+                    as std::sync::Arc<dyn ferry_transport::rdma::RdmaProvider>
+            }),
             ..SessionOptions::default()
         }
     }
@@ -223,6 +229,18 @@ mod tests {
         }
         recovers(MemBacking::Anonymous, TransportKind::Uring, false)?;
         recovers(MemBacking::Memfd, TransportKind::Tcp, false)
+    }
+
+    /// RDMA: the cut takes the TCP streams (the in-band push, the control stream); the
+    /// queue pairs stay up, and the resumed session asks for the missing pages over TCP.
+    #[cfg(feature = "rdma-sim")]
+    #[test]
+    fn postcopy_over_simulated_rdma_recovers_after_every_socket_is_cut() -> Result<()> {
+        if !uffd_available() {
+            return Ok(());
+        }
+        recovers(MemBacking::Memfd, TransportKind::Rdma, true)?;
+        recovers(MemBacking::Anonymous, TransportKind::Rdma, false)
     }
 
     #[test]
