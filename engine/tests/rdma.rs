@@ -113,17 +113,52 @@ mod tests {
         use super::super::common::uffd_available as uffd_or_skip;
         use super::*;
         use ferry_engine::dest::DestVm;
-        use ferry_engine::session::migrate_local;
-        use ferry_engine::source::SourceVm;
+        use ferry_engine::session::{
+            LocalMigration, LocalOutcome, LocalRecovery, migrate_local_with,
+        };
+        use ferry_engine::source::{Phase, Progress, SourceVm};
         use ferry_engine::vm::VmControl;
         use ferry_transport::rdma::SimProvider;
         use std::sync::Arc;
+
+        /// Migrates `src` into `dst` over `sim`, reporting progress to `progress`.
+        fn run(
+            sim: &SimProvider,
+            src: &mut ProcessVm,
+            dst: &mut ProcessVm,
+            policy: &Policy,
+            recovery: &LocalRecovery,
+            progress: &mut dyn FnMut(&Progress),
+        ) -> Result<LocalOutcome> {
+            let (src_mem, dst_mem) = (src.memory(), dst.memory());
+            let mut tracker = src.tracker();
+            let opts = SessionOptions {
+                rdma_provider: Some(Arc::new(sim.clone())),
+                ..opts()
+            };
+            Ok(migrate_local_with(
+                SourceVm {
+                    memory: &*src_mem,
+                    dirty: &mut tracker,
+                    control: src,
+                },
+                DestVm {
+                    memory: &*dst_mem,
+                    control: dst,
+                    zeroed: false,
+                },
+                policy,
+                &opts,
+                recovery,
+                progress,
+            )?)
+        }
 
         fn migrate(
             backing: MemBacking,
             mode: Mode,
             rate: Option<u64>,
-        ) -> Result<(SimProvider, ferry_engine::session::LocalMigration)> {
+        ) -> Result<(SimProvider, LocalMigration)> {
             let sim = SimProvider::new();
             let c = ProcVmConfig {
                 write_mib_s: rate,
@@ -132,8 +167,6 @@ mod tests {
             let mut src = ProcessVm::new(c.clone())?;
             src.start()?;
             let mut dst = ProcessVm::new_destination(&c)?;
-            let (src_mem, dst_mem) = (src.memory(), dst.memory());
-            let mut tracker = src.tracker();
             let policy = Policy {
                 mode,
                 max_blackout: Duration::from_millis(5),
@@ -142,25 +175,18 @@ mod tests {
                 timeout: Duration::from_secs(30),
                 ..Policy::default()
             };
-            let opts = SessionOptions {
-                rdma_provider: Some(Arc::new(sim.clone())),
-                ..opts()
-            };
-            let done = migrate_local(
-                SourceVm {
-                    memory: &*src_mem,
-                    dirty: &mut tracker,
-                    control: &mut src,
-                },
-                DestVm {
-                    memory: &*dst_mem,
-                    control: &mut dst,
-                    zeroed: false,
-                },
+            let out = run(
+                &sim,
+                &mut src,
+                &mut dst,
                 &policy,
-                &opts,
+                &LocalRecovery::default(),
                 &mut |_| {},
             )?;
+            let done = LocalMigration {
+                source: out.source?,
+                dest: out.dest?,
+            };
             // The writers run on at the destination.
             std::thread::sleep(Duration::from_millis(30));
             assert!(
@@ -277,8 +303,6 @@ mod tests {
         #[test]
         fn a_connection_cut_in_precopy_over_simulated_rdma_leaves_the_source_running() -> Result<()>
         {
-            use ferry_engine::session::{LocalRecovery, migrate_local_with};
-            use ferry_engine::source::Phase;
             let sim = SimProvider::new();
             let c = ProcVmConfig {
                 mem_bytes: 64 << 20,
@@ -287,41 +311,20 @@ mod tests {
             let mut src = ProcessVm::new(c.clone())?;
             src.start()?;
             let mut dst = ProcessVm::new_destination(&c)?;
-            let (src_mem, dst_mem) = (src.memory(), dst.memory());
-            let mut tracker = src.tracker();
             let policy = Policy {
                 mode: Mode::PreCopy,
                 timeout: Duration::from_secs(10),
                 progress_interval: Duration::from_millis(1),
                 ..Policy::default()
             };
-            let opts = SessionOptions {
-                rdma_provider: Some(Arc::new(sim.clone())),
-                ..opts()
-            };
             let recovery = LocalRecovery::default();
             let tap = recovery.tap.clone();
             let mut cut = 0;
-            let out = migrate_local_with(
-                SourceVm {
-                    memory: &*src_mem,
-                    dirty: &mut tracker,
-                    control: &mut src,
-                },
-                DestVm {
-                    memory: &*dst_mem,
-                    control: &mut dst,
-                    zeroed: false,
-                },
-                &policy,
-                &opts,
-                &recovery,
-                &mut |p| {
-                    if cut == 0 && p.phase == Phase::Round(1) && p.pages_done > 0 {
-                        cut = tap.cut();
-                    }
-                },
-            )?;
+            let out = run(&sim, &mut src, &mut dst, &policy, &recovery, &mut |p| {
+                if cut == 0 && p.phase == Phase::Round(1) && p.pages_done > 0 {
+                    cut = tap.cut();
+                }
+            })?;
             assert!(cut > 0, "the connection was never cut");
             let e = out
                 .source

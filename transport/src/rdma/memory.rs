@@ -331,26 +331,19 @@ impl RegisteredMemory {
     }
 
     /// A registration without memory regions, over a chunk table whose keys the unit tests'
-    /// simulated device knows.
+    /// simulated device knows (registered by hand, never revoked).
     #[cfg(test)]
     pub(crate) fn for_test(table: ChunkTable, role: Role, pd_key: usize) -> Arc<Self> {
-        Arc::new(Self {
-            mrs: Vec::new(),
-            table,
-            role,
-            device: "simulated".to_owned(),
-            pd_key,
-            _sim: None,
-        })
+        Self::simulated(table, role, pd_key, None)
     }
 
-    /// A registration on the simulated fabric (its keys are revoked with it).
+    /// A registration on the simulated fabric; `keys`, if any, are revoked with it.
     #[cfg(any(test, feature = "rdma-sim"))]
     pub(crate) fn simulated(
         table: ChunkTable,
         role: Role,
         pd_key: usize,
-        keys: super::sim::SimKeys,
+        keys: Option<super::sim::SimKeys>,
     ) -> Arc<Self> {
         Arc::new(Self {
             mrs: Vec::new(),
@@ -358,7 +351,7 @@ impl RegisteredMemory {
             role,
             device: "simulated".to_owned(),
             pd_key,
-            _sim: Some(keys),
+            _sim: keys,
         })
     }
 

@@ -514,7 +514,12 @@ impl RdmaLink for SimLink {
             keys,
         };
         let table = ChunkTable::new(chunks)?;
-        Ok(RegisteredMemory::simulated(table, role, self.pd_key, guard))
+        Ok(RegisteredMemory::simulated(
+            table,
+            role,
+            self.pd_key,
+            Some(guard),
+        ))
     }
 
     fn expose(&self, mem: &Arc<RegisteredMemory>) -> Result<Vec<RemoteRegion>, ConnectError> {
