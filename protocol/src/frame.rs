@@ -8,7 +8,7 @@
 //! staging copy of page data.
 
 use crate::codec::{DecodeError, Reader, Writer};
-use crate::handshake::RdmaRegion;
+use crate::handshake::{RdmaRegion, read_rdma_regions, write_rdma_regions};
 use crate::memmap::{GpaRange, MemoryMap, RangeError};
 
 /// Bytes in a frame header.
@@ -428,9 +428,7 @@ pub enum Frame {
     },
 }
 
-/// Most regions in one [`Frame::RdmaRegions`] (guest memory chunked by the device's largest
-/// memory region).
-pub const MAX_RDMA_REGIONS: usize = crate::memmap::MAX_REGIONS * 64;
+pub use crate::handshake::MAX_RDMA_REGIONS;
 
 const RANGE_LEN: usize = 16;
 
@@ -624,13 +622,7 @@ impl Frame {
             Frame::RdmaOffer { port } => {
                 w.u16(*port);
             }
-            Frame::RdmaRegions { regions } => {
-                let n = regions.len().min(MAX_RDMA_REGIONS);
-                w.count(n);
-                for r in &regions[..n] {
-                    w.u64(r.gpa).u64(r.addr).u64(r.len).u32(r.rkey);
-                }
-            }
+            Frame::RdmaRegions { regions } => write_rdma_regions(&mut w, regions),
         }
         let meta = w.into_vec();
         let header = FrameHeader {
@@ -833,19 +825,9 @@ impl Frame {
             Command::RdmaOffer => Frame::RdmaOffer {
                 port: r.u16("rdma port")?,
             },
-            Command::RdmaRegions => {
-                let n = r.count("rdma regions", MAX_RDMA_REGIONS, 28)?;
-                let mut regions = Vec::with_capacity(n);
-                for _ in 0..n {
-                    regions.push(RdmaRegion {
-                        gpa: r.u64("rdma gpa")?,
-                        addr: r.u64("rdma addr")?,
-                        len: r.u64("rdma len")?,
-                        rkey: r.u32("rdma rkey")?,
-                    });
-                }
-                Frame::RdmaRegions { regions }
-            }
+            Command::RdmaRegions => Frame::RdmaRegions {
+                regions: read_rdma_regions(&mut r)?,
+            },
         };
         r.finish(name)?;
         let expected = match &frame {

@@ -296,6 +296,33 @@ pub struct RdmaRegion {
     pub rkey: u32,
 }
 
+/// Most RDMA regions in one list (guest memory chunked by the device's largest memory region).
+pub const MAX_RDMA_REGIONS: usize = MAX_REGIONS * 64;
+
+/// Writes a list of RDMA regions: a count, then `gpa, addr, len, rkey` each (28 bytes).
+pub(crate) fn write_rdma_regions(w: &mut Writer, regions: &[RdmaRegion]) {
+    let n = regions.len().min(MAX_RDMA_REGIONS);
+    w.count(n);
+    for r in &regions[..n] {
+        w.u64(r.gpa).u64(r.addr).u64(r.len).u32(r.rkey);
+    }
+}
+
+/// Reads a list written by [`write_rdma_regions`], bounded by [`MAX_RDMA_REGIONS`].
+pub(crate) fn read_rdma_regions(r: &mut Reader<'_>) -> Result<Vec<RdmaRegion>, DecodeError> {
+    let n = r.count("rdma regions", MAX_RDMA_REGIONS, 28)?;
+    let mut rdma = Vec::with_capacity(n);
+    for _ in 0..n {
+        rdma.push(RdmaRegion {
+            gpa: r.u64("rdma gpa")?,
+            addr: r.u64("rdma addr")?,
+            len: r.u64("rdma len")?,
+            rkey: r.u32("rdma rkey")?,
+        });
+    }
+    Ok(rdma)
+}
+
 /// The parameters of a migration: proposed by the source on the control stream, answered
 /// (negotiated) by the destination.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -331,10 +358,7 @@ impl Params {
         for r in self.memory.regions() {
             w.u64(r.gpa).u64(r.len);
         }
-        w.count(self.rdma.len());
-        for r in &self.rdma {
-            w.u64(r.gpa).u64(r.addr).u64(r.len).u32(r.rkey);
-        }
+        write_rdma_regions(w, &self.rdma);
     }
 
     fn decode(r: &mut Reader<'_>) -> Result<Self, HandshakeError> {
@@ -379,16 +403,7 @@ impl Params {
             regions.push(GpaRange::new(r.u64("region gpa")?, r.u64("region len")?));
         }
         let memory = MemoryMap::new(page_size, regions)?;
-        let n = r.count("rdma regions", MAX_REGIONS * 64, 28)?;
-        let mut rdma = Vec::with_capacity(n);
-        for _ in 0..n {
-            rdma.push(RdmaRegion {
-                gpa: r.u64("rdma gpa")?,
-                addr: r.u64("rdma addr")?,
-                len: r.u64("rdma len")?,
-                rkey: r.u32("rdma rkey")?,
-            });
-        }
+        let rdma = read_rdma_regions(r)?;
         Ok(Self {
             mode,
             compression,

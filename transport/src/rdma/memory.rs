@@ -241,12 +241,7 @@ impl RdmaPd {
     /// A pool of `slots` registered, page-aligned staging buffers of `slot_size` bytes each
     /// (LOCAL_WRITE), for RDMA READs whose data is then placed with `UFFDIO_COPY`.
     pub fn bounce_pool(&self, slots: usize, slot_size: usize) -> Result<BouncePool, RegisterError> {
-        let len = slots
-            .checked_mul(slot_size)
-            .filter(|&l| l > 0)
-            .ok_or(RegisterError::PoolSize { slots, slot_size })?;
-        let mapping =
-            sys::AnonMapping::new(len).map_err(|source| RegisterError::Map { len, source })?;
+        let mapping = pool_mapping(slots, slot_size)?;
         let len64 = mapping.len() as u64;
         // SAFETY: the mapping is owned by the pool together with the region, and the pool drops
         // the region first (field order), so the memory outlives its registration.
@@ -270,6 +265,15 @@ impl RdmaPd {
             }),
         })
     }
+}
+
+/// The memory of a pool of `slots` buffers of `slot_size` bytes.
+fn pool_mapping(slots: usize, slot_size: usize) -> Result<sys::AnonMapping, RegisterError> {
+    let len = slots
+        .checked_mul(slot_size)
+        .filter(|&l| l > 0)
+        .ok_or(RegisterError::PoolSize { slots, slot_size })?;
+    sys::AnonMapping::new(len).map_err(|source| RegisterError::Map { len, source })
 }
 
 /// Guest memory registered as memory-region chunks.
@@ -464,12 +468,7 @@ impl BouncePool {
         pd_key: usize,
         register: impl FnOnce(u64, u64) -> (u32, super::sim::SimKeys),
     ) -> Result<Self, RegisterError> {
-        let len = slots
-            .checked_mul(slot_size)
-            .filter(|&l| l > 0)
-            .ok_or(RegisterError::PoolSize { slots, slot_size })?;
-        let mapping =
-            sys::AnonMapping::new(len).map_err(|source| RegisterError::Map { len, source })?;
+        let mapping = pool_mapping(slots, slot_size)?;
         let (lkey, keys) = register(mapping.addr(), mapping.len() as u64);
         Ok(Self {
             inner: Arc::new(PoolInner {
