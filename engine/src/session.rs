@@ -100,9 +100,7 @@ pub fn connect_source(
     policy: &Policy,
     opts: &SessionOptions,
 ) -> Result<(SourceStreams, Arc<MemoryRegistration>), MigrateError> {
-    if opts.transport == TransportKind::Rdma {
-        rdma_precheck(opts)?;
-    }
+    check_transport(opts)?;
     let session =
         ferry_transport::session::connect(endpoint, &connect_config(layout, policy, opts))?;
     let reg = layout.register(None, false, opts.registration)?;
@@ -112,6 +110,16 @@ pub fn connect_source(
         source_streams(session, &reg, layout, opts)?
     };
     Ok((streams, reg))
+}
+
+/// Whether this build and host can open a session with `opts.transport`: RDMA needs the
+/// `rdma` feature and a device (or a provider given in the options). [`connect_source`] checks
+/// it first; a VMM can check before it prepares anything.
+pub fn check_transport(opts: &SessionOptions) -> Result<(), MigrateError> {
+    if opts.transport == TransportKind::Rdma {
+        rdma_precheck(opts)?;
+    }
+    Ok(())
 }
 
 /// What an RDMA session needs before it is asked for: the feature and a device (or a

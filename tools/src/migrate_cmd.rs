@@ -15,8 +15,8 @@ use ferry_engine::dest::{DestRecovery, DestVm, receive_with};
 use ferry_engine::layout::Layout;
 use ferry_engine::policy::{Compression, Mode, Policy};
 use ferry_engine::session::{
-    SessionOptions, accept_destination, accept_recovery, connect_source, reconnect_source,
-    server_config,
+    SessionOptions, accept_destination, accept_recovery, check_transport, connect_source,
+    reconnect_source, server_config,
 };
 use ferry_engine::source::{Phase, Progress, SourceRecovery, SourceVm, migrate_with};
 use ferry_kvm::{DirtyMode, KvmVm, MemBacking, VmConfig, Workload};
@@ -421,6 +421,14 @@ fn run_source(
     warmup: Duration,
     json: bool,
 ) -> Result<(Value, KvmVm)> {
+    let opts = SessionOptions {
+        transport: margs.transport()?,
+        streams: margs.streams,
+        auth,
+        ..SessionOptions::default()
+    };
+    // Before a VM is started for nothing.
+    check_transport(&opts)?;
     require_kvm()?;
     let cfg = vm_args.config()?;
     let mut vm = KvmVm::new_source(&cfg).context("Cannot create the source VM")?;
@@ -432,12 +440,6 @@ fn run_source(
     let policy = margs.policy();
     let mem = vm.memory();
     let layout = Layout::new(&*mem)?;
-    let opts = SessionOptions {
-        transport: margs.transport()?,
-        streams: margs.streams,
-        auth,
-        ..SessionOptions::default()
-    };
     let endpoint = Endpoint::Tcp(to);
     let (streams, reg) = connect_source(&endpoint, &layout, &policy, &opts)
         .with_context(|| format!("Cannot open a migration session to {to}"))?;
