@@ -15,18 +15,18 @@
 //!
 //! # Post-copy on the destination
 //!
-//! Registering memory pins and populates it. On a post-copy destination the guest RAM is managed
-//! by userfaultfd, and registering it would fault every page in (defeating the missing-page
-//! tracking). There are two options:
-//! - **ODP** (on-demand paging, `IBV_ACCESS_ON_DEMAND`): the NIC faults pages through the kernel
-//!   as it touches them. Only some NICs support it (ConnectX-4 and later), with per-fault latency
-//!   and interaction with userfaultfd that depends on the kernel.
-//! - **Staging**: RDMA READ into a small registered bounce buffer, then `UFFDIO_COPY` from it into
-//!   guest RAM. It works on every NIC and leaves guest RAM unregistered until post-copy ends.
-//!
-//! This module implements staging ([`BouncePool`]); the READ itself is
-//! `RdmaStream::read_to_bounce`. Pre-copy pushes (RDMA WRITE) target destination guest RAM
-//! registered with [`Role::Destination`] before the guest's pages are handed to userfaultfd.
+//! A plain registration pins and populates memory. On a destination that may switch to
+//! post-copy the guest RAM is later managed by userfaultfd, which must see every page not
+//! received as missing, and the engine drops pages (stale ones) that a pin would keep writing
+//! behind the process's back. So:
+//! - the pre-copy push (RDMA WRITE) targets destination guest RAM registered with
+//!   [`Role::Destination`] and **on-demand paging** ([`RegisterOptions::on_demand`],
+//!   `IBV_ACCESS_ON_DEMAND`, ConnectX-4 and later): nothing is pinned, the NIC resolves pages
+//!   through the page tables when it writes; a pure pre-copy destination pins instead, which
+//!   every NIC supports;
+//! - post-copy faults are **staged**: RDMA READ into a small registered bounce buffer
+//!   ([`BouncePool`], `RdmaStream::read_to_bounce` / `post_read`), then placed with
+//!   `UFFDIO_COPY` (or written through an alias and mapped with `UFFDIO_CONTINUE`).
 
 use std::sync::{Arc, Mutex, PoisonError};
 

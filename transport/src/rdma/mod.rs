@@ -8,9 +8,9 @@
 //! - [`region`]: device-free address arithmetic: chunking by `max_mr_size`, gpa → (chunk, addr,
 //!   key) translation, the exported [`RemoteRegion`] descriptor and its validated import
 //!   ([`RemoteMap`]), splitting transfers into work requests.
-//! - [`memory`]: registration by [`Role`] ([`RegisteredMemory`]) and the staging
-//!   [`BouncePool`] for post-copy READs (see its docs for why guest RAM under userfaultfd is not
-//!   registered on the destination).
+//! - [`memory`]: registration by [`Role`] ([`RegisteredMemory`], pinned or on demand) and the
+//!   staging [`BouncePool`] for post-copy READs (see its docs for how the destination's guest
+//!   RAM is registered when userfaultfd will manage it).
 //! - [`window`]: device-free send-queue bookkeeping (batching, selective signalling, guard
 //!   release) and completion-status mapping.
 //! - [`conn`]: rdmacm listener / connector, N bulk streams plus one urgent stream.
@@ -23,21 +23,23 @@
 //! - `sys`: the unsafe calls (memory registration over raw addresses, posting scatter-gather
 //!   entries, the bounce mapping, waiting on the rdmacm fd).
 //!
-//! Typical use, source side: `connect` → `conn.pd().register_guest_memory(.., Role::Source, ..)`
-//! → `conn.expose(&mem)` → send the descriptor in the handshake (`RemoteRegion` converts to and
-//! from ferry-protocol's `handshake::RdmaRegion`), import the destination's with
-//! [`RemoteMap::from_handshake`] (or [`RemoteMap::import`]) → `stream.write_batch(..)` per batch on
-//! each bulk stream's thread.
-//! Destination side: `RdmaListener::accept` → register with `Role::Destination` → expose →
-//! `stream.wait_arrival(..)`; on a post-copy fault, `urgent.read_to_bounce(..)` then
-//! `UFFDIO_COPY` from the filled slot.
+//! Typical use (the engine's RDMA sessions, `ferry_engine::rdma`, do this), source side:
+//! `provider.connect` → `link.register_guest_memory(.., Role::Source, ..)` → `link.expose(&mem)`
+//! → send the descriptor (`RemoteRegion` converts to and from ferry-protocol's `RdmaRegion`),
+//! import the destination's with [`RemoteMap::from_handshake`] (or [`RemoteMap::import`]) → an
+//! [`RdmaDataStream`] per bulk stream (or `stream.write_batch(..)` directly).
+//! Destination side: `provider.listen(..).accept(..)` → register with `Role::Destination` →
+//! expose → [`RdmaDataStream`]s (or `stream.wait_arrival(..)`); on a post-copy fault,
+//! `urgent.read_to_bounce(..)` then `UFFDIO_COPY` from the filled slot.
 //!
 //! Not here: the wire encoding of descriptors (ferry-protocol), authentication, and the choice of
 //! which pages go in which batch (ferry-engine).
 //!
-//! Status: compiled and clippy-checked in CI; everything device-free is unit-tested; the device
-//! tests (`tests/rdma.rs`) skip with a printed reason when `ibv_get_device_list` is empty, which is
-//! the case on the development machines (no RDMA NIC, no SoftRoCE).
+//! Status: compiled and clippy-checked in CI; everything device-free is unit-tested, and the data
+//! path and everything above it run against the in-process simulator (`sim`); the device tests
+//! (`tests/rdma.rs`, and the engine's) skip with a printed reason when `ibv_get_device_list` is
+//! empty, which is the case on the development machines (no RDMA NIC, no SoftRoCE). Nothing
+//! here has run on a NIC.
 
 pub mod conn;
 pub mod device;
