@@ -4,13 +4,13 @@
 //! The session starts as every other one: the authenticated TCP handshake opens the control
 //! stream and N bulk streams (`TransportKind::Rdma` negotiated). Then, on the control stream:
 //! 1. the destination binds an rdmacm listener and sends `RdmaOffer { port }`;
-//! 2. the source connects N RC queue pairs to the control stream's address at that port, and
-//!    registers its guest memory;
+//! 2. the source connects N RC queue pairs (one more, for READs, unless the mode is pre-copy)
+//!    to the control stream's address at that port and registers its guest memory; unless the
+//!    mode is pre-copy it sends its own `RdmaRegions` (address, length, rkey per chunk);
 //! 3. the destination empties its guest memory (as a receiver always does first), registers the
 //!    mappings it lands pages in (writable by the peer; pinned in pre-copy, on demand when the
-//!    migration may switch to post-copy) and sends `RdmaRegions` (address, length, rkey per
-//!    chunk);
-//! 4. the source imports them, checked against the negotiated memory map.
+//!    migration may switch to post-copy) and sends its `RdmaRegions`;
+//! 4. each side imports the other's, checked against the negotiated memory map.
 //!
 //! Each bulk stream then becomes a `ferry_transport::rdma::RdmaDataStream`: page payload by
 //! RDMA WRITE straight from the source's guest memory into the destination's, frame headers on
@@ -20,9 +20,9 @@
 //! every stream (`DataStream::end_direct_placement`) before anything else of the switch: from
 //! that in-order marker on, payload travels on the TCP streams and the destination places it
 //! with its usual claims, since its guest will run on that memory. Post-copy page requests are
-//! served by one-sided RDMA READs from the source's memory on one more queue pair (the source
-//! sends its own `RdmaRegions` for them), through a local bridge (`ReadPath`); the session's urgent TCP stream
-//! stays open and idle, and serves the requests again after a recovery.
+//! served by one-sided RDMA READs from the source's memory on the extra queue pair, through a
+//! local bridge (`ReadPath`); the session's urgent TCP stream stays open and idle, and serves
+//! the requests again after a recovery.
 //!
 //! The destination's bulk queue pairs keep remote write access to its guest memory until each
 //! stream ends (after the migration, in every mode): an authenticated source could write guest
