@@ -1683,9 +1683,16 @@ fn recv_loop(
     let layout = shared.layout;
     let ps = layout.page_size();
     let mut staging: Vec<u8> = Vec::new();
+    let mut direct = true;
     loop {
         let (_, frame) = read_frame(i, stream.as_mut(), layout)?;
         let post = post_flag.load(Ordering::Acquire);
+        if post && direct {
+            // The guest runs on this memory now: the source may no longer write it directly
+            // (RDMA); it switched to in-band payload before the switchover.
+            stream.end_direct_placement().map_err(stream_err(i))?;
+            direct = false;
+        }
         match frame {
             Frame::Pages {
                 ranges,

@@ -24,10 +24,11 @@
 //! local bridge (`ReadPath`); the session's urgent TCP stream stays open and idle, and serves
 //! the requests again after a recovery.
 //!
-//! The destination's bulk queue pairs keep remote write access to its guest memory until each
-//! stream ends (after the migration, in every mode): an authenticated source could write guest
-//! memory while the guest runs, as it could send it wrong pages. Its READ queue pair grants the
-//! source nothing.
+//! The destination's receivers destroy their queue pairs before their first post-copy frame
+//! (`end_direct_placement` on the receiving side), so the source cannot write memory the guest
+//! runs on. After a stop-and-copy switchover the queue pairs live until each stream ends: an
+//! authenticated source could write guest memory in that window, as it could send it wrong
+//! pages. The READ queue pair grants the source nothing.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -84,7 +84,9 @@ pub trait DataStream: Send + fmt::Debug {
     /// From here on the peer may run its guest on the memory this stream could write directly,
     /// so payload must travel in-band. A transport that places payload in the peer's memory
     /// itself (RDMA WRITE) switches to sending it on the connection, in order with the frames
-    /// before and after; the socket transports have nothing to do. Called between frames.
+    /// before and after; the socket transports have nothing to do. Called between frames, on
+    /// the sending side at the switch, and on the receiving side before the first frame sent
+    /// after it (which makes sure of the switch and revokes the peer's direct access).
     fn end_direct_placement(&mut self) -> Result<(), StreamError> {
         Ok(())
     }

@@ -518,6 +518,56 @@ mod framed_streams {
     }
 
     #[test]
+    fn the_destination_revokes_direct_writes_at_the_switch() {
+        let mut p = pair(64, |_, _, _| {});
+        let remote = import(&p.dst);
+        let a = [GpaRange::new(0, PAGE)];
+        p.tx.send_frame(b"A", &a).expect("a");
+        p.tx.end_direct_placement().expect("switch");
+        p.tx.send_frame(b"B", &a).expect("b (in-band)");
+        let mut h = [0u8; 1];
+        p.rx.recv_exact(&mut h).expect("header a");
+        p.rx.recv_into(&a, Target::Guest).expect("payload a");
+        // Before the first frame after the switch: waits for the marker, destroys the QP.
+        p.rx.end_direct_placement().expect("revoke");
+        p.rx.end_direct_placement()
+            .expect("revoking twice is harmless");
+        p.rx.recv_exact(&mut h).expect("header b");
+        p.rx.recv_into(&a, Target::Guest).expect("payload b");
+        // A WRITE from the source's queue pair now finds no peer.
+        let q = p.tx.queue_pair().expect("the source keeps its queue pair");
+        q.write_batch(
+            &p.src.reg,
+            &remote,
+            &[GuestRange::new(8 * PAGE, PAGE)],
+            encode_imm(9, 1),
+            T,
+        )
+        .expect("posted");
+        let e = q.flush(T).expect_err("the destination revoked it");
+        let StreamError::Completion(c) = e else {
+            panic!("expected a completion error, got {e}");
+        };
+        assert!(c.status.is_peer_lost(), "{c}");
+        assert!(p.dst.bytes(8 * PAGE, PAGE).iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn a_batch_where_the_switch_is_due_fails() {
+        let mut p = pair(64, |_, _, _| {});
+        p.tx.send_frame(b"A", &[GpaRange::new(0, PAGE)]).expect("a");
+        let mut h = [0u8; 1];
+        p.rx.recv_exact(&mut h).expect("header");
+        // The engine expects the switch here, but batch 0 is still unclaimed: the frame's
+        // payload was not received, so its credit is not there either; the batch comes first.
+        let e = p.rx.end_direct_placement().expect_err("no marker");
+        assert_eq!(
+            inner(&e),
+            FramedError::BatchAfterSwitch { sequence: 0 }.to_string()
+        );
+    }
+
+    #[test]
     fn a_marker_inside_a_frame_fails() {
         // Batch 0 with one page, then the marker (number 1), where the frame expects two pages.
         let mut p = pair(64, |q, src, remote| {

@@ -21,11 +21,14 @@
 //! range that is not a whole number of 4 KiB units fail the stream with a typed error.
 //!
 //! **In-band mode.** Writing into the destination's memory is only right while its guest does
-//! not run there. [`DataStream::end_direct_placement`] (the engine calls it when a migration
-//! switches to post-copy) posts a zero-length WRITE_WITH_IMM with 0 units, in sequence: from
-//! that marker on, frames carry their payload on the TCP stream like the socket backend, and
-//! the destination, which meets the marker where it would have waited for the next batch,
-//! receives them the same way (claims, staging and all).
+//! not run there. [`DataStream::end_direct_placement`] (the engine's source calls it when a
+//! migration switches to post-copy) posts a zero-length WRITE_WITH_IMM with 0 units, in
+//! sequence: from that marker on, frames carry their payload on the TCP stream like the socket
+//! backend, and the destination, which meets the marker where it would have waited for the
+//! next batch, receives them the same way (claims, staging and all). On the destination the
+//! same call (the engine makes it before its first post-copy frame) waits for the marker if it
+//! has not met it yet; meeting it destroys the queue pair, so the source cannot write the
+//! memory the guest now runs on.
 //!
 //! Receiving into a file (`Target::File`) is refused while payload arrives by RDMA. The
 //! destination's registration must cover the mapping its receiver names (guest memory, or the
@@ -98,6 +101,12 @@ pub enum FramedError {
         sequence: u16,
         /// Bytes the frames did not claim.
         left: u64,
+    },
+    /// A batch arrived where the switch to in-band payload was due.
+    #[error("RDMA batch {sequence} arrived where the switch to in-band payload was due")]
+    BatchAfterSwitch {
+        /// The batch.
+        sequence: u16,
     },
     /// The receiver asked for a target this stream's registration does not cover.
     #[error("RDMA streams land in registered memory only, not in {target:?}")]
@@ -227,6 +236,12 @@ impl RdmaDataStream {
         self
     }
 
+    /// The queue pair, while the stream has one (tests: raw work requests beside the framing).
+    #[cfg(test)]
+    pub(crate) fn queue_pair(&mut self) -> Option<&mut RdmaStream> {
+        self.rdma.as_mut()
+    }
+
     /// Caps batches at `units` (tests: exercises frames that span several batches).
     #[cfg(test)]
     pub(crate) fn with_max_batch_units(mut self, units: u64) -> Self {
@@ -278,6 +293,29 @@ impl RdmaDataStream {
             Some(ref mut s) => Ok(s),
             None => Err(rdma_err(self.header.as_ref(), FramedError::Gone)),
         }
+    }
+
+    /// Destination: makes sure the peer switched to in-band payload (waits for its marker if
+    /// not met yet) and destroys the queue pair, so the peer cannot write our memory through
+    /// it any more.
+    fn revoke(&mut self) -> Result<(), StreamError> {
+        if !self.inline {
+            if let Side::Destination { credit, batch } = self.side
+                && credit != 0
+            {
+                return Err(self.err(FramedError::Leftover {
+                    sequence: batch,
+                    left: credit,
+                }));
+            }
+            if self.next_batch()? != 0 {
+                let sequence = self.sequence.wrapping_sub(1);
+                return Err(self.err(FramedError::BatchAfterSwitch { sequence }));
+            }
+            self.inline = true;
+        }
+        self.rdma = None;
+        Ok(())
     }
 
     /// Waits for the next batch and returns its size in bytes (0: the in-band marker).
@@ -399,6 +437,8 @@ impl DataStream for RdmaDataStream {
                         }));
                     }
                     self.inline = true;
+                    // The peer may not write through it any more: destroy it.
+                    self.rdma = None;
                     return self.header.recv_into(ranges, target);
                 }
                 // Payload the peer placed in our registered memory: it cannot be in a file.
@@ -421,8 +461,7 @@ impl DataStream for RdmaDataStream {
 
     fn end_direct_placement(&mut self) -> Result<(), StreamError> {
         let Side::Source(target) = &self.side else {
-            // The destination learns it from the marker.
-            return Ok(());
+            return self.revoke();
         };
         if self.inline {
             return Ok(());
