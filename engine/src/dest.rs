@@ -48,6 +48,7 @@
 //! stays blocked instead of reading zeroes.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::thread;
@@ -121,9 +122,10 @@ pub struct DestStreams {
     pub control: ControlChannel,
     /// Bulk streams.
     pub bulk: Vec<Box<dyn DataStream>>,
-    /// Urgent stream: a data stream to receive replies, and a second handle on the same
-    /// socket to write requests.
-    pub urgent: Option<(Box<dyn DataStream>, Socket)>,
+    /// The post-copy demand path: where page requests are answered (the urgent stream's
+    /// replies, or a fetch from the source's memory), and the socket the fault handler writes
+    /// its requests to (a second handle on the urgent stream's socket, or the fetch's).
+    pub urgent: Option<(Replies, Socket)>,
     /// Alias mappings of shared-backed regions (index = region), also given to the transport
     /// registration so pushed pages are received straight into them.
     pub aliases: Vec<Option<AliasMapping>>,
@@ -139,10 +141,53 @@ pub struct DestStreams {
     /// registered it (RDMA; pinned in pre-copy): the receiver must not empty it again, or a
     /// pinned registration would write into pages no longer mapped.
     pub prepared: bool,
-    /// Threads the transport runs for these connections (the RDMA READ path), joined when the
-    /// migration ends, after the sockets above are shut down.
-    pub threads: Vec<std::thread::JoinHandle<()>>,
 }
+
+/// How post-copy page requests are answered.
+pub enum Replies {
+    /// The source answers each request on this stream (`PageReply` frames).
+    Stream(Box<dyn DataStream>),
+    /// The pages are read from the source's memory without its CPU (RDMA READ): the fault
+    /// handler's request frames are read back from `requests` (the other end of the socket it
+    /// writes to) and each page is fetched by `fetch`.
+    Fetch {
+        /// Where the requests arrive.
+        requests: Socket,
+        /// What reads the pages.
+        fetch: Box<dyn PageFetch>,
+    },
+}
+
+impl fmt::Debug for Replies {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Replies::Stream(s) => f.debug_tuple("Stream").field(s).finish(),
+            Replies::Fetch { requests, fetch } => f
+                .debug_struct("Fetch")
+                .field("requests", requests)
+                .field("fetch", fetch)
+                .finish(),
+        }
+    }
+}
+
+/// Post-copy demand fetch without the source's CPU (one-sided RDMA READ): what a transport
+/// that can read the source's memory offers the fault path. Used from one thread.
+pub trait PageFetch: Send + fmt::Debug {
+    /// Starts reading one page, `range`, of the source's memory: `in_place` into its own page
+    /// cache (a memfd region: the fetch reads through its own mapping of the file, and the
+    /// caller maps the page with `UFFDIO_CONTINUE`), else into a buffer of its own. `Ok(false)`
+    /// when no buffer is free: poll and try again.
+    fn start(&mut self, range: GpaRange, in_place: bool) -> Result<bool, MigrateError>;
+
+    /// Calls `done` for every read completed since the last call, with its bytes unless it
+    /// was in place. Returns how many completed.
+    fn poll(&mut self, done: &mut FetchDone<'_>) -> Result<usize, MigrateError>;
+}
+
+/// What [`PageFetch::poll`] calls for each completed read: the page, and its bytes unless it
+/// was read in place.
+pub type FetchDone<'a> = dyn FnMut(GpaRange, Option<&[u8]>) -> Result<(), MigrateError> + 'a;
 
 /// How the destination recovers a migration whose connection was lost after the switchover
 /// (see the module docs).
@@ -302,7 +347,6 @@ pub fn receive_with(
         sockets,
         session,
         prepared,
-        threads,
     } = streams;
     let mut shared = Shared {
         layout: &layout,
@@ -346,13 +390,6 @@ pub fn receive_with(
     if !prepared {
         discard_guest_memory(&layout, vm.zeroed)?;
     }
-    // The transport's own threads end when their sockets are shut down (at the latest after
-    // the scope below): keep handles to shut them down again before joining.
-    let transport_sockets: Vec<Socket> = if threads.is_empty() {
-        Vec::new()
-    } else {
-        sockets.iter().filter_map(|s| s.try_clone().ok()).collect()
-    };
     let result = thread::scope(|s| {
         let (note_tx, note_rx) = unbounded();
         let (go_tx, go_rx) = bounded::<()>(n.max(1));
@@ -430,14 +467,6 @@ pub fn receive_with(
             r => r,
         }
     });
-    for s in &transport_sockets {
-        let _ = s.shutdown();
-    }
-    for t in threads {
-        if t.join().is_err() {
-            warn!("a transport thread panicked");
-        }
-    }
     if result.is_err()
         && let Some(post) = shared.post.take()
         && shared.present.load(Ordering::Acquire) < total
@@ -480,11 +509,12 @@ fn spawn_receiver<'scope>(
     Ok(())
 }
 
-/// Starts the receiver of urgent page replies; it reports its end as a [`Note`]. With `start`,
-/// it first waits for the post-copy switchover (and returns without a note if there is none).
+/// Starts the receiver of urgent page replies (or the fetch of requested pages); it reports
+/// its end as a [`Note`]. With `start`, it first waits for the post-copy switchover (and
+/// returns without a note if there is none).
 fn spawn_reply_receiver<'scope>(
     s: &'scope thread::Scope<'scope, '_>,
-    replies: Box<dyn DataStream>,
+    replies: Replies,
     shared: &'scope Shared<'_>,
     note_tx: &Sender<Note>,
     start: Option<Receiver<()>>,
@@ -500,7 +530,11 @@ fn spawn_reply_receiver<'scope>(
             {
                 return;
             }
-            let _ = note_tx.send(match reply_loop(shared, replies) {
+            let r = match replies {
+                Replies::Stream(stream) => reply_loop(shared, stream),
+                Replies::Fetch { requests, fetch } => fetch_loop(shared, requests, fetch),
+            };
+            let _ = note_tx.send(match r {
                 Ok(()) => Note::Ended { bulk: false },
                 Err(e) => Note::Failed(e),
             });
@@ -658,7 +692,7 @@ impl<'s, 'a, 'r> DestRun<'s, 'a, 'r> {
         &mut self,
         control: &mut dyn VmControl,
         uffd: Result<Uffd, crate::uffd::UffdOpenError>,
-        urgent: Option<(Box<dyn DataStream>, Socket)>,
+        urgent: Option<(Replies, Socket)>,
         s: &'scope thread::Scope<'scope, '_>,
         post_flag: &'scope AtomicBool,
     ) -> Result<DestReport, MigrateError>
@@ -2411,6 +2445,211 @@ fn host_to_page(layout: &Layout, addr: u64) -> Option<(u64, u64)> {
         }
     }
     None
+}
+
+/// Answers the fault handler's page requests (read back from `requests`) with one-sided reads
+/// of the source's memory: claims each page, reads it (into its page cache where the region is
+/// a memfd, else into the fetch's buffer), and places it like a reply. A page already claimed
+/// or present is left to whoever has it. Ends at `EndOfStream` or when `requests` closes,
+/// after the reads in flight; on an error, the pages it claimed and did not place are given
+/// back (STALE), so a recovery asks for them again.
+fn fetch_loop(
+    shared: &Shared<'_>,
+    requests: Socket,
+    mut fetch: Box<dyn PageFetch>,
+) -> Result<(), MigrateError> {
+    use std::io::{ErrorKind, Read};
+    let layout = shared.layout;
+    let ps = layout.page_size();
+    let Socket::Unix(mut sock, _) = requests else {
+        return Err(MigrateError::Unexpected {
+            got: "a TCP socket",
+            state: "reading page requests for a fetch",
+        });
+    };
+    let io = |source: std::io::Error| MigrateError::Place { gpa: 0, source };
+    // Claimed pages whose read is in flight or pending, by gpa.
+    let mut inflight: HashMap<u64, u64> = HashMap::new();
+    let mut pending: std::collections::VecDeque<(u64, u64)> = std::collections::VecDeque::new();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut ended = false;
+    let mut blocking = true;
+    let mut idle = 0u32;
+    sock.set_read_timeout(Some(Duration::from_millis(20)))
+        .map_err(io)?;
+    let result = (|| -> Result<(), MigrateError> {
+        loop {
+            let busy = !inflight.is_empty() || !pending.is_empty();
+            if busy == blocking {
+                blocking = !busy;
+                sock.set_nonblocking(busy).map_err(io)?;
+            }
+            let mut progress = false;
+            if !ended {
+                match sock.read(&mut chunk) {
+                    Ok(0) => ended = true,
+                    Ok(n) => {
+                        buf.extend_from_slice(&chunk[..n]);
+                        progress = true;
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                        ) => {}
+                    Err(e) if shared.done.load(Ordering::Acquire) => {
+                        debug!(%e, "page requests closed");
+                        ended = true;
+                    }
+                    Err(e) => return Err(io(e)),
+                }
+            }
+            // Whole frames only: page requests (checked against the memory map) or the end.
+            while buf.len() >= HEADER_LEN {
+                let mut h = [0u8; HEADER_LEN];
+                h.copy_from_slice(&buf[..HEADER_LEN]);
+                let header = FrameHeader::decode(&h).map_err(|source| MigrateError::Decode {
+                    stream: usize::MAX,
+                    source,
+                })?;
+                let total = HEADER_LEN + header.meta_len as usize;
+                if buf.len() < total {
+                    break;
+                }
+                let frame = Frame::decode(&header, &buf[HEADER_LEN..total]).map_err(|source| {
+                    MigrateError::Decode {
+                        stream: usize::MAX,
+                        source,
+                    }
+                })?;
+                buf.drain(..total);
+                match frame {
+                    Frame::PageRequest { range, .. } => {
+                        let (_, _, first) = layout.locate(range)?;
+                        for j in 0..range.len / ps {
+                            pending.push_back((range.gpa + j * ps, first + j));
+                        }
+                    }
+                    Frame::EndOfStream => ended = true,
+                    other => {
+                        return Err(MigrateError::Unexpected {
+                            got: other.command().name(),
+                            state: "fetching requested pages",
+                        });
+                    }
+                }
+            }
+            while let Some(&(gpa, p)) = pending.front() {
+                if inflight.contains_key(&gpa) {
+                    pending.pop_front();
+                    continue;
+                }
+                let one = GpaRange::new(gpa, ps);
+                let (region, _, _) = layout.locate(one)?;
+                if shared.claim_from(p).is_none() {
+                    // Present, or being placed by the push: it wakes the waiters.
+                    pending.pop_front();
+                    continue;
+                }
+                match fetch.start(one, shared.staged(region)) {
+                    Ok(true) => {
+                        inflight.insert(gpa, p);
+                        pending.pop_front();
+                        progress = true;
+                    }
+                    Ok(false) => {
+                        unclaim(shared, p);
+                        break;
+                    }
+                    Err(e) => {
+                        unclaim(shared, p);
+                        return Err(e);
+                    }
+                }
+            }
+            if !inflight.is_empty() {
+                let n = fetch.poll(&mut |range, bytes| {
+                    let Some(p) = inflight.remove(&range.gpa) else {
+                        return Ok(());
+                    };
+                    let placed = match bytes {
+                        Some(b) => {
+                            place_bytes_post(shared, range.gpa, b).map(|()| page_hash(range.gpa, b))
+                        }
+                        None => placed_in_page_cache(shared, range),
+                    };
+                    match placed {
+                        Ok(h) => {
+                            shared.placed(p, h, false);
+                            Ok(())
+                        }
+                        Err(e) => {
+                            unclaim(shared, p);
+                            Err(e)
+                        }
+                    }
+                })?;
+                progress |= n > 0;
+            }
+            if ended && pending.is_empty() && inflight.is_empty() {
+                return Ok(());
+            }
+            if progress {
+                idle = 0;
+            } else if busy {
+                idle = idle.saturating_add(1);
+                if idle < 64 {
+                    std::hint::spin_loop();
+                } else if idle < 256 {
+                    thread::yield_now();
+                } else {
+                    thread::sleep(Duration::from_micros(20));
+                }
+            }
+        }
+    })();
+    if result.is_err() {
+        for p in inflight.into_values() {
+            unclaim(shared, p);
+        }
+    }
+    result
+}
+
+/// Gives a claim back: the page is STALE again (someone asks for it again).
+fn unclaim(shared: &Shared<'_>, p: u64) {
+    let _ = shared.states[p as usize].compare_exchange(
+        FILLING,
+        STALE,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    );
+}
+
+/// Maps a claimed page of a memfd region that a fetch read into its page cache
+/// (`UFFDIO_CONTINUE`) and returns its hash, read through the alias.
+fn placed_in_page_cache(shared: &Shared<'_>, range: GpaRange) -> Result<u64, MigrateError> {
+    let layout = shared.layout;
+    let (region, off, _) = layout.locate(range)?;
+    let Some(a) = shared.alias(region) else {
+        return Err(MigrateError::Unexpected {
+            got: "a page read into the page cache",
+            state: "placing a page of a region without an alias",
+        });
+    };
+    // SAFETY: the alias maps the whole region; `off` is a checked page offset inside it; the
+    // page is FILLING (claimed by this thread) and its read completed, so nothing writes it
+    // now, and the guest cannot see it yet.
+    let page = unsafe {
+        std::slice::from_raw_parts(
+            (a.addr() as usize + off as usize) as *const u8,
+            range.len as usize,
+        )
+    };
+    let h = page_hash(range.gpa, page);
+    fill(shared, range, Src::PageCache)?;
+    Ok(h)
 }
 
 /// Receives page replies on the urgent stream and places them.

@@ -20,9 +20,9 @@
 //! every stream (`DataStream::end_direct_placement`) before anything else of the switch: from
 //! that in-order marker on, payload travels on the TCP streams and the destination places it
 //! with its usual claims, since its guest will run on that memory. Post-copy page requests are
-//! served by one-sided RDMA READs from the source's memory on the extra queue pair, through a
-//! local bridge (`ReadPath`); the session's urgent TCP stream stays open and idle, and serves
-//! the requests again after a recovery.
+//! served by one-sided RDMA READs from the source's memory on the extra queue pair
+//! (`RdmaFetch`, straight into the page cache for memfd regions); the session's urgent TCP
+//! stream stays open and idle, and serves the requests again after a recovery.
 //!
 //! The destination's receivers destroy their queue pairs before their first post-copy frame
 //! (`end_direct_placement` on the receiving side), so the source cannot write memory the guest
@@ -38,11 +38,12 @@ use ferry_protocol::handshake::{Mode, RdmaRegion};
 use ferry_protocol::{Frame, GpaRange};
 use ferry_transport::DataStream;
 use ferry_transport::rdma::{
-    ConnectOptions, PushTarget, RdmaDataStream, RdmaProvider, RegisterOptions, RemoteMap, Role,
-    Verbs, list_devices,
+    ConnectOptions, PushTarget, RdmaDataStream, RdmaProvider, ReadDone, RegisterOptions, RemoteMap,
+    Role, Verbs, list_devices,
 };
 use ferry_transport::session::ControlChannel;
 
+use crate::dest::{FetchDone, PageFetch};
 use crate::error::MigrateError;
 use crate::layout::Layout;
 use crate::memory::AliasMapping;
@@ -139,10 +140,10 @@ fn register(
     // SAFETY: the primary mappings come from a `GuestMemory`, whose contract keeps them mapped
     // while its owner lives, and the engine holds this registration only inside the
     // migration's streams, which `source::migrate` / `dest::receive` drop before they return
-    // while the caller keeps the memory alive (the destination's READ path thread, which also
-    // holds it, is joined before `dest::receive` returns); the aliases in `regions` are made
-    // by `dest_bulk` and kept by those streams and that thread, which drop them after their
-    // queue pairs and registration (`RdmaDataStream::holding`, `Bridge::_hold`). The
+    // while the caller keeps the memory alive (the destination's READ fetch, which also holds
+    // it, runs on one of `dest::receive`'s scoped threads); the aliases in `regions` are made
+    // by `dest_bulk` and kept by those streams and that fetch, which drop them after their
+    // queue pairs and registration (`RdmaDataStream::holding`, `RdmaFetch::_hold`). The
     // destination looks at a pushed page only after the batch carrying it arrived, and the
     // source sends a page again only on the same queue pair after a later frame header, as
     // with the socket transports.
@@ -306,7 +307,6 @@ pub(crate) fn dest_bulk(
         .into_iter()
         .map(Into::into)
         .collect();
-    drop(mem);
     control.send(&Frame::RdmaRegions { regions }, &[])?;
     let (queues, urgent) = conn.take_streams();
     let read_path = match (reads, urgent) {
@@ -326,14 +326,15 @@ pub(crate) fn dest_bulk(
             let pool = conn
                 .bounce_pool(READ_SLOTS, layout.page_size() as usize)
                 .map_err(boxed("registering the READ staging buffers"))?;
-            Some(ReadPath::start(
+            Some(RdmaFetch {
                 urgent,
+                local: Arc::clone(&mem),
                 pool,
                 remote,
-                layout.map().clone(),
-                Arc::clone(&hold),
-                opts.stream.timeout,
-            )?)
+                timeout: opts.stream.timeout,
+                inflight: std::collections::HashMap::new(),
+                _hold: Arc::clone(&hold),
+            })
         }
         (true, None) => {
             return Err(MigrateError::Unexpected {
@@ -354,203 +355,73 @@ pub(crate) fn dest_bulk(
     Ok((bulk, read_path))
 }
 
-/// The destination's bulk streams, and its READ path when post-copy may follow.
-pub(crate) type DestBulk = (Vec<Box<dyn DataStream>>, Option<ReadPath>);
+/// The destination's bulk streams, and its READ fetch when post-copy may follow.
+pub(crate) type DestBulk = (Vec<Box<dyn DataStream>>, Option<RdmaFetch>);
 
 /// Staging buffers for post-copy READs in flight (one page each).
 const READ_SLOTS: usize = 64;
 
-/// Post-copy demand fetch by one-sided RDMA READ, presented to the engine's fault path as the
-/// urgent stream it already speaks: the fault loop writes `PageRequest` frames into
-/// `requests`, a bridge thread READs each page from the source's registered memory (the
-/// source's CPU does nothing) into a staging buffer and writes it back as a `PageReply` frame
-/// that the reply loop places like any other (claims, `UFFDIO_COPY`/`UFFDIO_CONTINUE`, the
-/// latency histogram). The local hop costs two copies of a page and a thread wake-up; it
-/// keeps the fault path's races, recovery and accounting in one place. Replies carry no
-/// checksums (the final digest still covers every page).
-#[derive(Debug)]
-pub(crate) struct ReadPath {
-    /// Where the fault loop writes its requests.
-    pub requests: ferry_transport::Socket,
-    /// Where the reply loop reads the pages.
-    pub replies: ferry_transport::Socket,
-    /// The bridge thread: ends at `EndOfStream` or when those sockets are shut down; joined by
-    /// the destination before it returns (it holds the registration of guest memory).
-    pub thread: std::thread::JoinHandle<()>,
-}
-
-/// The bridge thread's state. The queue pair is declared first: it is destroyed before the
-/// staging buffers and the memory its registrations cover are released.
-struct Bridge {
+/// Post-copy demand fetch by one-sided RDMA READ (the engine's [`PageFetch`]): each page the
+/// fault path asks for is read from the source's registered memory on the READ queue pair,
+/// without the source's CPU. Pages of memfd regions are read straight into this side's page
+/// cache (through the alias mapping registered for the push; the fault path then maps them with
+/// `UFFDIO_CONTINUE`); the others into a registered staging buffer, from which the fault path
+/// places them (`UFFDIO_COPY`). The queue pair is declared first: it is destroyed before the
+/// buffers and the memory its registrations cover are released.
+pub(crate) struct RdmaFetch {
     urgent: ferry_transport::rdma::RdmaStream,
+    local: Arc<ferry_transport::rdma::RegisteredMemory>,
     pool: ferry_transport::rdma::BouncePool,
     remote: RemoteMap,
-    map: ferry_protocol::MemoryMap,
-    requests: std::os::unix::net::UnixStream,
-    replies: std::os::unix::net::UnixStream,
     timeout: Duration,
+    inflight: std::collections::HashMap<ferry_transport::rdma::ReadTicket, GpaRange>,
     _hold: Arc<dyn std::fmt::Debug + Send + Sync>,
 }
 
-impl ReadPath {
-    fn start(
-        urgent: ferry_transport::rdma::RdmaStream,
-        pool: ferry_transport::rdma::BouncePool,
-        remote: RemoteMap,
-        map: ferry_protocol::MemoryMap,
-        hold: Arc<dyn std::fmt::Debug + Send + Sync>,
-        timeout: Duration,
-    ) -> Result<Self, MigrateError> {
-        use std::os::unix::net::UnixStream;
-        let io = boxed::<std::io::Error>("creating the READ path's sockets");
-        let (req_w, req_r) = UnixStream::pair().map_err(io)?;
-        let (rep_w, rep_r) =
-            UnixStream::pair().map_err(boxed("creating the READ path's sockets"))?;
-        let bridge = Bridge {
-            urgent,
-            pool,
-            remote,
-            map,
-            requests: req_r,
-            replies: rep_w,
-            timeout,
-            _hold: hold,
-        };
-        let thread = std::thread::Builder::new()
-            .name("ferry-rdma-read".into())
-            .spawn(move || {
-                if let Err(e) = bridge.run() {
-                    tracing::warn!(error = %ferry_protocol::handshake::error_chain(&e), "RDMA READ path failed");
-                }
-            })
-            .map_err(|_| MigrateError::Worker("RDMA READ path"))?;
-        Ok(Self {
-            requests: ferry_transport::Socket::Unix(req_w, "rdma-read".into()),
-            replies: ferry_transport::Socket::Unix(rep_r, "rdma-read".into()),
-            thread,
-        })
+impl std::fmt::Debug for RdmaFetch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RdmaFetch")
+            .field("urgent", &self.urgent.index())
+            .field("inflight", &self.inflight.len())
+            .finish_non_exhaustive()
     }
 }
 
-impl Bridge {
-    fn run(mut self) -> Result<(), MigrateError> {
-        use ferry_protocol::frame::{FrameHeader, HEADER_LEN};
-        use std::collections::{HashMap, VecDeque};
-        use std::io::{ErrorKind, Read, Write};
+fn read_err(e: ferry_transport::rdma::StreamError) -> MigrateError {
+    setup_err("a post-copy RDMA READ")(Box::new(e))
+}
 
-        let io = |e: std::io::Error| setup_err("the READ path's local sockets")(Box::new(e));
-        let rdma =
-            |e: ferry_transport::rdma::StreamError| setup_err("a post-copy RDMA READ")(Box::new(e));
-        let mut buf: Vec<u8> = Vec::new();
-        let mut chunk = [0u8; 4096];
-        let mut pending: VecDeque<(u64, GpaRange)> = VecDeque::new();
-        let mut inflight = HashMap::new();
-        let mut ended = false;
-        let mut blocking = true;
-        self.requests
-            .set_read_timeout(Some(Duration::from_millis(20)))
-            .map_err(io)?;
-        let mut idle = 0u32;
-        loop {
-            let busy = !inflight.is_empty() || !pending.is_empty();
-            if busy == blocking {
-                // Busy: poll the socket without blocking between completion polls.
-                blocking = !busy;
-                self.requests.set_nonblocking(busy).map_err(io)?;
-            }
-            let mut progress = false;
-            if !ended {
-                match self.requests.read(&mut chunk) {
-                    Ok(0) => ended = true,
-                    Ok(n) => {
-                        buf.extend_from_slice(&chunk[..n]);
-                        progress = true;
-                    }
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                        ) => {}
-                    Err(e) => return Err(io(e)),
-                }
-            }
-            // Whole frames only; anything but a page request or the end is refused.
-            while buf.len() >= HEADER_LEN {
-                let mut h = [0u8; HEADER_LEN];
-                h.copy_from_slice(&buf[..HEADER_LEN]);
-                let header = FrameHeader::decode(&h).map_err(|source| MigrateError::Decode {
-                    stream: usize::MAX,
-                    source,
-                })?;
-                let total = HEADER_LEN + header.meta_len as usize;
-                if buf.len() < total {
-                    break;
-                }
-                let frame = Frame::decode(&header, &buf[HEADER_LEN..total]).map_err(|source| {
-                    MigrateError::Decode {
-                        stream: usize::MAX,
-                        source,
-                    }
-                })?;
-                buf.drain(..total);
-                match frame {
-                    Frame::PageRequest { id, range } => {
-                        self.map.check(range)?;
-                        pending.push_back((id, range));
-                    }
-                    Frame::EndOfStream => ended = true,
-                    other => {
-                        return Err(MigrateError::Unexpected {
-                            got: other.command().name(),
-                            state: "bridging page requests to RDMA READs",
-                        });
-                    }
-                }
-            }
-            while let Some(&(id, range)) = pending.front() {
-                let Some(slot) = self.pool.try_acquire() else {
-                    break;
-                };
-                let ticket = self
-                    .urgent
-                    .post_read(&self.remote, range.into(), slot, self.timeout)
-                    .map_err(rdma)?;
-                inflight.insert(ticket, (id, range));
-                pending.pop_front();
-                progress = true;
-            }
-            if !inflight.is_empty() {
-                self.urgent.poll().map_err(rdma)?;
-                for (ticket, filled) in self.urgent.take_reads() {
-                    let Some((id, range)) = inflight.remove(&ticket) else {
-                        continue;
-                    };
-                    let reply = Frame::PageReply {
-                        id,
-                        range,
-                        checksums: None,
-                    };
-                    self.replies.write_all(&reply.encode()).map_err(io)?;
-                    self.replies.write_all(filled.bytes()).map_err(io)?;
-                    progress = true;
-                }
-            }
-            if ended && pending.is_empty() && inflight.is_empty() {
-                let _ = self.replies.write_all(&Frame::EndOfStream.encode());
-                return Ok(());
-            }
-            if progress {
-                idle = 0;
-            } else if busy {
-                idle = idle.saturating_add(1);
-                if idle < 64 {
-                    std::hint::spin_loop();
-                } else if idle < 256 {
-                    std::thread::yield_now();
-                } else {
-                    std::thread::sleep(Duration::from_micros(20));
-                }
+impl PageFetch for RdmaFetch {
+    fn start(&mut self, range: GpaRange, in_place: bool) -> Result<bool, MigrateError> {
+        let ticket = if in_place {
+            self.urgent
+                .post_read_in_place(&self.local, &self.remote, range.into(), self.timeout)
+                .map_err(read_err)?
+        } else {
+            let Some(slot) = self.pool.try_acquire() else {
+                return Ok(false);
+            };
+            self.urgent
+                .post_read(&self.remote, range.into(), slot, self.timeout)
+                .map_err(read_err)?
+        };
+        self.inflight.insert(ticket, range);
+        Ok(true)
+    }
+
+    fn poll(&mut self, done: &mut FetchDone<'_>) -> Result<usize, MigrateError> {
+        self.urgent.poll().map_err(read_err)?;
+        let mut n = 0;
+        for (ticket, read) in self.urgent.take_reads() {
+            let Some(range) = self.inflight.remove(&ticket) else {
+                continue;
+            };
+            n += 1;
+            match read {
+                ReadDone::Slot(filled) => done(range, Some(filled.bytes()))?,
+                ReadDone::InPlace { .. } => done(range, None)?,
             }
         }
+        Ok(n)
     }
 }

@@ -13,7 +13,7 @@ use ferry_transport::memory::RegistrationConfig;
 use ferry_transport::session::{ConnectConfig, Session, SessionListener};
 use ferry_transport::{Backend, Endpoint, MemoryRegistration, Socket, StreamConfig, open_stream};
 
-use crate::dest::{DestRecovery, DestReport, DestStreams, DestVm, receive_with};
+use crate::dest::{DestRecovery, DestReport, DestStreams, DestVm, Replies, receive_with};
 use crate::error::MigrateError;
 use crate::layout::Layout;
 use crate::memory::AliasMapping;
@@ -403,21 +403,23 @@ fn rdma_dest_streams(
     .inspect_err(|e| refuse(&st.control, e))?;
     st.bulk = bulk;
     st.prepared = true;
-    if let Some(reads) = reads {
-        // Page requests go to RDMA READs instead of the urgent TCP stream (which stays open,
-        // idle, for the session's life).
-        st.threads.push(reads.thread);
-        st.sockets.push(clone_socket(&reads.requests)?);
-        st.sockets.push(clone_socket(&reads.replies)?);
-        let urgent_cfg = ferry_transport::urgent::urgent_config(IDLE_TIMEOUT);
-        let replies =
-            open_stream(reads.replies, usize::MAX, reg, &urgent_cfg).map_err(|source| {
-                MigrateError::Open {
-                    stream: usize::MAX,
-                    source,
-                }
-            })?;
-        st.urgent = Some((replies, reads.requests));
+    if let Some(fetch) = reads {
+        // Page requests are answered by RDMA READs instead of the urgent TCP stream (which
+        // stays open, idle, for the session's life): the fault handler writes them into one end
+        // of a socket pair, the fetch reads them from the other.
+        let (writer, reader) = std::os::unix::net::UnixStream::pair()
+            .map_err(|source| MigrateError::Place { gpa: 0, source })?;
+        let writer = Socket::Unix(writer, "rdma-read".into());
+        let requests = Socket::Unix(reader, "rdma-read".into());
+        st.sockets.push(clone_socket(&writer)?);
+        st.sockets.push(clone_socket(&requests)?);
+        st.urgent = Some((
+            Replies::Fetch {
+                requests,
+                fetch: Box::new(fetch),
+            },
+            writer,
+        ));
     }
     Ok(st)
 }
@@ -487,7 +489,7 @@ fn dest_streams(
                     source,
                 }
             })?;
-            Some((stream, writer))
+            Some((Replies::Stream(stream), writer))
         }
         None => None,
     };
@@ -500,7 +502,6 @@ fn dest_streams(
         sockets,
         session: session.id,
         prepared: false,
-        threads: Vec::new(),
     })
 }
 

@@ -266,6 +266,36 @@ fn read_to_bounce_fetches_across_peer_chunks_without_the_peer() {
 }
 
 #[test]
+fn read_in_place_lands_at_the_same_gpa_in_our_registration() {
+    let fabric = Arc::new(Mutex::new(Fabric::default()));
+    let src = guest(&fabric, 8, 1000, Role::Source, 9);
+    let dst = guest(&fabric, 5, 2000, Role::Destination, 0);
+    // One-page work requests: the range straddles both sides' chunk boundaries.
+    let mut urgent = stream(&fabric, 1, StreamKind::Urgent, 16, 4, 0, 1);
+    let remote = import(&src);
+    let range = GuestRange::new(3 * PAGE, 8 * PAGE);
+    let t = urgent
+        .post_read_in_place(&dst.reg, &remote, range, T)
+        .expect("post");
+    urgent.flush(T).expect("completed");
+    let done = urgent.take_reads();
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].0, t);
+    assert!(matches!(
+        done[0].1,
+        crate::rdma::ReadDone::InPlace { gpa, len } if gpa == 3 * PAGE && len == 8 * PAGE
+    ));
+    assert_eq!(dst.bytes(3 * PAGE, 8 * PAGE), src.bytes(3 * PAGE, 8 * PAGE));
+    assert!(dst.bytes(2 * PAGE, PAGE).iter().all(|&b| b == 0));
+    assert_eq!(Arc::strong_count(&dst.reg), 1, "every guard was released");
+    // A range our registration does not cover is refused before anything is posted.
+    assert!(matches!(
+        urgent.post_read_in_place(&dst.reg, &remote, GuestRange::new(60 * PAGE, PAGE), T),
+        Err(StreamError::Translate { .. })
+    ));
+}
+
+#[test]
 fn a_bad_rkey_fails_the_stream_with_the_range_and_keeps_guards_until_drop() {
     let fabric = Arc::new(Mutex::new(Fabric::default()));
     let src = guest(&fabric, 8, 1000, Role::Source, 5);

@@ -72,8 +72,8 @@ pub use region::{
 #[cfg(any(test, feature = "rdma-sim"))]
 pub use sim::SimProvider;
 pub use stream::{
-    Arrival, BatchStats, CompletionError, CompletionOp, RdmaStream, ReadTicket, StreamError,
-    StreamKind, StreamStats,
+    Arrival, BatchStats, CompletionError, CompletionOp, RdmaStream, ReadDone, ReadTicket,
+    StreamError, StreamKind, StreamStats,
 };
 pub use window::{WcStatus, WrOp};
 

@@ -240,6 +240,20 @@ pub struct StreamStats {
     pub arrivals: u64,
 }
 
+/// A completed READ (see [`RdmaStream::take_reads`]).
+#[derive(Debug)]
+pub enum ReadDone {
+    /// Into a staging buffer ([`RdmaStream::post_read`]): here are the bytes.
+    Slot(FilledSlot),
+    /// Into our own registered memory ([`RdmaStream::post_read_in_place`]): the bytes are there.
+    InPlace {
+        /// Guest-physical address of the range read.
+        gpa: u64,
+        /// Its length.
+        len: u64,
+    },
+}
+
 /// Identifies a posted READ until [`RdmaStream::wait_read`] returns its slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ReadTicket(u64);
@@ -257,6 +271,13 @@ enum Guard {
         ticket: u64,
         gpa: u64,
         len: usize,
+    },
+    /// The registration a READ in place fills (its last piece).
+    ReadInPlace {
+        memory: Arc<RegisteredMemory>,
+        ticket: u64,
+        gpa: u64,
+        len: u64,
     },
 }
 
@@ -376,7 +397,7 @@ pub struct RdmaStream {
     recv_posted: usize,
     recv_seq: u64,
     arrivals: VecDeque<Arrival>,
-    reads_done: Vec<(u64, FilledSlot)>,
+    reads_done: Vec<(u64, ReadDone)>,
     next_ticket: u64,
     failure: Option<WcStatus>,
     pieces: Vec<WrPiece>,
@@ -552,15 +573,26 @@ impl RdmaStream {
                 .complete(wc.wr_id)
                 .map_err(|source| StreamError::Window { stream, source })?;
             for posted in retired {
-                if let Guard::Read {
-                    slot,
-                    ticket,
-                    gpa,
-                    len,
-                } = posted.payload
-                {
-                    self.reads_done
-                        .push((ticket, FilledSlot::new(slot, gpa, len)));
+                match posted.payload {
+                    Guard::Read {
+                        slot,
+                        ticket,
+                        gpa,
+                        len,
+                    } => self
+                        .reads_done
+                        .push((ticket, ReadDone::Slot(FilledSlot::new(slot, gpa, len)))),
+                    Guard::ReadInPlace {
+                        memory,
+                        ticket,
+                        gpa,
+                        len,
+                    } => {
+                        drop(memory);
+                        self.reads_done
+                            .push((ticket, ReadDone::InPlace { gpa, len }));
+                    }
+                    Guard::None | Guard::Memory(_) => {}
                 }
             }
         }
@@ -954,8 +986,14 @@ impl RdmaStream {
         let start = Instant::now();
         let mut backoff = Backoff::new();
         loop {
-            if let Some(pos) = self.reads_done.iter().position(|(t, _)| *t == ticket.0) {
-                return Ok(self.reads_done.swap_remove(pos).1);
+            let found = self
+                .reads_done
+                .iter()
+                .position(|(t, d)| *t == ticket.0 && matches!(d, ReadDone::Slot(_)));
+            if let Some(pos) = found
+                && let (_, ReadDone::Slot(slot)) = self.reads_done.swap_remove(pos)
+            {
+                return Ok(slot);
             }
             if self.poll()? > 0 {
                 backoff.reset();
@@ -971,13 +1009,96 @@ impl RdmaStream {
         }
     }
 
-    /// Takes the READs completed so far (polled by [`RdmaStream::poll`] or any wait), with
-    /// their filled slots.
-    pub fn take_reads(&mut self) -> Vec<(ReadTicket, FilledSlot)> {
+    /// Takes the READs completed so far (polled by [`RdmaStream::poll`] or any wait).
+    pub fn take_reads(&mut self) -> Vec<(ReadTicket, ReadDone)> {
         self.reads_done
             .drain(..)
-            .map(|(t, slot)| (ReadTicket(t), slot))
+            .map(|(t, d)| (ReadTicket(t), d))
             .collect()
+    }
+
+    /// Posts one-sided RDMA READs that fetch `range` of the peer's memory into the same
+    /// guest-physical range of `local` (this side's registered memory: no staging buffer).
+    /// Completion comes as [`ReadDone::InPlace`] from [`RdmaStream::take_reads`]; until then
+    /// the device writes those bytes.
+    pub fn post_read_in_place(
+        &mut self,
+        local: &Arc<RegisteredMemory>,
+        remote: &RemoteMap,
+        range: GuestRange,
+        timeout: Duration,
+    ) -> Result<ReadTicket, StreamError> {
+        self.check_failed()?;
+        let stream = self.cfg.index;
+        if local.pd_key() != self.cfg.pd_key {
+            return Err(StreamError::ForeignRegistration { stream });
+        }
+        let start = Instant::now();
+        let mut pieces = std::mem::take(&mut self.pieces);
+        pieces.clear();
+        if let Err(source) = split_transfer(
+            local.table(),
+            remote,
+            range,
+            self.cfg.max_wr_bytes,
+            &mut pieces,
+        ) {
+            self.pieces = pieces;
+            return Err(StreamError::Translate { stream, source });
+        }
+        let n = pieces.len();
+        let result = (|| {
+            if n == 0 || n > self.cfg.send_depth {
+                return Err(StreamError::Window {
+                    stream,
+                    source: WindowError::Full {
+                        depth: self.cfg.send_depth,
+                    },
+                });
+            }
+            self.wait_slots(n, start + timeout, start)?;
+            let ticket = self.next_ticket;
+            self.next_ticket += 1;
+            self.wrs.clear();
+            for (i, p) in pieces.iter().enumerate() {
+                let last = i + 1 == n;
+                let guard = if last {
+                    Guard::ReadInPlace {
+                        memory: Arc::clone(local),
+                        ticket,
+                        gpa: range.gpa,
+                        len: range.len,
+                    }
+                } else {
+                    Guard::Memory(Arc::clone(local))
+                };
+                let info = WrInfo {
+                    op: WrOp::Read,
+                    gpa: p.gpa,
+                    len: p.len,
+                };
+                let (wr_id, signalled) = self
+                    .window
+                    .stage(info, guard, last)
+                    .map_err(|source| StreamError::Window { stream, source })?;
+                self.wrs.push(SendWr {
+                    wr_id,
+                    signalled,
+                    op: SendOp::Read {
+                        rkey: p.rkey,
+                        remote_addr: p.remote_addr,
+                    },
+                    local_addr: p.local_addr,
+                    len: p.len,
+                    lkey: p.lkey,
+                });
+            }
+            self.post_staged()?;
+            self.stats.bytes_read += range.len;
+            Ok(ReadTicket(ticket))
+        })();
+        self.pieces = pieces;
+        result
     }
 
     /// Post-copy demand fetch: READs `range` of the peer's memory into a slot of `pool` and
