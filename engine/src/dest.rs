@@ -1870,6 +1870,14 @@ fn recv_loop(
                 if round == SWITCH_ROUND {
                     // Wait until the control thread applied the switchover.
                     let _ = go.recv();
+                    if post_flag.load(Ordering::Acquire) && direct {
+                        // Post-copy: the guest is about to run on this memory, and the source
+                        // switched this stream to in-band payload before the switchover (its
+                        // marker is here already): revoke its direct access now, whether or
+                        // not a post-copy frame ever comes on this stream.
+                        stream.end_direct_placement().map_err(stream_err(i))?;
+                        direct = false;
+                    }
                 }
             }
             Frame::EndOfStream => return Ok(()),
@@ -2467,8 +2475,16 @@ fn fetch_loop(
             state: "reading page requests for a fetch",
         });
     };
-    let io = |source: std::io::Error| MigrateError::Place { gpa: 0, source };
-    // Claimed pages whose read is in flight or pending, by gpa.
+    // Any failure of the fetch is a lost demand path: a recovery asks again over TCP.
+    let io = |e: std::io::Error| MigrateError::Stream {
+        stream: usize::MAX,
+        source: ferry_transport::StreamError::Rdma {
+            stream: usize::MAX,
+            peer: "page requests".into(),
+            source: Box::new(e),
+        },
+    };
+    // Claimed pages whose read is in flight, by gpa.
     let mut inflight: HashMap<u64, u64> = HashMap::new();
     let mut pending: std::collections::VecDeque<(u64, u64)> = std::collections::VecDeque::new();
     let mut buf: Vec<u8> = Vec::new();
@@ -2488,7 +2504,14 @@ fn fetch_loop(
             let mut progress = false;
             if !ended {
                 match sock.read(&mut chunk) {
-                    Ok(0) => ended = true,
+                    Ok(0) => {
+                        // Closed without `EndOfStream`: the connection is being replaced (a
+                        // recovery asks again for what is missing) or the migration is over.
+                        // Finish the reads in flight, start no more.
+                        ended = true;
+                        pending.clear();
+                        buf.clear();
+                    }
                     Ok(n) => {
                         buf.extend_from_slice(&chunk[..n]);
                         progress = true;
@@ -2610,6 +2633,8 @@ fn fetch_loop(
         }
     })();
     if result.is_err() {
+        // Destroys the queue pair first: no READ may still write a page given back.
+        drop(fetch);
         for p in inflight.into_values() {
             unclaim(shared, p);
         }

@@ -146,7 +146,8 @@ fn register(
     // queue pairs and registration (`RdmaDataStream::holding`, `RdmaFetch::_hold`). The
     // destination looks at a pushed page only after the batch carrying it arrived, and the
     // source sends a page again only on the same queue pair after a later frame header, as
-    // with the socket transports.
+    // with the socket transports; the destination's own in-place READs write only pages its
+    // fault path claimed (see `RdmaFetch::start`).
     let reg = unsafe { link.register_guest_memory(regions, role, opts) };
     reg.map_err(|e| {
         let step = if on_demand {
@@ -374,7 +375,10 @@ pub(crate) struct RdmaFetch {
     pool: ferry_transport::rdma::BouncePool,
     remote: RemoteMap,
     timeout: Duration,
-    inflight: std::collections::HashMap<ferry_transport::rdma::ReadTicket, GpaRange>,
+    inflight: std::collections::HashMap<
+        ferry_transport::rdma::ReadTicket,
+        (GpaRange, std::time::Instant),
+    >,
     _hold: Arc<dyn std::fmt::Debug + Send + Sync>,
 }
 
@@ -387,16 +391,44 @@ impl std::fmt::Debug for RdmaFetch {
     }
 }
 
-fn read_err(e: ferry_transport::rdma::StreamError) -> MigrateError {
-    setup_err("a post-copy RDMA READ")(Box::new(e))
+/// A failed READ is a lost demand path, like a failed urgent stream: a recovery (if any) asks
+/// for the missing pages again over TCP.
+fn read_err(e: impl std::error::Error + Send + Sync + 'static) -> MigrateError {
+    MigrateError::Stream {
+        stream: usize::MAX,
+        source: ferry_transport::StreamError::Rdma {
+            stream: usize::MAX,
+            peer: "RDMA READ".into(),
+            source: Box::new(e),
+        },
+    }
+}
+
+/// A READ that did not complete within the stream timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("RDMA READ of {gpa:#x}+{len:#x} did not complete in {waited:?}")]
+struct ReadTimeout {
+    gpa: u64,
+    len: u64,
+    waited: Duration,
 }
 
 impl PageFetch for RdmaFetch {
     fn start(&mut self, range: GpaRange, in_place: bool) -> Result<bool, MigrateError> {
         let ticket = if in_place {
-            self.urgent
-                .post_read_in_place(&self.local, &self.remote, range.into(), self.timeout)
-                .map_err(read_err)?
+            // SAFETY: the fault path claimed this page (FILLING) before asking: nothing else
+            // writes it, nobody reads it, and the guest cannot see it until the fault path maps
+            // it after this READ completed (or gives the claim back only after destroying this
+            // fetch, and with it the queue pair).
+            unsafe {
+                self.urgent.post_read_in_place(
+                    &self.local,
+                    &self.remote,
+                    range.into(),
+                    self.timeout,
+                )
+            }
+            .map_err(read_err)?
         } else {
             let Some(slot) = self.pool.try_acquire() else {
                 return Ok(false);
@@ -405,7 +437,8 @@ impl PageFetch for RdmaFetch {
                 .post_read(&self.remote, range.into(), slot, self.timeout)
                 .map_err(read_err)?
         };
-        self.inflight.insert(ticket, range);
+        self.inflight
+            .insert(ticket, (range, std::time::Instant::now()));
         Ok(true)
     }
 
@@ -413,7 +446,7 @@ impl PageFetch for RdmaFetch {
         self.urgent.poll().map_err(read_err)?;
         let mut n = 0;
         for (ticket, read) in self.urgent.take_reads() {
-            let Some(range) = self.inflight.remove(&ticket) else {
+            let Some((range, _)) = self.inflight.remove(&ticket) else {
                 continue;
             };
             n += 1;
@@ -421,6 +454,19 @@ impl PageFetch for RdmaFetch {
                 ReadDone::Slot(filled) => done(range, Some(filled.bytes()))?,
                 ReadDone::InPlace { .. } => done(range, None)?,
             }
+        }
+        // RC hardware fails a READ whose peer is gone, after its retries; a silent one is not
+        // waited for forever.
+        if let Some((range, t)) = self
+            .inflight
+            .values()
+            .find(|(_, t)| t.elapsed() > self.timeout)
+        {
+            return Err(read_err(ReadTimeout {
+                gpa: range.gpa,
+                len: range.len,
+                waited: t.elapsed(),
+            }));
         }
         Ok(n)
     }

@@ -271,6 +271,59 @@ mod tests {
             hybrid(MemBacking::Memfd)
         }
 
+        /// The READ path and every TCP socket fail together in the middle of post-copy (a link
+        /// going down): the failed READs count as a lost connection, the session is resumed
+        /// over TCP, the pages still missing are asked for there, and it ends verified.
+        #[test]
+        fn postcopy_recovers_when_the_rdma_link_fails() -> Result<()> {
+            if !uffd_or_skip() {
+                return Ok(());
+            }
+            let sim = SimProvider::new();
+            let c = ProcVmConfig {
+                mem_bytes: 64 << 20,
+                write_mib_s: Some(8),
+                ..cfg(MemBacking::Memfd)
+            };
+            let mut src = ProcessVm::new(c.clone())?;
+            src.start()?;
+            let mut dst = ProcessVm::new_destination(&c)?;
+            let policy = Policy {
+                mode: Mode::PostCopy,
+                checksums: true,
+                timeout: Duration::from_secs(30),
+                progress_interval: Duration::from_millis(1),
+                ..Policy::default()
+            };
+            let recovery = LocalRecovery {
+                source_window: Some(Duration::from_secs(20)),
+                dest_window: Some(Duration::from_secs(20)),
+                ..LocalRecovery::default()
+            };
+            let tap = recovery.tap.clone();
+            let mut cut = 0;
+            let out = run(&sim, &mut src, &mut dst, &policy, &recovery, &mut |p| {
+                if cut == 0 && p.phase == Phase::PostCopy && p.pages_done * 4 >= p.total_pages {
+                    sim.break_all();
+                    cut = tap.cut();
+                }
+            })?;
+            assert!(cut > 0, "the link was never broken");
+            let source = out.source.map_err(|e| anyhow::anyhow!("source: {e:#}"))?;
+            let dest = out
+                .dest
+                .map_err(|e| anyhow::anyhow!("destination: {e:#}"))?;
+            eprintln!(
+                "RDMA link failure: recoveries {} / {}, faults {}, missing at the loss {}",
+                source.recoveries, dest.recoveries, dest.faults.count, dest.missing_at_loss
+            );
+            assert_eq!((source.recoveries, dest.recoveries), (1, 1));
+            assert!(source.verified && dest.verified, "digest mismatch");
+            assert_eq!(source.digest, dest.digest);
+            dst.pause().map_err(|e| anyhow::anyhow!("pause: {e}"))?;
+            Ok(())
+        }
+
         #[test]
         fn postcopy_over_simulated_rdma_memfd() -> Result<()> {
             postcopy(MemBacking::Memfd)

@@ -336,6 +336,24 @@ impl SimProvider {
         lock(&self.fabric).keys.len()
     }
 
+    /// Breaks every queue pair, as a failed link or NIC would: requests waiting and every
+    /// later one complete with an error.
+    pub fn break_all(&self) {
+        let mut f = lock(&self.fabric);
+        for w in 0..f.wires.len() {
+            for me in 0..2 {
+                let side = &mut f.wire(w)[me];
+                if side.destroyed || side.failed {
+                    continue;
+                }
+                side.failed = true;
+                while let Some(p) = side.pending.pop_front() {
+                    side.cq.push_back(wc(p.wr_id, RETRY_EXC, 0));
+                }
+            }
+        }
+    }
+
     /// Work requests executed so far: (WRITEs and WRITE_WITH_IMMs that moved bytes; READs).
     pub fn executed(&self) -> (u64, u64) {
         lock(&self.fabric).executed

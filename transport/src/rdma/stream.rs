@@ -977,7 +977,9 @@ impl RdmaStream {
         Ok(ReadTicket(ticket))
     }
 
-    /// Waits until the READ behind `ticket` completed and returns its filled slot.
+    /// Waits until the READ behind `ticket` (from [`RdmaStream::post_read`]) completed and
+    /// returns its filled slot. A ticket of [`RdmaStream::post_read_in_place`] is not waited
+    /// for here (it would time out): take those from [`RdmaStream::take_reads`].
     pub fn wait_read(
         &mut self,
         ticket: ReadTicket,
@@ -1019,9 +1021,14 @@ impl RdmaStream {
 
     /// Posts one-sided RDMA READs that fetch `range` of the peer's memory into the same
     /// guest-physical range of `local` (this side's registered memory: no staging buffer).
-    /// Completion comes as [`ReadDone::InPlace`] from [`RdmaStream::take_reads`]; until then
-    /// the device writes those bytes.
-    pub fn post_read_in_place(
+    /// Completion comes as [`ReadDone::InPlace`] from [`RdmaStream::take_reads`].
+    ///
+    /// # Safety
+    ///
+    /// The device writes `range` of `local` until the READ completes or the queue pair is
+    /// destroyed: the caller owns those bytes for that long (nothing else writes them, nothing
+    /// relies on reading them), as with a receive buffer.
+    pub unsafe fn post_read_in_place(
         &mut self,
         local: &Arc<RegisteredMemory>,
         remote: &RemoteMap,
