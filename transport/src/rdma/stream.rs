@@ -906,40 +906,12 @@ impl RdmaStream {
             self.pieces = pieces;
             return Err(StreamError::Translate { stream, source });
         }
-        let result = self.post_pieces_as_reads(&pieces, range, slot, start + timeout, start);
-        self.pieces = pieces;
-        result
-    }
-
-    fn post_pieces_as_reads(
-        &mut self,
-        pieces: &[WrPiece],
-        range: GuestRange,
-        slot: BounceSlot,
-        deadline: Instant,
-        start: Instant,
-    ) -> Result<ReadTicket, StreamError> {
-        let stream = self.cfg.index;
-        let n = pieces.len();
-        // One post, so the window must have room for every piece; a READ of a few pages needs
-        // one piece per remote region it touches.
-        if n > self.cfg.send_depth {
-            return Err(StreamError::Window {
-                stream,
-                source: WindowError::Full {
-                    depth: self.cfg.send_depth,
-                },
-            });
-        }
-        self.wait_slots(n, deadline, start)?;
-        let ticket = self.next_ticket;
-        self.next_ticket += 1;
         let len = usize::try_from(range.len).unwrap_or(usize::MAX);
         let mut slot = Some(slot);
-        self.wrs.clear();
-        for (i, p) in pieces.iter().enumerate() {
-            let last = i + 1 == n;
-            let guard = match (last, slot.take()) {
+        let result = self.post_reads(
+            &pieces,
+            range,
+            |last, ticket| match (last, slot.take()) {
                 (true, Some(slot)) => Guard::Read {
                     slot,
                     ticket,
@@ -950,7 +922,42 @@ impl RdmaStream {
                     slot = s;
                     Guard::None
                 }
-            };
+            },
+            start + timeout,
+            start,
+        );
+        self.pieces = pieces;
+        result
+    }
+
+    /// Posts `pieces` as READs of `range` in one doorbell; `guard(last, ticket)` gives each
+    /// work request what it keeps alive (the last one also says where the data went).
+    fn post_reads(
+        &mut self,
+        pieces: &[WrPiece],
+        range: GuestRange,
+        mut guard: impl FnMut(bool, u64) -> Guard,
+        deadline: Instant,
+        start: Instant,
+    ) -> Result<ReadTicket, StreamError> {
+        let stream = self.cfg.index;
+        let n = pieces.len();
+        // One post, so the window must have room for every piece; a READ of a few pages needs
+        // one piece per remote region it touches.
+        if n == 0 || n > self.cfg.send_depth {
+            return Err(StreamError::Window {
+                stream,
+                source: WindowError::Full {
+                    depth: self.cfg.send_depth,
+                },
+            });
+        }
+        self.wait_slots(n, deadline, start)?;
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.wrs.clear();
+        for (i, p) in pieces.iter().enumerate() {
+            let last = i + 1 == n;
             let info = WrInfo {
                 op: WrOp::Read,
                 gpa: p.gpa,
@@ -958,7 +965,7 @@ impl RdmaStream {
             };
             let (wr_id, signalled) = self
                 .window
-                .stage(info, guard, last)
+                .stage(info, guard(last, ticket), last)
                 .map_err(|source| StreamError::Window { stream, source })?;
             self.wrs.push(SendWr {
                 wr_id,
@@ -1053,23 +1060,11 @@ impl RdmaStream {
             self.pieces = pieces;
             return Err(StreamError::Translate { stream, source });
         }
-        let n = pieces.len();
-        let result = (|| {
-            if n == 0 || n > self.cfg.send_depth {
-                return Err(StreamError::Window {
-                    stream,
-                    source: WindowError::Full {
-                        depth: self.cfg.send_depth,
-                    },
-                });
-            }
-            self.wait_slots(n, start + timeout, start)?;
-            let ticket = self.next_ticket;
-            self.next_ticket += 1;
-            self.wrs.clear();
-            for (i, p) in pieces.iter().enumerate() {
-                let last = i + 1 == n;
-                let guard = if last {
+        let result = self.post_reads(
+            &pieces,
+            range,
+            |last, ticket| {
+                if last {
                     Guard::ReadInPlace {
                         memory: Arc::clone(local),
                         ticket,
@@ -1078,32 +1073,11 @@ impl RdmaStream {
                     }
                 } else {
                     Guard::Memory(Arc::clone(local))
-                };
-                let info = WrInfo {
-                    op: WrOp::Read,
-                    gpa: p.gpa,
-                    len: p.len,
-                };
-                let (wr_id, signalled) = self
-                    .window
-                    .stage(info, guard, last)
-                    .map_err(|source| StreamError::Window { stream, source })?;
-                self.wrs.push(SendWr {
-                    wr_id,
-                    signalled,
-                    op: SendOp::Read {
-                        rkey: p.rkey,
-                        remote_addr: p.remote_addr,
-                    },
-                    local_addr: p.local_addr,
-                    len: p.len,
-                    lkey: p.lkey,
-                });
-            }
-            self.post_staged()?;
-            self.stats.bytes_read += range.len;
-            Ok(ReadTicket(ticket))
-        })();
+                }
+            },
+            start + timeout,
+            start,
+        );
         self.pieces = pieces;
         result
     }
