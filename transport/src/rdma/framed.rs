@@ -178,6 +178,45 @@ impl fmt::Debug for RdmaDataStream {
     }
 }
 
+/// Splits `ranges`, in order, into batches of at most `max_units` 4 KiB units each (at least
+/// one), cutting a range where a batch fills up. Every range must be a non-zero multiple of
+/// [`UNIT`] bytes that does not overflow the address space.
+pub fn plan_batches(
+    ranges: &[GpaRange],
+    max_units: u64,
+    out: &mut Vec<Vec<GuestRange>>,
+) -> Result<(), FramedError> {
+    out.clear();
+    let max_units = max_units.clamp(1, MAX_BATCH_UNITS);
+    let mut cur: Vec<GuestRange> = Vec::new();
+    let mut units = 0u64;
+    for r in ranges {
+        if r.len == 0 || r.len % UNIT != 0 || r.gpa.checked_add(r.len).is_none() {
+            out.clear();
+            return Err(FramedError::Unaligned {
+                gpa: r.gpa,
+                len: r.len,
+            });
+        }
+        let (mut gpa, mut left) = (r.gpa, r.len / UNIT);
+        while left > 0 {
+            let take = left.min(max_units - units);
+            cur.push(GuestRange::new(gpa, take * UNIT));
+            units += take;
+            left -= take;
+            gpa += take * UNIT;
+            if units == max_units {
+                out.push(std::mem::take(&mut cur));
+                units = 0;
+            }
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    Ok(())
+}
+
 fn rdma_err(header: &dyn DataStream, source: impl StdError + Send + Sync + 'static) -> StreamError {
     StreamError::Rdma {
         stream: header.index(),
@@ -253,39 +292,12 @@ impl RdmaDataStream {
         rdma_err(self.header.as_ref(), source)
     }
 
-    /// Splits `ranges` into batches of at most `max_units` (by default [`MAX_BATCH_UNITS`])
-    /// units each.
+    /// Splits `ranges` into `self.batches` (see [`plan_batches`]).
     fn plan(&mut self, ranges: &[GpaRange]) -> Result<(), FramedError> {
         let mut batches = std::mem::take(&mut self.batches);
-        batches.clear();
-        let mut cur: Vec<GuestRange> = Vec::new();
-        let mut units = 0u64;
-        for r in ranges {
-            if r.len == 0 || r.len % UNIT != 0 {
-                self.batches = batches;
-                return Err(FramedError::Unaligned {
-                    gpa: r.gpa,
-                    len: r.len,
-                });
-            }
-            let (mut gpa, mut left) = (r.gpa, r.len / UNIT);
-            while left > 0 {
-                let take = left.min(self.max_units - units);
-                cur.push(GuestRange::new(gpa, take * UNIT));
-                units += take;
-                left -= take;
-                gpa += take * UNIT;
-                if units == self.max_units {
-                    batches.push(std::mem::take(&mut cur));
-                    units = 0;
-                }
-            }
-        }
-        if !cur.is_empty() {
-            batches.push(cur);
-        }
+        let r = plan_batches(ranges, self.max_units, &mut batches);
         self.batches = batches;
-        Ok(())
+        r
     }
 
     fn rdma(&mut self) -> Result<&mut RdmaStream, StreamError> {
@@ -508,6 +520,7 @@ impl DataStream for RdmaDataStream {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -517,6 +530,73 @@ mod tests {
             assert_eq!(decode_imm(encode_imm(seq, units)), (seq, units));
         }
         assert_eq!(encode_imm(2, 3), 0x0002_0003);
+    }
+
+    proptest::proptest! {
+        /// Batches cover the ranges exactly, in order, each within 1..=max units, and only
+        /// the last may be short.
+        #[test]
+        fn batches_cover_the_ranges_in_order(
+            ranges in proptest::collection::vec((0u64..1 << 30, 1u64..300), 0..12),
+            max in 1u64..100,
+        ) {
+            let ranges: Vec<GpaRange> =
+                ranges.iter().map(|&(p, n)| GpaRange::new(p * UNIT, n * UNIT)).collect();
+            let mut out = Vec::new();
+            plan_batches(&ranges, max, &mut out).unwrap();
+            let units: Vec<u64> =
+                out.iter().map(|b| b.iter().map(|r| r.len / UNIT).sum()).collect();
+            for (i, u) in units.iter().enumerate() {
+                proptest::prop_assert!(*u >= 1 && *u <= max);
+                if i + 1 < units.len() {
+                    proptest::prop_assert_eq!(*u, max);
+                }
+            }
+            // Concatenated, adjacent pieces merge back into the input ranges.
+            let mut merged: Vec<GpaRange> = Vec::new();
+            let mut first_of_range = true;
+            let mut want = ranges.iter();
+            let mut cur = want.next().copied();
+            for piece in out.iter().flatten() {
+                let Some(c) = cur.as_mut() else {
+                    proptest::prop_assert!(false, "more pieces than ranges");
+                    break;
+                };
+                if first_of_range {
+                    proptest::prop_assert_eq!(piece.gpa, c.gpa);
+                    merged.push(GpaRange::new(piece.gpa, 0));
+                    first_of_range = false;
+                }
+                let m = merged.last_mut().unwrap();
+                proptest::prop_assert_eq!(piece.gpa, m.gpa + m.len);
+                m.len += piece.len;
+                if m.len == c.len {
+                    cur = want.next().copied();
+                    first_of_range = true;
+                }
+            }
+            proptest::prop_assert_eq!(merged, ranges);
+        }
+    }
+
+    #[test]
+    fn unusable_ranges_are_refused() {
+        let mut out = vec![vec![GuestRange::new(0, UNIT)]];
+        for bad in [
+            GpaRange::new(0, 0),
+            GpaRange::new(0, 100),
+            GpaRange::new(u64::MAX - UNIT + 1, 2 * UNIT),
+        ] {
+            let e = plan_batches(&[GpaRange::new(0, UNIT), bad], 8, &mut out).unwrap_err();
+            assert_eq!(
+                e,
+                FramedError::Unaligned {
+                    gpa: bad.gpa,
+                    len: bad.len
+                }
+            );
+            assert!(out.is_empty(), "nothing planned from a refused list");
+        }
     }
 
     #[test]
