@@ -144,6 +144,7 @@ pub struct DestStreams {
 }
 
 /// How post-copy page requests are answered.
+#[derive(Debug)]
 pub enum Replies {
     /// The source answers each request on this stream (`PageReply` frames).
     Stream(Box<dyn DataStream>),
@@ -156,19 +157,6 @@ pub enum Replies {
         /// What reads the pages.
         fetch: Box<dyn PageFetch>,
     },
-}
-
-impl fmt::Debug for Replies {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Replies::Stream(s) => f.debug_tuple("Stream").field(s).finish(),
-            Replies::Fetch { requests, fetch } => f
-                .debug_struct("Fetch")
-                .field("requests", requests)
-                .field("fetch", fetch)
-                .finish(),
-        }
-    }
 }
 
 /// Post-copy demand fetch without the source's CPU (one-sided RDMA READ): what a transport
@@ -1667,8 +1655,9 @@ impl Shared<'_> {
         let (addr, _) = self.landing(range)?;
         // SAFETY: `landing` checked that the range lies in one region and returned its address
         // in a mapping that covers the whole region and lives as long as `self` (the guest
-        // memory or its alias). Only this receiver writes these pages now (the VM is not
-        // running and a page travels on one stream); the bytes are plain data.
+        // memory or its alias). Only the caller writes these pages now: before the VM runs, a
+        // page travels on one stream; in post-copy the caller claimed them (FILLING) and the
+        // guest cannot see them yet. The bytes are plain data.
         Ok(unsafe { std::slice::from_raw_parts(addr as *const u8, range.len as usize) })
     }
 }
@@ -1717,16 +1706,9 @@ fn recv_loop(
     let layout = shared.layout;
     let ps = layout.page_size();
     let mut staging: Vec<u8> = Vec::new();
-    let mut direct = true;
     loop {
         let (_, frame) = read_frame(i, stream.as_mut(), layout)?;
         let post = post_flag.load(Ordering::Acquire);
-        if post && direct {
-            // The guest runs on this memory now: the source may no longer write it directly
-            // (RDMA); it switched to in-band payload before the switchover.
-            stream.end_direct_placement().map_err(stream_err(i))?;
-            direct = false;
-        }
         match frame {
             Frame::Pages {
                 ranges,
@@ -1870,13 +1852,13 @@ fn recv_loop(
                 if round == SWITCH_ROUND {
                     // Wait until the control thread applied the switchover.
                     let _ = go.recv();
-                    if post_flag.load(Ordering::Acquire) && direct {
+                    if post_flag.load(Ordering::Acquire) {
                         // Post-copy: the guest is about to run on this memory, and the source
                         // switched this stream to in-band payload before the switchover (its
                         // marker is here already): revoke its direct access now, whether or
-                        // not a post-copy frame ever comes on this stream.
+                        // not a post-copy frame ever comes on this stream. (A resumed
+                        // session's streams carry no direct placement to revoke.)
                         stream.end_direct_placement().map_err(stream_err(i))?;
-                        direct = false;
                     }
                 }
             }
@@ -2655,24 +2637,14 @@ fn unclaim(shared: &Shared<'_>, p: u64) {
 /// Maps a claimed page of a memfd region that a fetch read into its page cache
 /// (`UFFDIO_CONTINUE`) and returns its hash, read through the alias.
 fn placed_in_page_cache(shared: &Shared<'_>, range: GpaRange) -> Result<u64, MigrateError> {
-    let layout = shared.layout;
-    let (region, off, _) = layout.locate(range)?;
-    let Some(a) = shared.alias(region) else {
+    let (region, _, _) = shared.layout.locate(range)?;
+    if !shared.staged(region) {
         return Err(MigrateError::Unexpected {
             got: "a page read into the page cache",
-            state: "placing a page of a region without an alias",
+            state: "placing a page of a region not received through its alias",
         });
-    };
-    // SAFETY: the alias maps the whole region; `off` is a checked page offset inside it; the
-    // page is FILLING (claimed by this thread) and its read completed, so nothing writes it
-    // now, and the guest cannot see it yet.
-    let page = unsafe {
-        std::slice::from_raw_parts(
-            (a.addr() as usize + off as usize) as *const u8,
-            range.len as usize,
-        )
-    };
-    let h = page_hash(range.gpa, page);
+    }
+    let h = page_hash(range.gpa, shared.landed(range)?);
     fill(shared, range, Src::PageCache)?;
     Ok(h)
 }

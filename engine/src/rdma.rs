@@ -189,6 +189,44 @@ fn recv_control(control: &ControlChannel, timeout: Duration) -> Result<Frame, Mi
     }
 }
 
+/// Exposes `mem` on `link` and sends its descriptor to the peer.
+fn send_regions(
+    control: &ControlChannel,
+    link: &dyn ferry_transport::rdma::RdmaLink,
+    mem: &Arc<ferry_transport::rdma::RegisteredMemory>,
+) -> Result<(), MigrateError> {
+    let regions: Vec<RdmaRegion> = link
+        .expose(mem)
+        .map_err(boxed("exposing guest memory"))?
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    control.send(&Frame::RdmaRegions { regions }, &[])?;
+    Ok(())
+}
+
+/// Waits for the peer's descriptor (it may first register all of guest memory) and imports
+/// it, checked against the negotiated memory map. `state` and `step` name the wait and the
+/// import in errors.
+fn recv_regions(
+    control: &ControlChannel,
+    layout: &Layout,
+    opts: &SessionOptions,
+    state: &'static str,
+    step: &'static str,
+) -> Result<RemoteMap, MigrateError> {
+    let regions = match recv_control(control, opts.timeout.max(REGISTER_WAIT))? {
+        Frame::RdmaRegions { regions } => regions,
+        other => {
+            return Err(MigrateError::Unexpected {
+                got: other.command().name(),
+                state,
+            });
+        }
+    };
+    RemoteMap::from_handshake(&regions, layout.map()).map_err(boxed(step))
+}
+
 /// Source side: sets up the queue pairs of a negotiated RDMA session and turns its bulk
 /// streams (`headers`, opened as plain TCP streams) into RDMA streams. `peer` is the address
 /// the control stream connected to.
@@ -222,27 +260,17 @@ pub(crate) fn source_bulk(
     let own = landing(layout, Role::Source)?;
     let local = register(conn.as_ref(), &own.regions, layout, Role::Source, false)?;
     if reads {
-        let regions: Vec<RdmaRegion> = conn
-            .expose(&local)
-            .map_err(boxed("exposing guest memory"))?
-            .into_iter()
-            .map(Into::into)
-            .collect();
-        control.send(&Frame::RdmaRegions { regions }, &[])?;
+        send_regions(control, conn.as_ref(), &local)?;
     }
     // The destination empties and registers all of guest memory first: seconds per tens of
     // GiB when it pins.
-    let regions = match recv_control(control, opts.timeout.max(REGISTER_WAIT))? {
-        Frame::RdmaRegions { regions } => regions,
-        other => {
-            return Err(MigrateError::Unexpected {
-                got: other.command().name(),
-                state: "waiting for the destination's RDMA regions",
-            });
-        }
-    };
-    let remote = RemoteMap::from_handshake(&regions, layout.map())
-        .map_err(boxed("importing the destination's regions"))?;
+    let remote = recv_regions(
+        control,
+        layout,
+        opts,
+        "waiting for the destination's RDMA regions",
+        "importing the destination's regions",
+    )?;
     let target = PushTarget {
         local,
         remote: Arc::new(remote),
@@ -300,30 +328,20 @@ pub(crate) fn dest_bulk(
         &land.regions,
         layout,
         Role::Destination,
-        mode != Mode::PreCopy,
+        reads,
     )?;
-    let regions: Vec<RdmaRegion> = conn
-        .expose(&mem)
-        .map_err(boxed("exposing guest memory"))?
-        .into_iter()
-        .map(Into::into)
-        .collect();
-    control.send(&Frame::RdmaRegions { regions }, &[])?;
+    send_regions(control, conn.as_ref(), &mem)?;
     let (queues, urgent) = conn.take_streams();
     let read_path = match (reads, urgent) {
         (true, Some(urgent)) => {
             // The source registered and exposed its memory before it waited for ours.
-            let regions = match recv_control(control, opts.timeout.max(REGISTER_WAIT))? {
-                Frame::RdmaRegions { regions } => regions,
-                other => {
-                    return Err(MigrateError::Unexpected {
-                        got: other.command().name(),
-                        state: "waiting for the source's RDMA regions",
-                    });
-                }
-            };
-            let remote = RemoteMap::from_handshake(&regions, layout.map())
-                .map_err(boxed("importing the source's regions"))?;
+            let remote = recv_regions(
+                control,
+                layout,
+                opts,
+                "waiting for the source's RDMA regions",
+                "importing the source's regions",
+            )?;
             let pool = conn
                 .bounce_pool(READ_SLOTS, layout.page_size() as usize)
                 .map_err(boxed("registering the READ staging buffers"))?;
@@ -369,6 +387,7 @@ const READ_SLOTS: usize = 64;
 /// `UFFDIO_CONTINUE`); the others into a registered staging buffer, from which the fault path
 /// places them (`UFFDIO_COPY`). The queue pair is declared first: it is destroyed before the
 /// buffers and the memory its registrations cover are released.
+#[derive(Debug)]
 pub(crate) struct RdmaFetch {
     urgent: ferry_transport::rdma::RdmaStream,
     local: Arc<ferry_transport::rdma::RegisteredMemory>,
@@ -380,15 +399,6 @@ pub(crate) struct RdmaFetch {
         (GpaRange, std::time::Instant),
     >,
     _hold: Arc<dyn std::fmt::Debug + Send + Sync>,
-}
-
-impl std::fmt::Debug for RdmaFetch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RdmaFetch")
-            .field("urgent", &self.urgent.index())
-            .field("inflight", &self.inflight.len())
-            .finish_non_exhaustive()
-    }
 }
 
 /// A failed READ is a lost demand path, like a failed urgent stream: a recovery (if any) asks

@@ -145,7 +145,10 @@ pub struct PushTarget {
 #[derive(Debug)]
 enum Side {
     Source(PushTarget),
-    Destination { credit: u64, batch: u16 },
+    /// `credit`: bytes of the last batch (number `sequence - 1`) no frame claimed yet.
+    Destination {
+        credit: u64,
+    },
 }
 
 /// A [`DataStream`] whose frame headers travel on a TCP stream and whose payload travels by RDMA
@@ -242,15 +245,7 @@ impl RdmaDataStream {
     /// peer's WRITEs placed in this side's registered memory. Waits for a batch at most
     /// `timeout` once its frame's header arrived.
     pub fn destination(header: Box<dyn DataStream>, rdma: RdmaStream, timeout: Duration) -> Self {
-        Self::new(
-            header,
-            rdma,
-            Side::Destination {
-                credit: 0,
-                batch: 0,
-            },
-            timeout,
-        )
+        Self::new(header, rdma, Side::Destination { credit: 0 }, timeout)
     }
 
     fn new(header: Box<dyn DataStream>, rdma: RdmaStream, side: Side, timeout: Duration) -> Self {
@@ -312,14 +307,7 @@ impl RdmaDataStream {
     /// it any more.
     fn revoke(&mut self) -> Result<(), StreamError> {
         if !self.inline {
-            if let Side::Destination { credit, batch } = self.side
-                && credit != 0
-            {
-                return Err(self.err(FramedError::Leftover {
-                    sequence: batch,
-                    left: credit,
-                }));
-            }
+            self.no_leftover()?;
             if self.next_batch()? != 0 {
                 let sequence = self.sequence.wrapping_sub(1);
                 return Err(self.err(FramedError::BatchAfterSwitch { sequence }));
@@ -328,6 +316,17 @@ impl RdmaDataStream {
         }
         self.rdma = None;
         Ok(())
+    }
+
+    /// Fails if the last batch still has bytes no frame claimed (a frame ended short of them).
+    fn no_leftover(&self) -> Result<(), StreamError> {
+        match self.side {
+            Side::Destination { credit } if credit != 0 => Err(self.err(FramedError::Leftover {
+                sequence: self.sequence.wrapping_sub(1),
+                left: credit,
+            })),
+            _ => Ok(()),
+        }
     }
 
     /// Waits for the next batch and returns its size in bytes (0: the in-band marker).
@@ -343,9 +342,6 @@ impl RdmaDataStream {
             return Err(self.err(FramedError::Sequence { expected, got }));
         }
         self.sequence = self.sequence.wrapping_add(1);
-        if let Side::Destination { batch, .. } = &mut self.side {
-            *batch = got;
-        }
         Ok(u64::from(units) * UNIT)
     }
 }
@@ -402,14 +398,7 @@ impl DataStream for RdmaDataStream {
     }
 
     fn recv_exact(&mut self, buf: &mut [u8]) -> Result<(), StreamError> {
-        if let Side::Destination { credit, batch } = self.side
-            && credit != 0
-        {
-            return Err(self.err(FramedError::Leftover {
-                sequence: batch,
-                left: credit,
-            }));
-        }
+        self.no_leftover()?;
         self.header.recv_exact(buf)
     }
 
@@ -433,7 +422,7 @@ impl DataStream for RdmaDataStream {
         }
         let total = need;
         while need > 0 {
-            let Side::Destination { credit, .. } = self.side else {
+            let Side::Destination { credit } = self.side else {
                 break;
             };
             let have = if credit == 0 {
@@ -464,7 +453,7 @@ impl DataStream for RdmaDataStream {
             let take = have.min(need);
             need -= take;
             self.payload_received += take;
-            if let Side::Destination { credit, .. } = &mut self.side {
+            if let Side::Destination { credit } = &mut self.side {
                 *credit = have - take;
             }
         }

@@ -641,6 +641,14 @@ mod tests {
         .expect("import")
     }
 
+    /// Posts batches 0..n, batch `b` being page `b`.
+    fn push_pages(tx: &mut RdmaStream, src: &Side, map: &RemoteMap, n: u32) {
+        for b in 0..n {
+            let page = [GuestRange::new(u64::from(b) * PAGE, PAGE)];
+            tx.write_batch(&src.reg, map, &page, b, T).expect("post");
+        }
+    }
+
     #[test]
     fn a_write_with_imm_waits_for_a_receive_and_later_ones_keep_their_order() {
         let (_p, mut src, mut dst) = connected(1);
@@ -648,17 +656,7 @@ mod tests {
         let (mut tx, _) = src.link.take_streams();
         let (mut rx, _) = dst.link.take_streams();
         // Three batches against one posted receive: two wait (receiver not ready).
-        for b in 0..3u32 {
-            tx[0]
-                .write_batch(
-                    &src.reg,
-                    &map,
-                    &[GuestRange::new(u64::from(b) * PAGE, PAGE)],
-                    b,
-                    T,
-                )
-                .expect("post");
-        }
+        push_pages(&mut tx[0], &src, &map, 3);
         assert_eq!(dst.page(0), 7, "the first batch ran");
         assert_eq!(dst.page(1), 0, "the second waits for a receive");
         // Each arrival reposts a receive, which lets the next batch run, in order.
@@ -679,17 +677,7 @@ mod tests {
         let map = remote(&dst);
         let (mut tx, _) = src.link.take_streams();
         let (rx, _) = dst.link.take_streams();
-        for b in 0..2u32 {
-            tx[0]
-                .write_batch(
-                    &src.reg,
-                    &map,
-                    &[GuestRange::new(u64::from(b) * PAGE, PAGE)],
-                    b,
-                    T,
-                )
-                .expect("post");
-        }
+        push_pages(&mut tx[0], &src, &map, 2);
         drop(rx);
         let e = tx[0].flush(T).expect_err("peer gone");
         let StreamError::Completion(c) = e else {
