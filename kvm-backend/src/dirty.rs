@@ -16,7 +16,11 @@
 //!   before vCPUs exist. A harvest walks each vCPU's ring, marks entries harvested and calls
 //!   `KVM_RESET_DIRTY_RINGS`; cost is per dirty page, not per GiB. A vCPU whose ring fills
 //!   exits with `KVM_EXIT_DIRTY_RING_FULL`; its own thread then harvests its ring into a shared
-//!   atomic bitmap (`DirtyCore::overflow`) that the next harvest drains.
+//!   atomic bitmap (`Overflow`) that the next harvest drains, visiting only the words a summary
+//!   marks. The final harvest (vCPUs paused, inside the blackout) does not reset: its cost is
+//!   the entries left in the rings (kept small, see `RING_ENTRIES` in `vm.rs`) plus the dirty
+//!   words, whatever the guest's size; a bitmap harvest copies the whole log (~150–190 µs for
+//!   8 GiB here).
 //! - Guest page-table pages get accessed/dirty-bit writes and show up as dirty like any page.
 //!
 //! Correctness of "harvest, then copy": a page is re-protected (CLEAR / RESET) before
@@ -62,6 +66,78 @@ pub enum ActiveDirtyMode {
 /// Pages per `KVM_CLEAR_DIRTY_LOG` call (128 MiB): bounds how long one call holds the MMU lock.
 const CLEAR_CHUNK_PAGES: u64 = 32768;
 
+/// Pages harvested from the rings but not yet reported: one bitmap per region, plus a summary
+/// with one bit per bitmap word, so that taking it costs the dirty words, not the guest's size
+/// (an 8 GiB guest has 32 Ki words; the final harvest is inside the blackout).
+#[derive(Debug)]
+pub(crate) struct Overflow {
+    /// Bit `i` of word `w` of region `r`: page `64 * w + i` of region `r`.
+    words: Vec<Vec<AtomicU64>>,
+    /// Bit `j` of summary word `k` of region `r`: word `64 * k + j` may be non-zero. Set after
+    /// the word (by whoever made it non-zero), cleared before the word is taken: a bit set
+    /// while a take runs is found by that take or the next.
+    summary: Vec<Vec<AtomicU64>>,
+}
+
+impl Overflow {
+    /// An empty overflow for regions of `pages` pages each.
+    pub(crate) fn new(pages: impl IntoIterator<Item = u64>) -> Self {
+        let zeros = |n: u64| (0..n).map(|_| AtomicU64::new(0)).collect::<Vec<_>>();
+        let (words, summary) = pages
+            .into_iter()
+            .map(|p| {
+                let w = p.div_ceil(64);
+                (zeros(w), zeros(w.div_ceil(64)))
+            })
+            .unzip();
+        Self { words, summary }
+    }
+
+    /// Marks page `page` of region `region`; out-of-range positions (not KVM's to report)
+    /// are ignored.
+    fn set(&self, region: u32, page: u64) {
+        let r = region as usize;
+        let (Some(words), Some(summary)) = (self.words.get(r), self.summary.get(r)) else {
+            return;
+        };
+        let wi = (page / 64) as usize;
+        let Some(w) = words.get(wi) else {
+            return;
+        };
+        if w.fetch_or(1 << (page % 64), Ordering::Relaxed) == 0
+            && let Some(sw) = summary.get(wi / 64)
+        {
+            sw.fetch_or(1 << (wi % 64), Ordering::Release);
+        }
+    }
+
+    /// Moves every marked page into `out` (one bitmap per region; `None`: drops them) and
+    /// returns how many there were.
+    fn take(&self, mut out: Option<&mut DirtyBitmap>) -> u64 {
+        let mut pages = 0;
+        for (r, (words, summary)) in self.words.iter().zip(&self.summary).enumerate() {
+            let mut dst = out.as_deref_mut().and_then(|o| o.regions.get_mut(r));
+            for (k, sw) in summary.iter().enumerate() {
+                if sw.load(Ordering::Relaxed) == 0 {
+                    continue;
+                }
+                let mut bits = sw.swap(0, Ordering::Acquire);
+                while bits != 0 {
+                    let wi = k * 64 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    let Some(w) = words.get(wi) else { continue };
+                    let v = w.swap(0, Ordering::Relaxed);
+                    pages += u64::from(v.count_ones());
+                    if let Some(d) = dst.as_deref_mut().and_then(|d| d.get_mut(wi)) {
+                        *d |= v;
+                    }
+                }
+            }
+        }
+        pages
+    }
+}
+
 /// Dirty-tracking state shared by the VM, its vCPU threads and the tracker.
 #[derive(Debug)]
 pub(crate) struct DirtyCore {
@@ -69,8 +145,8 @@ pub(crate) struct DirtyCore {
     pub(crate) mode: ActiveDirtyMode,
     /// One ring per vCPU (ring mode only).
     pub(crate) rings: Vec<Mutex<DirtyRing>>,
-    /// Pages harvested from rings but not yet reported: one atomic bitmap per region.
-    pub(crate) overflow: Vec<Vec<AtomicU64>>,
+    /// Pages harvested from rings but not yet reported.
+    pub(crate) overflow: Overflow,
     /// Logging is on.
     pub(crate) logging: AtomicBool,
     /// Ring-full exits taken by vCPUs.
@@ -84,13 +160,7 @@ impl DirtyCore {
             return 0;
         };
         let mut ring = ring.lock().unwrap_or_else(|e| e.into_inner());
-        ring.harvest(|slot, off| {
-            if let Some(words) = self.overflow.get(slot as usize)
-                && let Some(w) = words.get((off / 64) as usize)
-            {
-                w.fetch_or(1 << (off % 64), Ordering::Relaxed);
-            }
-        })
+        ring.harvest(|slot, off| self.overflow.set(slot, off))
     }
 }
 
@@ -148,7 +218,7 @@ pub enum DirtyError {
 pub struct HarvestStats {
     /// Dirty pages reported.
     pub pages: u64,
-    /// Time fetching (`KVM_GET_DIRTY_LOG`, or walking the rings).
+    /// Time fetching (`KVM_GET_DIRTY_LOG`, or walking the rings and taking the overflow).
     pub fetch: std::time::Duration,
     /// Time re-protecting (`KVM_CLEAR_DIRTY_LOG` calls, or `KVM_RESET_DIRTY_RINGS`).
     pub protect: std::time::Duration,
@@ -271,39 +341,33 @@ impl KvmDirtyTracker {
         Ok(())
     }
 
-    fn harvest_rings(&mut self, out: Option<&mut DirtyBitmap>) -> Result<(), DirtyError> {
+    /// Drains every ring into the overflow, takes the overflow into `out` (`None`: drops it)
+    /// and, with `protect`, lets KVM re-protect the drained pages. The final harvest does not
+    /// protect (tracking stops after it, and its cost is then per entry left in the rings plus
+    /// per dirty overflow word); the drained entries are reset by the next harvest, the next
+    /// ring-full exit or [`DirtyTracker::stop`], all of which reset unconditionally.
+    fn harvest_rings(
+        &mut self,
+        out: Option<&mut DirtyBitmap>,
+        protect: bool,
+    ) -> Result<(), DirtyError> {
         let d = &self.core.dirty;
-        let mut n = 0;
         let t0 = std::time::Instant::now();
         for i in 0..d.rings.len() {
-            n += d.drain_ring(i);
+            d.drain_ring(i);
         }
         let t1 = std::time::Instant::now();
-        if n > 0 {
+        if protect {
             sys::reset_dirty_rings(&self.core.vm).map_err(DirtyError::ResetRings)?;
         }
-        let mut st = HarvestStats {
-            fetch: t1 - t0,
-            protect: t1.elapsed(),
-            ..HarvestStats::default()
+        let t2 = std::time::Instant::now();
+        let pages = d.overflow.take(out);
+        self.last = HarvestStats {
+            pages,
+            fetch: (t1 - t0) + t2.elapsed(),
+            protect: t2 - t1,
+            clear_calls: 0,
         };
-        match out {
-            Some(out) => {
-                for (dst, src) in out.regions.iter_mut().zip(&d.overflow) {
-                    for (w, a) in dst.iter_mut().zip(src) {
-                        let v = a.swap(0, Ordering::Relaxed);
-                        st.pages += u64::from(v.count_ones());
-                        *w |= v;
-                    }
-                }
-            }
-            None => {
-                for a in d.overflow.iter().flatten() {
-                    a.store(0, Ordering::Relaxed);
-                }
-            }
-        }
-        self.last = st;
         Ok(())
     }
 
@@ -313,7 +377,7 @@ impl KvmDirtyTracker {
         protect: bool,
     ) -> Result<(), DirtyError> {
         match self.core.dirty.mode {
-            ActiveDirtyMode::Ring { .. } => self.harvest_rings(out),
+            ActiveDirtyMode::Ring { .. } => self.harvest_rings(out, protect),
             _ => self.harvest_bitmap(out, protect),
         }
     }
@@ -354,8 +418,91 @@ impl DirtyTracker for KvmDirtyTracker {
     fn stop(&mut self) -> Result<(), BoxError> {
         self.set_logging(false)?;
         if matches!(self.core.dirty.mode, ActiveDirtyMode::Ring { .. }) {
-            self.harvest_rings(None)?;
+            self.harvest_rings(None, true)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bitmap(pages: &[u64]) -> DirtyBitmap {
+        DirtyBitmap {
+            regions: pages
+                .iter()
+                .map(|p| vec![0; usize::try_from(p.div_ceil(64)).unwrap_or(0)])
+                .collect(),
+        }
+    }
+
+    fn set_bits(bm: &DirtyBitmap, region: usize) -> Vec<u64> {
+        let mut v = Vec::new();
+        for (wi, w) in bm.regions[region].iter().enumerate() {
+            for b in 0..64 {
+                if w >> b & 1 == 1 {
+                    v.push(wi as u64 * 64 + b);
+                }
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn overflow_takes_exactly_what_was_set_and_empties() {
+        let pages = [5000u64, 200];
+        let o = Overflow::new(pages);
+        let marked = [0u64, 1, 63, 64, 4095, 4096, 4999];
+        for p in marked {
+            o.set(0, p);
+        }
+        o.set(1, 199);
+        // Twice, and positions KVM could never report: ignored, not a panic.
+        o.set(0, 63);
+        o.set(0, 5056);
+        o.set(2, 0);
+        let mut out = bitmap(&pages);
+        assert_eq!(o.take(Some(&mut out)), marked.len() as u64 + 1);
+        assert_eq!(set_bits(&out, 0), marked);
+        assert_eq!(set_bits(&out, 1), vec![199]);
+        let mut again = bitmap(&pages);
+        assert_eq!(o.take(Some(&mut again)), 0);
+        assert_eq!(again.count(), 0);
+        // Dropping, then marking again.
+        o.set(0, 7);
+        assert_eq!(o.take(None), 1);
+        o.set(0, 8);
+        let mut last = bitmap(&pages);
+        assert_eq!(o.take(Some(&mut last)), 1);
+        assert_eq!(set_bits(&last, 0), vec![8]);
+    }
+
+    #[test]
+    fn overflow_loses_no_page_set_while_taking() {
+        // Writers mark every page once while a taker runs; what the takes gathered plus a
+        // last take after the writers stopped is every page, each exactly once.
+        let pages = 64 * 64 * 3u64;
+        let o = Overflow::new([pages]);
+        let mut seen = bitmap(&[pages]);
+        let mut total = 0;
+        std::thread::scope(|s| {
+            let o = &o;
+            let writers: Vec<_> = (0..2u64)
+                .map(|t| {
+                    s.spawn(move || {
+                        for p in (t..pages).step_by(2) {
+                            o.set(0, p);
+                        }
+                    })
+                })
+                .collect();
+            while writers.iter().any(|w| !w.is_finished()) {
+                total += o.take(Some(&mut seen));
+            }
+        });
+        total += o.take(Some(&mut seen));
+        assert_eq!(total, pages);
+        assert_eq!(seen.count(), pages);
     }
 }

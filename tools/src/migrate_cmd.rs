@@ -345,6 +345,16 @@ pub struct SendArgs {
     pub json: bool,
 }
 
+/// Milliseconds of steal time of all CPUs so far (`/proc/stat`), if readable.
+fn host_steal() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().find(|l| l.starts_with("cpu "))?;
+    // user nice system idle iowait irq softirq steal ...
+    let ticks: u64 = cpu.split_whitespace().nth(8)?.parse().ok()?;
+    // USER_HZ, the unit of /proc/stat, is 100 in the x86-64 (and arm64) ABI.
+    Some(ticks * 10)
+}
+
 /// `ferry recv`.
 #[derive(Debug, Args)]
 pub struct RecvArgs {
@@ -934,6 +944,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     let key = Psk::generate().context("Cannot generate a session key")?;
     let exe = std::env::current_exe().context("Cannot find the ferry executable")?;
     for run in 1..=a.runs {
+        let steal0 = host_steal();
         let mut child = Command::new(&exe);
         child
             .arg("recv")
@@ -1015,6 +1026,9 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         }
         v["run"] = json!(run);
         v["suite"] = json!("demo");
+        // CPU time the hypervisor below this machine took from it during the run (both
+        // processes, the whole run): on a shared nested host it explains many tails.
+        v["host_steal_ms"] = json!(steal0.zip(host_steal()).map(|(a, b)| b.saturating_sub(a)));
         let model_ok = d["model_bad_pages"].as_u64().is_none_or(|n| n == 0);
         let progressed = d["guest_progress_after"].as_u64().unwrap_or(0) > 0
             || a.vm.workload == WorkloadArg::Idle;
@@ -1041,6 +1055,11 @@ pub fn demo(a: DemoArgs) -> Result<()> {
             let line = gap_split_line(&v);
             if !line.is_empty() {
                 println!("{line}");
+            }
+            if let Some(ms) = v["host_steal_ms"].as_u64().filter(|ms| *ms > 0) {
+                println!(
+                    "  host: the hypervisor below this machine took {ms} ms of CPU during the run (steal)"
+                );
             }
         }
         if v["verified"] != json!(true) || !progressed {
