@@ -65,6 +65,29 @@ pub enum SuiteArgs {
     /// Live-migrate a real KVM guest to a second process (`ferry demo --json`), with the
     /// guest's own measurement of its stalls.
     Kvm(KvmArgs),
+    /// Time the blackout's final dirty harvest of a real KVM guest, dirty bitmap against dirty
+    /// ring, alternating in the same run.
+    Harvest(HarvestArgs),
+}
+
+/// `ferry bench harvest`.
+#[derive(Debug, Clone, Args)]
+pub struct HarvestArgs {
+    /// Guest memory in MiB (each of the two VMs; several sizes are run one after the other).
+    #[arg(long, value_delimiter = ',', default_values_t = [1024u64, 8192])]
+    pub mem_mib: Vec<u64>,
+    /// vCPUs per VM.
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: u32,
+    /// The writer guest's working set in MiB (it writes it as fast as it can).
+    #[arg(long, default_value_t = 256)]
+    pub working_set_mib: u64,
+    /// Guest writes between the last round's harvest and the pause, in ms.
+    #[arg(long, default_value_t = 20)]
+    pub run_ms: u64,
+    /// Final harvests timed per mode and size.
+    #[arg(long, default_value_t = 30)]
+    pub iterations: u32,
 }
 
 /// `ferry bench kvm`: the options of `ferry demo` that matter for a benchmark.
@@ -260,6 +283,70 @@ impl MatrixArgs {
     }
 }
 
+/// Runs `ferry __harvest` once per size and re-emits its results (one per dirty mode) with the
+/// machine description.
+fn run_harvest(h: &HarvestArgs, peer: &PeerLauncher, out: &mut Output) -> Result<()> {
+    let PeerLauncher::Process(exe) = peer else {
+        bail!("The harvest suite needs the ferry binary (it runs `ferry __harvest`)");
+    };
+    let machine = crate::machine::Machine::detect();
+    for mib in &h.mem_mib {
+        let output = std::process::Command::new(exe)
+            .arg("__harvest")
+            .args([
+                "--mem-mib",
+                &mib.to_string(),
+                "--vcpus",
+                &h.vcpus.to_string(),
+            ])
+            .args(["--working-set-mib", &h.working_set_mib.to_string()])
+            .args(["--run-ms", &h.run_ms.to_string()])
+            .args(["--iterations", &h.iterations.to_string()])
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .context("Cannot run ferry __harvest")?;
+        if !output.status.success() {
+            bail!("ferry __harvest failed for {mib} MiB ({})", output.status);
+        }
+        let mut rows = Vec::new();
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            let Ok(mut v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            v["machine"] = serde_json::to_value(&machine)?;
+            out.emit(&v)?;
+            rows.push(v);
+        }
+        if rows.len() != 2 {
+            bail!(
+                "ferry __harvest reported {} modes for {mib} MiB, not 2",
+                rows.len()
+            );
+        }
+        if !out.json {
+            let p50 =
+                |v: &serde_json::Value| v["final_harvest_us"]["p50"].as_f64().unwrap_or(f64::NAN);
+            for v in &rows {
+                println!(
+                    "harvest {mib} MiB x{} vCPU, {}: final harvest p50 {:.0} µs, p99 {:.0} µs (tracker p50 {:.0} µs), {:.0} dirty pages p50, {} ring-full exits",
+                    h.vcpus,
+                    v["dirty_mode"].as_str().unwrap_or("?"),
+                    p50(v),
+                    v["final_harvest_us"]["p99"].as_f64().unwrap_or(f64::NAN),
+                    v["tracker_us"]["p50"].as_f64().unwrap_or(f64::NAN),
+                    v["pages"]["p50"].as_f64().unwrap_or(f64::NAN),
+                    v["ring_full_exits"]
+                );
+            }
+            println!(
+                "harvest {mib} MiB: ring / bitmap p50 = {:.2}",
+                p50(&rows[1]) / p50(&rows[0])
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Runs `ferry demo --json` (two processes: the source here, `ferry recv` as its child) and
 /// re-emits each run as a `kvm` result with the machine description.
 fn run_kvm(k: &KvmArgs, peer: &PeerLauncher, out: &mut Output) -> Result<()> {
@@ -381,6 +468,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
         }
         Some(SuiteArgs::Kvm(k)) => return run_kvm(&k, &peer, &mut out),
+        Some(SuiteArgs::Harvest(h)) => return run_harvest(&h, &peer, &mut out),
         None => {
             run_matrix(&args.matrix, &peer, &mut out)?;
             out.summary();

@@ -1869,7 +1869,7 @@ fn choose_dirty_mode(vm: &VmFd, want: DirtyMode) -> Result<ActiveDirtyMode, VmCr
     let use_ring = match want {
         DirtyMode::Ring => true,
         DirtyMode::Bitmap => false,
-        DirtyMode::Auto => manual <= 0 && (ring_acq > 0 || ring > 0),
+        DirtyMode::Auto => ring_acq > 0 || ring > 0,
     };
     if use_ring {
         let (cap, max) = if ring_acq > 0 {

@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ferry_protocol::Psk;
 
+mod harvest_cmd;
 mod migrate_cmd;
 
 /// ferry: a live-migration transport for virtual machines.
@@ -53,6 +54,9 @@ enum Command {
     /// The second process of a benchmark (started by `ferry bench`).
     #[command(name = "__bench-peer", hide = true)]
     BenchPeer(ferry_bench::cli::PeerArgs),
+    /// The final dirty harvest in both dirty modes (started by `ferry bench harvest`).
+    #[command(name = "__harvest", hide = true)]
+    Harvest(harvest_cmd::HarvestArgs),
     /// Generate a pre-shared key for authenticating migrations.
     ///
     /// Give the same key file to both sides (`--key-file`), or its contents in FERRY_KEY.
@@ -79,6 +83,7 @@ fn main() -> ExitCode {
         Command::Recv(a) => migrate_cmd::recv(a),
         Command::Bench(a) => ferry_bench::cli::run(a),
         Command::BenchPeer(a) => ferry_bench::cli::peer_main(a),
+        Command::Harvest(a) => harvest_cmd::run(a),
         Command::Report { results, output } => report(&results, &output),
     };
     match result {

@@ -108,7 +108,7 @@ pub struct VmArgs {
     /// no page fault per page, but the streams' writes serialise on the file's inode lock).
     #[arg(long, value_enum, default_value_t = RecvIntoArg::Mapping)]
     pub recv_into: RecvIntoArg,
-    /// Dirty tracking: auto, bitmap or ring.
+    /// Dirty tracking: auto (the ring if KVM has it, else the bitmap), bitmap or ring.
     #[arg(long, default_value = "auto")]
     pub dirty: String,
     /// How the threads on the blackout's critical path (control and vCPU threads) are raised

@@ -333,4 +333,61 @@ mod tests {
         check_gap_split(&v)?;
         Ok(())
     }
+
+    #[test]
+    fn bench_harvest_times_both_dirty_modes() -> Result<()> {
+        if !kvm_or_skip() {
+            return Ok(());
+        }
+        let out = ferry()
+            .args([
+                "bench",
+                "harvest",
+                "--mem-mib",
+                "64,128",
+                "--working-set-mib",
+                "16",
+                "--iterations",
+                "3",
+                "--json",
+            ])
+            .output()?;
+        let stdout = String::from_utf8(out.stdout)?;
+        ensure!(
+            out.status.success(),
+            "bench harvest failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let rows: Vec<serde_json::Value> = stdout
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+        // Per size, the bitmap then the ring, each with three timed harvests that found the
+        // pages the writer dirtied.
+        ensure!(rows.len() == 4, "{stdout}");
+        for (v, (mib, mode)) in rows.iter().zip([
+            (64u64, "bitmap"),
+            (64, "ring"),
+            (128, "bitmap"),
+            (128, "ring"),
+        ]) {
+            ensure!(v["suite"] == serde_json::json!("harvest"), "{v}");
+            ensure!(v["mem_bytes"].as_u64() == Some(mib << 20), "{v}");
+            ensure!(v["dirty_mode"] == serde_json::json!(mode), "{v}");
+            ensure!(v["iterations"].as_u64() == Some(3), "{v}");
+            ensure!(v["pages"]["p50"].as_f64().unwrap_or(0.0) > 0.0, "{v}");
+            ensure!(
+                v["final_harvest_us"]["max"].as_f64().unwrap_or(0.0) > 0.0,
+                "{v}"
+            );
+            ensure!(!v["machine"]["kernel"].is_null(), "{v}");
+        }
+        ensure!(
+            rows[1]["active_dirty_mode"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("Ring")),
+            "{stdout}"
+        );
+        Ok(())
+    }
 }

@@ -1,0 +1,192 @@
+// SPDX-License-Identifier: Apache-2.0 OR MIT
+//! `ferry __harvest` (run by `ferry bench harvest`): the blackout's final dirty harvest of a
+//! real KVM guest, timed in the dirty bitmap and the dirty ring modes side by side.
+//!
+//! Two VMs of the same size run the writer guest at full speed over the same working set, one
+//! tracked by the bitmap (`KVM_GET_DIRTY_LOG`, manual protect), one by the ring. Each
+//! iteration, for each VM in turn: a harvest that re-protects (what a pre-copy round ends
+//! with), the guest writes for `--run-ms`, the vCPUs are paused, and the final harvest is
+//! timed the way the engine's blackout runs it: the tracker's `harvest_final` into a reused
+//! bitmap, then the scan into ranges that empties it. Then the VM resumes. The bitmap mode is
+//! the baseline of the same run: the two modes alternate, one iteration at a time.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use ferry_engine::vm::{DirtyBitmap, DirtyTracker, GuestMemory, VmControl};
+use ferry_kvm::{DirtyMode, KvmDirtyTracker, KvmVm, VmConfig, Workload};
+use ferry_protocol::memmap::take_bitmap_ranges;
+use serde_json::{Value, json};
+
+/// `ferry __harvest`.
+#[derive(Debug, Args)]
+pub struct HarvestArgs {
+    /// Guest memory in MiB (each of the two VMs).
+    #[arg(long, default_value_t = 1024)]
+    pub mem_mib: u64,
+    /// vCPUs per VM.
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: u32,
+    /// The writer's working set in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub working_set_mib: u64,
+    /// How long the guest writes between the last round's harvest and the pause, in ms.
+    #[arg(long, default_value_t = 20)]
+    pub run_ms: u64,
+    /// Final harvests timed per mode.
+    #[arg(long, default_value_t = 30)]
+    pub iterations: u32,
+}
+
+/// One VM under test and what was measured on it.
+struct Subject {
+    name: &'static str,
+    vm: KvmVm,
+    tracker: KvmDirtyTracker,
+    bitmap: DirtyBitmap,
+    /// The final harvest, tracker and scan, per iteration (µs).
+    total_us: Vec<f64>,
+    /// The tracker's part (µs).
+    tracker_us: Vec<f64>,
+    /// Dirty pages found by each final harvest.
+    pages: Vec<f64>,
+}
+
+impl Subject {
+    fn new(name: &'static str, dirty: DirtyMode, a: &HarvestArgs) -> Result<Self> {
+        let cfg = VmConfig {
+            mem_bytes: a.mem_mib << 20,
+            vcpus: a.vcpus,
+            workload: Workload::Writer {
+                working_set_mib: a.working_set_mib,
+                rate_mib_s: None,
+            },
+            dirty,
+            ..Default::default()
+        };
+        let mut vm =
+            KvmVm::new_source(&cfg).with_context(|| format!("Cannot create the {name} VM"))?;
+        let mut tracker = vm.dirty_tracker();
+        let bitmap = DirtyBitmap::for_regions(vm.memory().regions());
+        vm.start()
+            .with_context(|| format!("Cannot start the {name} VM"))?;
+        tracker
+            .start()
+            .map_err(|e| anyhow!("Cannot start dirty tracking ({name}): {e}"))?;
+        Ok(Self {
+            name,
+            vm,
+            tracker,
+            bitmap,
+            total_us: Vec::new(),
+            tracker_us: Vec::new(),
+            pages: Vec::new(),
+        })
+    }
+
+    /// One round's harvest, `run` of guest writes, pause, the timed final harvest, resume.
+    fn iteration(
+        &mut self,
+        run: Duration,
+        ranges: &mut Vec<ferry_protocol::GpaRange>,
+    ) -> Result<()> {
+        self.tracker
+            .harvest(&mut self.bitmap)
+            .map_err(|e| anyhow!("Harvest failed ({}): {e}", self.name))?;
+        ranges.clear();
+        for words in &mut self.bitmap.regions {
+            take_bitmap_ranges(words, 0, 4096, 1 << 30, ranges);
+        }
+        std::thread::sleep(run);
+        self.vm
+            .pause()
+            .map_err(|e| anyhow!("Pause failed ({}): {e}", self.name))?;
+        if let Some(f) = self.vm.fault() {
+            bail!("The {} VM stopped: {f}", self.name);
+        }
+        ranges.clear();
+        let t0 = Instant::now();
+        self.tracker
+            .harvest_final(&mut self.bitmap)
+            .map_err(|e| anyhow!("Final harvest failed ({}): {e}", self.name))?;
+        let t1 = Instant::now();
+        let layout = self.vm.memory();
+        for (r, words) in layout.regions().iter().zip(&mut self.bitmap.regions) {
+            take_bitmap_ranges(words, r.gpa, 4096, 1 << 30, ranges);
+        }
+        let t2 = Instant::now();
+        self.total_us.push((t2 - t0).as_secs_f64() * 1e6);
+        self.tracker_us.push((t1 - t0).as_secs_f64() * 1e6);
+        self.pages
+            .push(ranges.iter().map(|r| r.len / 4096).sum::<u64>() as f64);
+        self.vm
+            .resume()
+            .map_err(|e| anyhow!("Resume failed ({}): {e}", self.name))?;
+        Ok(())
+    }
+
+    fn result(&self, a: &HarvestArgs) -> Value {
+        json!({
+            "suite": "harvest",
+            "dirty_mode": self.name,
+            "active_dirty_mode": format!("{:?}", self.tracker.mode()),
+            "mem_bytes": a.mem_mib << 20,
+            "vcpus": a.vcpus,
+            "working_set_mib": a.working_set_mib,
+            "run_ms": a.run_ms,
+            "iterations": self.total_us.len(),
+            "final_harvest_us": percentiles(&self.total_us),
+            "tracker_us": percentiles(&self.tracker_us),
+            "pages": percentiles(&self.pages),
+            "ring_full_exits": self.tracker.ring_full_exits(),
+        })
+    }
+}
+
+/// p50 / p90 / p99 / max of `v` (nearest rank).
+fn percentiles(v: &[f64]) -> Value {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    // The nearest rank, ceil(pct * n / 100).
+    let at = |pct: usize| {
+        let n = s.len();
+        if n == 0 {
+            return f64::NAN;
+        }
+        s[(pct * n).div_ceil(100).clamp(1, n) - 1]
+    };
+    json!({ "p50": at(50), "p90": at(90), "p99": at(99), "max": at(100) })
+}
+
+/// Runs the measurement and prints one JSON line per mode.
+pub fn run(a: HarvestArgs) -> Result<()> {
+    if !ferry_kvm::kvm_available() {
+        bail!("/dev/kvm cannot be opened: this command needs KVM (run as root on a KVM host)");
+    }
+    if a.iterations == 0 {
+        bail!("--iterations must be at least 1");
+    }
+    let mut subjects = [
+        Subject::new("bitmap", DirtyMode::Bitmap, &a)?,
+        Subject::new("ring", DirtyMode::Ring, &a)?,
+    ];
+    // The guests fill their working sets first.
+    std::thread::sleep(Duration::from_millis(500));
+    let run = Duration::from_millis(a.run_ms);
+    let mut ranges = Vec::new();
+    for _ in 0..a.iterations {
+        for s in &mut subjects {
+            s.iteration(run, &mut ranges)?;
+        }
+    }
+    for s in &subjects {
+        println!("{}", s.result(&a));
+    }
+    for s in &mut subjects {
+        s.tracker
+            .stop()
+            .map_err(|e| anyhow!("Cannot stop tracking ({}): {e}", s.name))?;
+    }
+    Ok(())
+}
