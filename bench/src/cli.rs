@@ -283,50 +283,50 @@ impl MatrixArgs {
     }
 }
 
-/// Runs `ferry __harvest` once per size and re-emits its results (one per dirty mode) with the
-/// machine description.
+/// Runs `ferry __harvest` (every size, one after the other, in one process) and re-emits its
+/// results (one per size and dirty mode) with the machine description.
 fn run_harvest(h: &HarvestArgs, peer: &PeerLauncher, out: &mut Output) -> Result<()> {
     let PeerLauncher::Process(exe) = peer else {
         bail!("The harvest suite needs the ferry binary (it runs `ferry __harvest`)");
     };
+    let sizes: Vec<String> = h.mem_mib.iter().map(u64::to_string).collect();
+    let output = std::process::Command::new(exe)
+        .arg("__harvest")
+        .args([
+            "--mem-mib",
+            &sizes.join(","),
+            "--vcpus",
+            &h.vcpus.to_string(),
+        ])
+        .args(["--working-set-mib", &h.working_set_mib.to_string()])
+        .args(["--run-ms", &h.run_ms.to_string()])
+        .args(["--iterations", &h.iterations.to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("Cannot run ferry __harvest")?;
     let machine = crate::machine::Machine::detect();
-    for mib in &h.mem_mib {
-        let output = std::process::Command::new(exe)
-            .arg("__harvest")
-            .args([
-                "--mem-mib",
-                &mib.to_string(),
-                "--vcpus",
-                &h.vcpus.to_string(),
-            ])
-            .args(["--working-set-mib", &h.working_set_mib.to_string()])
-            .args(["--run-ms", &h.run_ms.to_string()])
-            .args(["--iterations", &h.iterations.to_string()])
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .context("Cannot run ferry __harvest")?;
-        if !output.status.success() {
-            bail!("ferry __harvest failed for {mib} MiB ({})", output.status);
-        }
-        let mut rows = Vec::new();
-        for line in String::from_utf8_lossy(&output.stdout).lines() {
-            let Ok(mut v) = serde_json::from_str::<serde_json::Value>(line) else {
-                continue;
-            };
-            v["machine"] = serde_json::to_value(&machine)?;
-            out.emit(&v)?;
-            rows.push(v);
-        }
-        if rows.len() != 2 {
-            bail!(
-                "ferry __harvest reported {} modes for {mib} MiB, not 2",
-                rows.len()
-            );
-        }
-        if !out.json {
-            let p50 =
-                |v: &serde_json::Value| v["final_harvest_us"]["p50"].as_f64().unwrap_or(f64::NAN);
-            for v in &rows {
+    let mut rows = Vec::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Ok(mut v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        v["machine"] = serde_json::to_value(&machine)?;
+        out.emit(&v)?;
+        rows.push(v);
+    }
+    if !output.status.success() || rows.len() != 2 * h.mem_mib.len() {
+        bail!(
+            "ferry __harvest failed ({}), {} of {} results reported",
+            output.status,
+            rows.len(),
+            2 * h.mem_mib.len()
+        );
+    }
+    if !out.json {
+        let p50 = |v: &serde_json::Value| v["final_harvest_us"]["p50"].as_f64().unwrap_or(f64::NAN);
+        for pair in rows.chunks(2) {
+            let mib = pair[0]["mem_bytes"].as_u64().unwrap_or(0) >> 20;
+            for v in pair {
                 println!(
                     "harvest {mib} MiB x{} vCPU, {}: final harvest p50 {:.0} µs, p99 {:.0} µs (tracker p50 {:.0} µs), {:.0} dirty pages p50, {} ring-full exits",
                     h.vcpus,
@@ -340,7 +340,7 @@ fn run_harvest(h: &HarvestArgs, peer: &PeerLauncher, out: &mut Output) -> Result
             }
             println!(
                 "harvest {mib} MiB: ring / bitmap p50 = {:.2}",
-                p50(&rows[1]) / p50(&rows[0])
+                p50(&pair[1]) / p50(&pair[0])
             );
         }
     }

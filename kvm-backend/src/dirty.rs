@@ -19,7 +19,7 @@
 //!   atomic bitmap (`Overflow`) that the next harvest drains, visiting only the words a summary
 //!   marks. The final harvest (vCPUs paused, inside the blackout) does not reset: its cost is
 //!   the entries left in the rings (kept small, see `RING_ENTRIES` in `vm.rs`) plus the dirty
-//!   words, whatever the guest's size; a bitmap harvest copies the whole log (~150–190 µs for
+//!   words, whatever the guest's size; a bitmap harvest copies the whole log (~100–200 µs for
 //!   8 GiB here).
 //! - Guest page-table pages get accessed/dirty-bit writes and show up as dirty like any page.
 //!

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0 OR MIT
-//! `ferry __harvest` (run by `ferry bench harvest`): the blackout's final dirty harvest of a
+//! `ferry __harvest` (run by `ferry bench harvest`, with its options): the blackout's final dirty harvest of a
 //! real KVM guest, timed in the dirty bitmap and the dirty ring modes side by side.
 //!
 //! Two VMs of the same size run the writer guest at full speed over the same working set, one
@@ -13,31 +13,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use clap::Args;
+use ferry_bench::cli::HarvestArgs;
 use ferry_engine::vm::{DirtyBitmap, DirtyTracker, GuestMemory, VmControl};
 use ferry_kvm::{DirtyMode, KvmDirtyTracker, KvmVm, VmConfig, Workload};
 use ferry_protocol::memmap::take_bitmap_ranges;
 use serde_json::{Value, json};
-
-/// `ferry __harvest`.
-#[derive(Debug, Args)]
-pub struct HarvestArgs {
-    /// Guest memory in MiB (each of the two VMs).
-    #[arg(long, default_value_t = 1024)]
-    pub mem_mib: u64,
-    /// vCPUs per VM.
-    #[arg(long, default_value_t = 2)]
-    pub vcpus: u32,
-    /// The writer's working set in MiB.
-    #[arg(long, default_value_t = 256)]
-    pub working_set_mib: u64,
-    /// How long the guest writes between the last round's harvest and the pause, in ms.
-    #[arg(long, default_value_t = 20)]
-    pub run_ms: u64,
-    /// Final harvests timed per mode.
-    #[arg(long, default_value_t = 30)]
-    pub iterations: u32,
-}
 
 /// One VM under test and what was measured on it.
 struct Subject {
@@ -54,9 +34,9 @@ struct Subject {
 }
 
 impl Subject {
-    fn new(name: &'static str, dirty: DirtyMode, a: &HarvestArgs) -> Result<Self> {
+    fn new(name: &'static str, dirty: DirtyMode, mib: u64, a: &HarvestArgs) -> Result<Self> {
         let cfg = VmConfig {
-            mem_bytes: a.mem_mib << 20,
+            mem_bytes: mib << 20,
             vcpus: a.vcpus,
             workload: Workload::Writer {
                 working_set_mib: a.working_set_mib,
@@ -126,12 +106,12 @@ impl Subject {
         Ok(())
     }
 
-    fn result(&self, a: &HarvestArgs) -> Value {
+    fn result(&self, mib: u64, a: &HarvestArgs) -> Value {
         json!({
             "suite": "harvest",
             "dirty_mode": self.name,
             "active_dirty_mode": format!("{:?}", self.tracker.mode()),
-            "mem_bytes": a.mem_mib << 20,
+            "mem_bytes": mib << 20,
             "vcpus": a.vcpus,
             "working_set_mib": a.working_set_mib,
             "run_ms": a.run_ms,
@@ -159,7 +139,7 @@ fn percentiles(v: &[f64]) -> Value {
     json!({ "p50": at(50), "p90": at(90), "p99": at(99), "max": at(100) })
 }
 
-/// Runs the measurement and prints one JSON line per mode.
+/// Runs the measurement for each size in turn and prints one JSON line per size and mode.
 pub fn run(a: HarvestArgs) -> Result<()> {
     if !ferry_kvm::kvm_available() {
         bail!("/dev/kvm cannot be opened: this command needs KVM (run as root on a KVM host)");
@@ -167,26 +147,28 @@ pub fn run(a: HarvestArgs) -> Result<()> {
     if a.iterations == 0 {
         bail!("--iterations must be at least 1");
     }
-    let mut subjects = [
-        Subject::new("bitmap", DirtyMode::Bitmap, &a)?,
-        Subject::new("ring", DirtyMode::Ring, &a)?,
-    ];
-    // The guests fill their working sets first.
-    std::thread::sleep(Duration::from_millis(500));
-    let run = Duration::from_millis(a.run_ms);
-    let mut ranges = Vec::new();
-    for _ in 0..a.iterations {
-        for s in &mut subjects {
-            s.iteration(run, &mut ranges)?;
+    for &mib in &a.mem_mib {
+        let mut subjects = [
+            Subject::new("bitmap", DirtyMode::Bitmap, mib, &a)?,
+            Subject::new("ring", DirtyMode::Ring, mib, &a)?,
+        ];
+        // The guests fill their working sets first.
+        std::thread::sleep(Duration::from_millis(500));
+        let run = Duration::from_millis(a.run_ms);
+        let mut ranges = Vec::new();
+        for _ in 0..a.iterations {
+            for s in &mut subjects {
+                s.iteration(run, &mut ranges)?;
+            }
         }
-    }
-    for s in &subjects {
-        println!("{}", s.result(&a));
-    }
-    for s in &mut subjects {
-        s.tracker
-            .stop()
-            .map_err(|e| anyhow!("Cannot stop tracking ({}): {e}", s.name))?;
+        for s in &subjects {
+            println!("{}", s.result(mib, &a));
+        }
+        for s in &mut subjects {
+            s.tracker
+                .stop()
+                .map_err(|e| anyhow!("Cannot stop tracking ({}): {e}", s.name))?;
+        }
     }
     Ok(())
 }

@@ -56,7 +56,7 @@ enum Command {
     BenchPeer(ferry_bench::cli::PeerArgs),
     /// The final dirty harvest in both dirty modes (started by `ferry bench harvest`).
     #[command(name = "__harvest", hide = true)]
-    Harvest(harvest_cmd::HarvestArgs),
+    Harvest(ferry_bench::cli::HarvestArgs),
     /// Generate a pre-shared key for authenticating migrations.
     ///
     /// Give the same key file to both sides (`--key-file`), or its contents in FERRY_KEY.
