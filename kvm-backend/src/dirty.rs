@@ -77,6 +77,8 @@ const CLEAR_CHUNK_PAGES: u64 = 32768;
 pub(crate) struct Overflow {
     /// Bit `i` of word `w` of region `r`: page `64 * w + i` of region `r`.
     words: Vec<Vec<AtomicU64>>,
+    /// Pages per region (the last word's bits past it are never set).
+    pages: Vec<u64>,
     /// Bit `j` of summary word `k` of region `r`: word `64 * k + j` may be non-zero. Set after
     /// the word (by whoever made it non-zero), cleared before the word is taken: a bit set
     /// while a take runs is found by that take or the next.
@@ -87,14 +89,19 @@ impl Overflow {
     /// An empty overflow for regions of `pages` pages each.
     pub(crate) fn new(pages: impl IntoIterator<Item = u64>) -> Self {
         let zeros = |n: u64| (0..n).map(|_| AtomicU64::new(0)).collect::<Vec<_>>();
+        let pages: Vec<u64> = pages.into_iter().collect();
         let (words, summary) = pages
-            .into_iter()
+            .iter()
             .map(|p| {
                 let w = p.div_ceil(64);
                 (zeros(w), zeros(w.div_ceil(64)))
             })
             .unzip();
-        Self { words, summary }
+        Self {
+            words,
+            pages,
+            summary,
+        }
     }
 
     /// Marks page `page` of region `region`; out-of-range positions (not KVM's to report)
@@ -104,6 +111,9 @@ impl Overflow {
         let (Some(words), Some(summary)) = (self.words.get(r), self.summary.get(r)) else {
             return;
         };
+        if self.pages.get(r).is_none_or(|n| page >= *n) {
+            return;
+        }
         let wi = (page / 64) as usize;
         let Some(w) = words.get(wi) else {
             return;
@@ -464,7 +474,9 @@ mod tests {
         o.set(1, 199);
         // Twice, and positions KVM could never report: ignored, not a panic.
         o.set(0, 63);
+        o.set(0, 5000);
         o.set(0, 5056);
+        o.set(1, 255);
         o.set(2, 0);
         let mut out = bitmap(&pages);
         assert_eq!(o.take(Some(&mut out)), marked.len() as u64 + 1);

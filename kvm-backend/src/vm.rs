@@ -1883,7 +1883,7 @@ fn choose_dirty_mode(vm: &VmFd, want: DirtyMode) -> Result<ActiveDirtyMode, VmCr
         // on hosts with Intel PML), up to the largest it allows.
         let max = u32::try_from(max).unwrap_or(u32::MAX);
         let mut entries = RING_ENTRIES;
-        let bytes = loop {
+        let enabled = loop {
             let bytes = (entries * 16).min(max);
             let mut c = kvm_enable_cap {
                 cap,
@@ -1891,12 +1891,25 @@ fn choose_dirty_mode(vm: &VmFd, want: DirtyMode) -> Result<ActiveDirtyMode, VmCr
             };
             c.args[0] = u64::from(bytes);
             match vm.enable_cap(&c) {
-                Ok(()) => break bytes,
-                Err(e) if e.errno() == libc::EINVAL && entries < RING_ENTRIES_MAX => entries *= 2,
-                Err(e) => return Err(kvm_err("enable dirty ring")(e)),
+                Ok(()) => break Ok(bytes),
+                Err(e)
+                    if e.errno() == libc::EINVAL
+                        && entries < RING_ENTRIES_MAX
+                        && entries * 16 < max =>
+                {
+                    entries *= 2;
+                }
+                Err(e) => break Err(e),
             }
         };
-        return Ok(ActiveDirtyMode::Ring { bytes });
+        match enabled {
+            Ok(bytes) => return Ok(ActiveDirtyMode::Ring { bytes }),
+            // Asked for: the caller hears why not.
+            Err(e) if want == DirtyMode::Ring => return Err(kvm_err("enable dirty ring")(e)),
+            // Auto: a KVM that offers the ring but refuses every size tried still has the
+            // bitmap (nothing was enabled).
+            Err(e) => tracing::debug!("dirty ring refused ({e}): using the dirty bitmap"),
+        }
     }
     let flags = u64::from(
         kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE

@@ -191,9 +191,11 @@ mod tests {
         }
         never_written(&again, "the final harvest");
         if mode == DirtyMode::Ring {
-            // The final harvest does not reset the rings: a guest resumed with tracking still
-            // on (a migration that failed after it) fills them sooner, and the ring-full
-            // exits reset what that harvest left, so the guest keeps running and tracked.
+            // The final harvest does not reset the rings (the contract is that `stop` comes
+            // next). A guest resumed with tracking still on fills them sooner; the ring-full
+            // exits reset what that harvest left, so the guest keeps running and is tracked
+            // again from that reset on (writes before it to the pages that harvest took are
+            // not logged: the writer here rewrites every page, so they show up anyway).
             let exits = tr.ring_full_exits();
             let before = vm.guest_stats().iterations;
             again.clear();
