@@ -40,9 +40,9 @@ use crate::vm::Core;
 /// before vCPUs are created).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DirtyMode {
-    /// The ring if KVM has it, else the bitmap with manual protection, else the classic
-    /// bitmap. The ring first: its final harvest, inside the blackout, costs what the rings
-    /// hold rather than a copy of the whole log (`ferry bench harvest`, 2 vCPUs, writer guest
+    /// The ring if KVM has it (and takes one of the ring sizes tried), else the bitmap with
+    /// manual protection, else the classic bitmap. The ring first: its final harvest, inside
+    /// the blackout, costs what the rings hold rather than a copy of the whole log (`ferry bench harvest`, 2 vCPUs, writer guest
     /// over 256 MiB, 30 harvests of ~6.5k dirty pages each, alternating: p50 10 / 16 / 24 µs
     /// at 1 / 4 / 8 GiB, against 17 / 44 / 116 µs for the bitmap).
     #[default]
