@@ -689,28 +689,41 @@ impl RdmaStream {
         batch: u32,
         timeout: Duration,
     ) -> Result<BatchStats, StreamError> {
+        let max_wr = self.cfg.max_wr_bytes;
+        self.post_split(
+            local.pd_key(),
+            |pieces| {
+                ranges
+                    .iter()
+                    .try_for_each(|r| split_transfer(local.table(), remote, *r, max_wr, pieces))
+            },
+            |st, pieces, start| {
+                st.post_pieces_as_writes(local, pieces, batch, start + timeout, start)
+            },
+        )
+    }
+
+    /// What every post of guest ranges starts with: checks the stream and that the local
+    /// memory (`pd_key`) belongs to its protection domain, has `split` cut the ranges into
+    /// work requests (in the stream's reused piece buffer), then `post`s them with the time
+    /// it started.
+    fn post_split<T>(
+        &mut self,
+        pd_key: usize,
+        split: impl FnOnce(&mut Vec<WrPiece>) -> Result<(), TranslateError>,
+        post: impl FnOnce(&mut Self, &[WrPiece], Instant) -> Result<T, StreamError>,
+    ) -> Result<T, StreamError> {
         self.check_failed()?;
         let stream = self.cfg.index;
-        if local.pd_key() != self.cfg.pd_key {
+        if pd_key != self.cfg.pd_key {
             return Err(StreamError::ForeignRegistration { stream });
         }
         let start = Instant::now();
-        let deadline = start + timeout;
         let mut pieces = std::mem::take(&mut self.pieces);
         pieces.clear();
-        for r in ranges {
-            if let Err(source) = split_transfer(
-                local.table(),
-                remote,
-                *r,
-                self.cfg.max_wr_bytes,
-                &mut pieces,
-            ) {
-                self.pieces = pieces;
-                return Err(StreamError::Translate { stream, source });
-            }
-        }
-        let result = self.post_pieces_as_writes(local, &pieces, batch, deadline, start);
+        let result = split(&mut pieces)
+            .map_err(|source| StreamError::Translate { stream, source })
+            .and_then(|()| post(self, &pieces, start));
         self.pieces = pieces;
         result
     }
@@ -885,49 +898,39 @@ impl RdmaStream {
         slot: BounceSlot,
         timeout: Duration,
     ) -> Result<ReadTicket, StreamError> {
-        self.check_failed()?;
-        let stream = self.cfg.index;
-        if slot.pd_key() != self.cfg.pd_key {
-            return Err(StreamError::ForeignRegistration { stream });
-        }
-        let start = Instant::now();
-        let mut pieces = std::mem::take(&mut self.pieces);
-        pieces.clear();
-        let split = split_read(
-            remote,
-            range,
+        let (max_wr, addr, cap, lkey) = (
+            self.cfg.max_wr_bytes,
             slot.addr(),
             slot.capacity() as u64,
             slot.lkey(),
-            self.cfg.max_wr_bytes,
-            &mut pieces,
         );
-        if let Err(source) = split {
-            self.pieces = pieces;
-            return Err(StreamError::Translate { stream, source });
-        }
         let len = usize::try_from(range.len).unwrap_or(usize::MAX);
+        let pd_key = slot.pd_key();
         let mut slot = Some(slot);
-        let result = self.post_reads(
-            &pieces,
-            range,
-            |last, ticket| match (last, slot.take()) {
-                (true, Some(slot)) => Guard::Read {
-                    slot,
-                    ticket,
-                    gpa: range.gpa,
-                    len,
-                },
-                (_, s) => {
-                    slot = s;
-                    Guard::None
-                }
+        self.post_split(
+            pd_key,
+            |pieces| split_read(remote, range, addr, cap, lkey, max_wr, pieces),
+            |st, pieces, start| {
+                st.post_reads(
+                    pieces,
+                    range,
+                    |last, ticket| match (last, slot.take()) {
+                        (true, Some(slot)) => Guard::Read {
+                            slot,
+                            ticket,
+                            gpa: range.gpa,
+                            len,
+                        },
+                        (_, s) => {
+                            slot = s;
+                            Guard::None
+                        }
+                    },
+                    start + timeout,
+                    start,
+                )
             },
-            start + timeout,
-            start,
-        );
-        self.pieces = pieces;
-        result
+        )
     }
 
     /// Posts `pieces` as READs of `range` in one doorbell; `guard(last, ticket)` gives each
@@ -1042,44 +1045,31 @@ impl RdmaStream {
         range: GuestRange,
         timeout: Duration,
     ) -> Result<ReadTicket, StreamError> {
-        self.check_failed()?;
-        let stream = self.cfg.index;
-        if local.pd_key() != self.cfg.pd_key {
-            return Err(StreamError::ForeignRegistration { stream });
-        }
-        let start = Instant::now();
-        let mut pieces = std::mem::take(&mut self.pieces);
-        pieces.clear();
-        if let Err(source) = split_transfer(
-            local.table(),
-            remote,
-            range,
-            self.cfg.max_wr_bytes,
-            &mut pieces,
-        ) {
-            self.pieces = pieces;
-            return Err(StreamError::Translate { stream, source });
-        }
-        let result = self.post_reads(
-            &pieces,
-            range,
-            |last, ticket| {
-                if last {
-                    Guard::ReadInPlace {
-                        memory: Arc::clone(local),
-                        ticket,
-                        gpa: range.gpa,
-                        len: range.len,
-                    }
-                } else {
-                    Guard::Memory(Arc::clone(local))
-                }
+        let max_wr = self.cfg.max_wr_bytes;
+        self.post_split(
+            local.pd_key(),
+            |pieces| split_transfer(local.table(), remote, range, max_wr, pieces),
+            |st, pieces, start| {
+                st.post_reads(
+                    pieces,
+                    range,
+                    |last, ticket| {
+                        if last {
+                            Guard::ReadInPlace {
+                                memory: Arc::clone(local),
+                                ticket,
+                                gpa: range.gpa,
+                                len: range.len,
+                            }
+                        } else {
+                            Guard::Memory(Arc::clone(local))
+                        }
+                    },
+                    start + timeout,
+                    start,
+                )
             },
-            start + timeout,
-            start,
-        );
-        self.pieces = pieces;
-        result
+        )
     }
 
     /// Post-copy demand fetch: READs `range` of the peer's memory into a slot of `pool` and
