@@ -323,7 +323,7 @@ fn run_harvest(h: &HarvestArgs, peer: &PeerLauncher, out: &mut Output) -> Result
         );
     }
     if !out.json {
-        let p50 = |v: &serde_json::Value| v["final_harvest_us"]["p50"].as_f64().unwrap_or(f64::NAN);
+        let p50 = |v: &serde_json::Value| v["final_harvest"]["p50_us"].as_f64().unwrap_or(f64::NAN);
         for pair in rows.chunks(2) {
             let mib = pair[0]["mem_bytes"].as_u64().unwrap_or(0) >> 20;
             for v in pair {
@@ -332,9 +332,9 @@ fn run_harvest(h: &HarvestArgs, peer: &PeerLauncher, out: &mut Output) -> Result
                     h.vcpus,
                     v["dirty_mode"].as_str().unwrap_or("?"),
                     p50(v),
-                    v["final_harvest_us"]["p99"].as_f64().unwrap_or(f64::NAN),
-                    v["tracker_us"]["p50"].as_f64().unwrap_or(f64::NAN),
-                    v["pages"]["p50"].as_f64().unwrap_or(f64::NAN),
+                    v["final_harvest"]["p99_us"].as_f64().unwrap_or(f64::NAN),
+                    v["tracker"]["p50_us"].as_f64().unwrap_or(f64::NAN),
+                    v["pages_p50"].as_f64().unwrap_or(f64::NAN),
                     v["ring_full_exits"]
                 );
             }

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR MIT
-//! `ferry __harvest` (run by `ferry bench harvest`, with its options): the blackout's final dirty harvest of a
-//! real KVM guest, timed in the dirty bitmap and the dirty ring modes side by side.
+//! `ferry __harvest` (run by `ferry bench harvest`, with its options): the blackout's final
+//! dirty harvest of a real KVM guest, timed in the dirty bitmap and the dirty ring modes side
+//! by side. Latencies go through the benchmarks' HdrHistogram summary (`LatencySummary`).
 //!
 //! Two VMs of the same size run the writer guest at full speed over the same working set, one
 //! tracked by the bitmap (`KVM_GET_DIRTY_LOG`, manual protect), one by the ring. Each
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use ferry_bench::cli::HarvestArgs;
+use ferry_bench::hist::LatencyHist;
 use ferry_engine::vm::{DirtyBitmap, DirtyTracker, GuestMemory, VmControl};
 use ferry_kvm::{DirtyMode, KvmDirtyTracker, KvmVm, VmConfig, Workload};
 use ferry_protocol::memmap::take_bitmap_ranges;
@@ -25,12 +27,12 @@ struct Subject {
     vm: KvmVm,
     tracker: KvmDirtyTracker,
     bitmap: DirtyBitmap,
-    /// The final harvest, tracker and scan, per iteration (µs).
-    total_us: Vec<f64>,
-    /// The tracker's part (µs).
-    tracker_us: Vec<f64>,
+    /// The final harvest, tracker and scan, per iteration.
+    total: LatencyHist,
+    /// The tracker's part.
+    tracker_part: LatencyHist,
     /// Dirty pages found by each final harvest.
-    pages: Vec<f64>,
+    pages: Vec<u64>,
 }
 
 impl Subject {
@@ -59,8 +61,8 @@ impl Subject {
             vm,
             tracker,
             bitmap,
-            total_us: Vec::new(),
-            tracker_us: Vec::new(),
+            total: LatencyHist::new(),
+            tracker_part: LatencyHist::new(),
             pages: Vec::new(),
         })
     }
@@ -74,10 +76,7 @@ impl Subject {
         self.tracker
             .harvest(&mut self.bitmap)
             .map_err(|e| anyhow!("Harvest failed ({}): {e}", self.name))?;
-        ranges.clear();
-        for words in &mut self.bitmap.regions {
-            take_bitmap_ranges(words, 0, 4096, 1 << 30, ranges);
-        }
+        self.bitmap.clear();
         std::thread::sleep(run);
         self.vm
             .pause()
@@ -96,10 +95,10 @@ impl Subject {
             take_bitmap_ranges(words, r.gpa, 4096, 1 << 30, ranges);
         }
         let t2 = Instant::now();
-        self.total_us.push((t2 - t0).as_secs_f64() * 1e6);
-        self.tracker_us.push((t1 - t0).as_secs_f64() * 1e6);
+        self.total.record(t2 - t0);
+        self.tracker_part.record(t1 - t0);
         self.pages
-            .push(ranges.iter().map(|r| r.len / 4096).sum::<u64>() as f64);
+            .push(ranges.iter().map(|r| r.len / 4096).sum::<u64>());
         self.vm
             .resume()
             .map_err(|e| anyhow!("Resume failed ({}): {e}", self.name))?;
@@ -115,28 +114,20 @@ impl Subject {
             "vcpus": a.vcpus,
             "working_set_mib": a.working_set_mib,
             "run_ms": a.run_ms,
-            "iterations": self.total_us.len(),
-            "final_harvest_us": percentiles(&self.total_us),
-            "tracker_us": percentiles(&self.tracker_us),
-            "pages": percentiles(&self.pages),
+            "iterations": self.total.count(),
+            "final_harvest": self.total.summary(),
+            "tracker": self.tracker_part.summary(),
+            "pages_p50": median(&self.pages),
             "ring_full_exits": self.tracker.ring_full_exits(),
         })
     }
 }
 
-/// p50 / p90 / p99 / max of `v` (nearest rank).
-fn percentiles(v: &[f64]) -> Value {
+/// The median of `v` (the lower one of an even count; 0 when empty).
+fn median(v: &[u64]) -> u64 {
     let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    // The nearest rank, ceil(pct * n / 100).
-    let at = |pct: usize| {
-        let n = s.len();
-        if n == 0 {
-            return f64::NAN;
-        }
-        s[(pct * n).div_ceil(100).clamp(1, n) - 1]
-    };
-    json!({ "p50": at(50), "p90": at(90), "p99": at(99), "max": at(100) })
+    s.sort_unstable();
+    s.get(s.len().saturating_sub(1) / 2).copied().unwrap_or(0)
 }
 
 /// Runs the measurement for each size in turn and prints one JSON line per size and mode.

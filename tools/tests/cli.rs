@@ -375,9 +375,10 @@ mod tests {
             ensure!(v["mem_bytes"].as_u64() == Some(mib << 20), "{v}");
             ensure!(v["dirty_mode"] == serde_json::json!(mode), "{v}");
             ensure!(v["iterations"].as_u64() == Some(3), "{v}");
-            ensure!(v["pages"]["p50"].as_f64().unwrap_or(0.0) > 0.0, "{v}");
+            ensure!(v["pages_p50"].as_u64().unwrap_or(0) > 0, "{v}");
+            ensure!(v["final_harvest"]["count"].as_u64() == Some(3), "{v}");
             ensure!(
-                v["final_harvest_us"]["max"].as_f64().unwrap_or(0.0) > 0.0,
+                v["final_harvest"]["max_us"].as_f64().unwrap_or(0.0) > 0.0,
                 "{v}"
             );
             ensure!(!v["machine"]["kernel"].is_null(), "{v}");
