@@ -117,8 +117,8 @@ pub struct KvmArgs {
     /// Blackout budget in µs.
     #[arg(long, default_value_t = 1000)]
     pub max_blackout_us: u64,
-    /// Fixed part of the stop-and-copy prediction in µs (`ferry demo --switch-overhead-us`);
-    /// the engine's default when absent.
+    /// The VM's part of the stop-and-copy prediction in µs (`ferry demo
+    /// --switch-overhead-us`); the engine's default when absent.
     #[arg(long)]
     pub switch_overhead_us: Option<u64>,
     /// Runs (one result each).

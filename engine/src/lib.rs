@@ -32,6 +32,7 @@ pub mod layout;
 pub mod memory;
 pub mod pages;
 pub mod policy;
+pub mod predict;
 pub mod procmem;
 #[cfg(feature = "rdma")]
 pub mod rdma;

@@ -29,10 +29,13 @@ pub struct Policy {
     pub on_stall: OnStall,
     /// A round "stalls" when its dirty set is at least this fraction of the previous one.
     pub stall_ratio: f64,
-    /// Fixed blackout costs added to the predicted copy time (pause, state save and restore,
-    /// resume, round trips); the final harvest is predicted apart, from the last measured one.
-    /// Not measured per host yet: on the 2-core nested PVM host of the README a stop-and-copy's
-    /// fixed part is ~0.8 ms, on hardware KVM it should be far less.
+    /// The VM's part of a stop-and-copy blackout, added to the prediction: pausing the vCPUs,
+    /// saving, restoring and resuming them. The rest is measured from the pre-copy rounds (see
+    /// [`crate::predict`]): the final harvest, the final copy at the measured throughput, and
+    /// the per-round latency (dispatch, the destination's confirmation, the round trips).
+    /// The VM's part is not measured before a first switchover: on the 2-core nested PVM host
+    /// of the README it is ~0.3 ms for one or two vCPUs (pause, restore and resume in the
+    /// blackout phases); on hardware KVM it should be far less.
     pub switch_overhead: Duration,
     /// Per-page xxh3 checksums on page data.
     pub checksums: bool,

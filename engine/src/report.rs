@@ -21,6 +21,10 @@ pub struct RoundStats {
     pub dirty_pages: u64,
     /// The blackout predicted after the round, microseconds.
     pub predicted_blackout_us: f64,
+    /// The per-round latency the prediction used, microseconds (see `predict`).
+    pub latency_us: f64,
+    /// The throughput the prediction used, bytes per microsecond.
+    pub bytes_per_us: f64,
 }
 
 /// Blackout phases, microseconds. Source: pause, harvest, save, send; destination: apply

@@ -44,6 +44,7 @@ use crate::digest;
 use crate::error::MigrateError;
 use crate::layout::Layout;
 use crate::policy::{OnStall, Policy};
+use crate::predict::CopyModel;
 use crate::report::{BlackoutPhases, FaultReport, MigrationReport, RoundStats, StreamReport};
 use crate::sender::{Counters, Done, Work, Worker};
 use crate::vm::{DirtyBitmap, DirtyTracker, GuestMemory, VmControl};
@@ -59,11 +60,6 @@ pub const PRE_STALE_ROUND: u32 = u32::MAX - 2;
 const MAX_PRE_DROPS: u32 = 3;
 /// The barrier round number that ends the post-copy push.
 pub const PUSH_DONE_ROUND: u32 = u32::MAX - 1;
-/// A round must move at least this many data bytes to count as a bandwidth measurement.
-const MIN_MEASURED_BYTES: u64 = 4 << 20;
-/// Link speed assumed until a round measured one: 1 GB/s, below what loopback and any
-/// migration network reach, so the first prediction errs on the long side.
-const ASSUMED_BYTES_PER_US: f64 = 1000.0;
 
 /// Version of the engine's state framing (the blob itself is the VMM's).
 pub const STATE_VERSION: u32 = 1;
@@ -1009,7 +1005,7 @@ impl Run<'_, '_> {
         let mut throttle = 100u8;
         let mut pending = all.clone();
         let mut round = 0u32;
-        let mut bw_bytes_per_us = 0.0f64;
+        let mut model = CopyModel::default();
         let mut prev_dirty = u64::MAX;
         let mut stalls = 0u32;
         if !post_copy {
@@ -1032,16 +1028,9 @@ impl Run<'_, '_> {
                 self.drain(round, &[])?;
                 let dur = t0.elapsed();
                 let bytes = self.bytes_sent() - bytes0;
-                // Only rounds that moved real data measure the link: a round of mostly zero
-                // pages (an idle guest's first pass) or a tiny last round would make the link
-                // look slow and pre-copy never converge. Until one is measured, assume
-                // `ASSUMED_BYTES_PER_US`.
-                if bytes >= MIN_MEASURED_BYTES {
-                    let bw = bytes as f64 / dur.as_secs_f64().max(1e-6) / 1e6;
-                    if bw > 0.0 {
-                        bw_bytes_per_us = bw;
-                    }
-                }
+                // The round's time end to end (the drain included) measures the link and the
+                // per-round latency the final copy will pay too (see `predict`).
+                model.observe(pages * ps, bytes, dur);
                 self.poll_ctl()?;
                 let t_harvest = Instant::now();
                 pending = self.harvest(dirty, &mut bitmap, false)?;
@@ -1051,14 +1040,10 @@ impl Run<'_, '_> {
                 let harvest_us = t_harvest.elapsed().as_secs_f64() * 1e6;
                 let dirty_pages: u64 = pending.iter().map(|r| r.len).sum::<u64>() / ps;
                 self.dirty_pages = dirty_pages;
-                let bw = if bw_bytes_per_us > 0.0 {
-                    bw_bytes_per_us
-                } else {
-                    ASSUMED_BYTES_PER_US
-                };
+                let latency_us = model.latency_us();
                 let predicted = self.policy.switch_overhead.as_secs_f64() * 1e6
                     + harvest_us
-                    + (dirty_pages * ps) as f64 / bw;
+                    + model.copy_us(dirty_pages * ps);
                 self.report.rounds_detail.push(RoundStats {
                     round,
                     start_ms,
@@ -1067,6 +1052,8 @@ impl Run<'_, '_> {
                     bytes,
                     dirty_pages,
                     predicted_blackout_us: predicted,
+                    latency_us,
+                    bytes_per_us: model.bytes_per_us(),
                 });
                 self.ctl.send(
                     &Frame::Progress(ferry_protocol::frame::ProgressStats {

@@ -241,10 +241,11 @@ pub struct MigrateArgs {
     /// Blackout budget in microseconds.
     #[arg(long, default_value_t = 1000)]
     pub max_blackout_us: u64,
-    /// The fixed part of a stop-and-copy blackout the switchover prediction assumes (pause,
-    /// save, restore, resume, round trips), µs; the final harvest and copy are measured. The
-    /// default suits fast hosts; calibrate it from an idle guest's pre-copy blackout on this
-    /// host (~700 on the 2-core nested PVM machine of the README).
+    /// The VM's part of a stop-and-copy blackout the switchover prediction assumes (pause,
+    /// save, restore, resume), µs; the final harvest, the final copy and the round trips are
+    /// measured from the pre-copy rounds. Calibrate it from the pause, restore and resume
+    /// phases of a stop-and-copy on this host (~300 on the 2-core nested PVM machine of the
+    /// README).
     #[arg(long, default_value_t = default_switch_overhead_us())]
     pub switch_overhead_us: u64,
     /// Per-page xxh3 checksums on page data.
