@@ -7,9 +7,16 @@
 //! (at least [`MIN_MEASURED_BYTES`] of data); the latency is what is left of the most recent
 //! small rounds' times (rounds covering under [`SMALL_ROUND_BYTES`] of guest memory, the scale
 //! of a final set that fits a blackout budget) once their bytes are paid for at that
-//! throughput: the median of the last [`LATENCY_ROUNDS`], never below zero. Large rounds say
+//! throughput: the least of the last [`LATENCY_ROUNDS`], never below zero. The least, not a
+//! mean: what delays a round on a busy host (a thread waiting for a CPU) only ever adds, and
+//! inside the blackout the threads on its critical path are raised above that (see
+//! [`crate::boost`]), so the fastest recent round is the best estimate of the latency there. Large rounds say
 //! little about latency: their time varies with the link and the memory far more than by a
-//! round trip, and a first round over a sparse guest spends its time finding zero pages. The final copy inside the blackout has the same
+//! round trip, and a first round over a sparse guest spends its time finding zero pages; and
+//! the round that measured the throughput leaves nothing by construction. Until a small round
+//! measured it, the latency is bounded by the last round's whole time, so a switchover decided
+//! that early must fit even that (a migration whose dirty set collapsed after a few large rounds
+//! then runs one small round more, which measures it). The final copy inside the blackout has the same
 //! shape: the final pages go out on the bulk streams and the destination waits for every
 //! stream's marker, then answers on the control stream. A model of throughput alone, as before,
 //! predicted ~0.2 ms short for a final set of ~100 pages on the README's host, where a round
@@ -24,7 +31,7 @@ pub const MIN_MEASURED_BYTES: u64 = 4 << 20;
 /// Link speed assumed until a round measured one: 1 GB/s, below what loopback and any
 /// migration network reach, so the first prediction errs on the long side.
 pub const ASSUMED_BYTES_PER_US: f64 = 1000.0;
-/// Rounds whose latency is kept (the median is used).
+/// Small rounds whose latency is kept (the least is used).
 pub const LATENCY_ROUNDS: usize = 5;
 /// A round covering less guest memory than this measures the per-round latency.
 pub const SMALL_ROUND_BYTES: u64 = 4 << 20;
@@ -36,6 +43,8 @@ pub struct CopyModel {
     bytes_per_us: Option<f64>,
     /// The most recent small rounds: data bytes and duration in µs.
     recent: VecDeque<(u64, f64)>,
+    /// The last round's duration in µs, whatever its size.
+    last_us: Option<f64>,
 }
 
 impl CopyModel {
@@ -43,6 +52,7 @@ impl CopyModel {
     /// pages excluded) and its time, end to end.
     pub fn observe(&mut self, covered: u64, bytes: u64, dur: Duration) {
         let us = dur.as_secs_f64() * 1e6;
+        self.last_us = Some(us);
         // Only rounds that moved real data measure the link: a round of mostly zero pages (an
         // idle guest's first pass) or a tiny last round would make it look slow.
         if bytes >= MIN_MEASURED_BYTES {
@@ -64,25 +74,18 @@ impl CopyModel {
         self.bytes_per_us.unwrap_or(ASSUMED_BYTES_PER_US)
     }
 
-    /// The per-round latency, µs: the median over the recent small rounds of their time
-    /// beyond their bytes at [`Self::bytes_per_us`]; 0 before any small round.
+    /// The per-round latency, µs: the least, over the recent small rounds, of their time
+    /// beyond their bytes at [`Self::bytes_per_us`]. Before any small round, the last round's
+    /// whole time (an upper bound: no round is faster than its latency); 0 before any round.
     pub fn latency_us(&self) -> f64 {
+        if self.recent.is_empty() {
+            return self.last_us.unwrap_or(0.0);
+        }
         let bw = self.bytes_per_us();
-        let mut left: Vec<f64> = self
-            .recent
+        self.recent
             .iter()
             .map(|&(bytes, us)| (us - bytes as f64 / bw).max(0.0))
-            .collect();
-        if left.is_empty() {
-            return 0.0;
-        }
-        left.sort_by(f64::total_cmp);
-        let n = left.len();
-        if n % 2 == 1 {
-            left[n / 2]
-        } else {
-            (left[n / 2 - 1] + left[n / 2]) / 2.0
-        }
+            .fold(f64::INFINITY, f64::min)
     }
 
     /// Predicted time to copy `bytes` and have the destination confirm it, µs.
@@ -135,14 +138,14 @@ mod tests {
     }
 
     #[test]
-    fn latency_is_the_median_of_the_recent_rounds_and_never_negative() {
+    fn latency_is_the_least_of_the_recent_small_rounds_and_never_negative() {
         let mut m = CopyModel::default();
         m.observe(100 << 20, 100 << 20, us(100_000)); // 1048.576 bytes/µs.
-        for extra in [7_000u64, 5_000, 100, 300, 200, 400] {
+        for extra in [70u64, 5_000, 300, 200, 400, 900] {
             m.observe(4096, 0, us(extra));
         }
-        // 7000 left the window: the median of 100, 200, 300, 400, 5000.
-        assert_eq!(m.latency_us(), 300.0);
+        // 70 left the window: the least of 5000, 300, 200, 400, 900.
+        assert_eq!(m.latency_us(), 200.0);
         // A small round faster than the link leaves nothing, not a negative latency.
         let mut m = CopyModel::default();
         m.observe(100 << 20, 100 << 20, us(100_000));
@@ -151,26 +154,32 @@ mod tests {
     }
 
     #[test]
-    fn even_window_takes_the_mean_of_the_middle_two() {
+    fn a_round_delayed_on_a_busy_host_does_not_raise_the_latency() {
         let mut m = CopyModel::default();
-        for extra in [100u64, 400, 200, 300] {
+        for extra in [300u64, 280, 6_000, 310] {
             m.observe(4096, 0, us(extra));
         }
-        assert_eq!(m.latency_us(), 250.0);
+        assert_eq!(m.latency_us(), 280.0);
     }
 
     #[test]
-    fn large_rounds_measure_the_link_not_the_latency() {
+    fn large_rounds_measure_the_link_and_only_bound_the_latency() {
         // A first round over a sparse 1 GiB guest: 2 MiB of data, 50 ms finding zero pages.
         let mut m = CopyModel::default();
         m.observe(1 << 30, 2 << 20, us(50_000));
-        assert_eq!(m.latency_us(), 0.0);
         assert_eq!(m.bytes_per_us(), ASSUMED_BYTES_PER_US);
-        // A large round of data measures the link but not the latency.
+        // No small round yet: the latency is at most the last round's time.
+        assert_eq!(m.latency_us(), 50_000.0);
+        // A large round of data measures the link, and bounds the latency by its time.
         m.observe(64 << 20, 64 << 20, us(40_000));
-        assert_eq!(m.latency_us(), 0.0);
         assert!((m.bytes_per_us() - (64u64 << 20) as f64 / 40_000.0).abs() < 1e-9);
+        assert_eq!(m.latency_us(), 40_000.0);
+        // The first small round measures it; large rounds after it do not change it.
         m.observe(40_960, 40_960, us(300));
-        assert!((m.latency_us() - (300.0 - 40_960.0 / m.bytes_per_us())).abs() < 1e-9);
+        let lat = 300.0 - 40_960.0 / m.bytes_per_us();
+        assert!((m.latency_us() - lat).abs() < 1e-9);
+        m.observe(8 << 20, 8 << 20, us(5_000));
+        let lat = 300.0 - 40_960.0 / m.bytes_per_us();
+        assert!((m.latency_us() - lat).abs() < 1e-9);
     }
 }

@@ -1034,6 +1034,7 @@ impl Run<'_, '_> {
                 self.poll_ctl()?;
                 let t_harvest = Instant::now();
                 pending = self.harvest(dirty, &mut bitmap, false)?;
+                crate::timeline::mark("src round harvested");
                 // The final harvest is inside the blackout and grows with guest size (a
                 // 2 Mi-page bitmap at 8 GiB): predict it from this one, which also re-protects
                 // and so errs long.
@@ -1075,7 +1076,15 @@ impl Run<'_, '_> {
                     "round done"
                 );
                 let budget = self.policy.max_blackout.as_secs_f64() * 1e6;
-                if predicted <= budget {
+                // Hybrid has a switchover whose blackout does not grow with the dirty set, so
+                // it stops and copies only with part of the budget to spare for the
+                // prediction's error; pre-copy has no other way out and uses all of it.
+                let fit = if self.policy.mode == Mode::Hybrid {
+                    budget * (1.0 - self.policy.hybrid_reserve.clamp(0.0, 1.0))
+                } else {
+                    budget
+                };
+                if predicted <= fit {
                     break;
                 }
                 if dirty_pages as f64 >= prev_dirty as f64 * self.policy.stall_ratio {

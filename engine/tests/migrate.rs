@@ -42,6 +42,18 @@ mod tests {
         streams: u16,
         rate: Option<u64>,
     ) -> Result<Outcome> {
+        run_with(mode, backing, transport, streams, rate, |_| {})
+    }
+
+    /// `run`, with the policy changed by `tweak` first.
+    fn run_with(
+        mode: Mode,
+        backing: MemBacking,
+        transport: TransportKind,
+        streams: u16,
+        rate: Option<u64>,
+        tweak: impl Fn(&mut Policy),
+    ) -> Result<Outcome> {
         init_log();
         let cfg = ProcVmConfig {
             mem_bytes: 32 << 20,
@@ -65,14 +77,22 @@ mod tests {
             auth: key,
             ..SessionOptions::default()
         };
-        let policy = Policy {
+        let mut policy = Policy {
             mode,
-            max_blackout: Duration::from_millis(5),
+            // Pre-copy must converge however busy the machine is (these tests check that the
+            // migration is correct, not how long its blackout is; the prediction counts the
+            // measured round trip, ms on a loaded machine); hybrid under heavy writes must not.
+            max_blackout: if mode == Mode::PreCopy {
+                Duration::from_millis(200)
+            } else {
+                Duration::from_millis(5)
+            },
             max_rounds: 8,
             checksums: true,
             timeout: Duration::from_secs(30),
             ..Policy::default()
         };
+        tweak(&mut policy);
         let src_mem = src.memory();
         let mut tracker = src.tracker();
         let done = migrate_local(
@@ -212,6 +232,36 @@ mod tests {
         )?;
         check(&o, "post-copy");
         assert!(o.source.rounds >= 1);
+        Ok(())
+    }
+
+    /// Hybrid stops and copies only when the prediction fits the budget less its reserve. A
+    /// writer at 4 MiB/s fits a 200 ms budget at once, however busy the machine: with no
+    /// reserve hybrid stops and copies; with the whole budget in reserve the same migration
+    /// switches to post-copy instead, once rounds stop shrinking the dirty set.
+    #[test]
+    fn hybrid_reserve_chooses_between_stop_and_copy_and_post_copy() -> Result<()> {
+        if !uffd_available() {
+            return Ok(());
+        }
+        let hybrid = |reserve: f64| {
+            run_with(
+                Mode::Hybrid,
+                MemBacking::Memfd,
+                TransportKind::Tcp,
+                2,
+                Some(4),
+                |p| {
+                    p.max_blackout = Duration::from_millis(200);
+                    p.hybrid_reserve = reserve;
+                },
+            )
+        };
+        let o = hybrid(0.0).context("no reserve")?;
+        check(&o, "stop-and-copy");
+        let o = hybrid(1.0).context("the whole budget in reserve")?;
+        check(&o, "post-copy");
+        assert!(o.source.rounds >= 2, "rounds {}", o.source.rounds);
         Ok(())
     }
 

@@ -169,7 +169,13 @@ mod tests {
             let mut dst = ProcessVm::new_destination(&c)?;
             let policy = Policy {
                 mode,
-                max_blackout: Duration::from_millis(5),
+                // Pre-copy converges however busy the machine is (correctness, not speed);
+                // hybrid under full-speed writers switches to post-copy.
+                max_blackout: if mode == Mode::PreCopy {
+                    Duration::from_millis(200)
+                } else {
+                    Duration::from_millis(5)
+                },
                 max_rounds: 8,
                 checksums: true,
                 timeout: Duration::from_secs(30),
@@ -448,7 +454,13 @@ mod tests {
             let mut tracker = src.tracker();
             let policy = Policy {
                 mode,
-                max_blackout: Duration::from_millis(5),
+                // Pre-copy converges however busy the machine is (correctness, not speed);
+                // hybrid under full-speed writers switches to post-copy.
+                max_blackout: if mode == Mode::PreCopy {
+                    Duration::from_millis(200)
+                } else {
+                    Duration::from_millis(5)
+                },
                 checksums: true,
                 timeout: Duration::from_secs(30),
                 ..Policy::default()
