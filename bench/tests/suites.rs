@@ -155,8 +155,8 @@ mod tests {
             transport: t,
             backing,
             pattern: PatternArg::Random,
-            // Pre-copy converges however busy the machine is (these tests check the report,
-            // not the speed); hybrid under full-speed writers switches to post-copy.
+            // Pre-copy converges however busy the machine is (these tests check the report, not
+            // the speed); the other modes keep the budget they always had.
             max_blackout_us: if mode == ModeArg::Precopy {
                 200_000
             } else {

@@ -33,9 +33,9 @@ pub struct Policy {
     /// saving, restoring and resuming them. The rest is measured from the pre-copy rounds (see
     /// [`crate::predict`]): the final harvest, the final copy at the measured throughput, and
     /// the per-round latency (dispatch, the destination's confirmation, the round trips).
-    /// The VM's part is not measured before a first switchover: on the 2-core nested PVM host
-    /// of the README it is ~0.3 ms for one or two vCPUs (pause, restore and resume in the
-    /// blackout phases); on hardware KVM it should be far less.
+    /// The engine does not measure the VM's part: on the 2-core nested PVM host of the README
+    /// it is ~0.3 ms for one or two vCPUs (pause, restore and resume in the blackout phases,
+    /// up to ~0.5 ms under load); on hardware KVM it should be far less.
     pub switch_overhead: Duration,
     /// Hybrid only: the fraction of the budget a stop-and-copy keeps in reserve for the
     /// prediction's error (0.1: it must be predicted to fit 90% of the budget). Hybrid can
@@ -43,7 +43,7 @@ pub struct Policy {
     /// pure pre-copy uses the whole budget. On the README's host the prediction of a
     /// stop-and-copy of ~100 pages was 0.87–1.05× the blackout that followed (the final set
     /// also holds the pages the guest writes until its vCPUs stop, 5–20% more than the last
-    /// harvest).
+    /// harvest). Taken within 0..=1; a value that is not a number counts as the default.
     pub hybrid_reserve: f64,
     /// Per-page xxh3 checksums on page data.
     pub checksums: bool,
@@ -62,6 +62,20 @@ pub struct Policy {
     pub progress_interval: Duration,
 }
 
+impl Policy {
+    /// [`Policy::hybrid_reserve`] as used: within 0..=1, the default for a NaN.
+    pub fn hybrid_reserve(&self) -> f64 {
+        if self.hybrid_reserve.is_nan() {
+            DEFAULT_HYBRID_RESERVE
+        } else {
+            self.hybrid_reserve.clamp(0.0, 1.0)
+        }
+    }
+}
+
+/// The default [`Policy::hybrid_reserve`].
+pub const DEFAULT_HYBRID_RESERVE: f64 = 0.1;
+
 impl Default for Policy {
     fn default() -> Self {
         Self {
@@ -71,7 +85,7 @@ impl Default for Policy {
             on_stall: OnStall::Abort,
             stall_ratio: 0.9,
             switch_overhead: Duration::from_micros(300),
-            hybrid_reserve: 0.1,
+            hybrid_reserve: DEFAULT_HYBRID_RESERVE,
             checksums: false,
             compression: Compression::None,
             chunk_bytes: 4 << 20,
@@ -80,5 +94,23 @@ impl Default for Policy {
             timeout: Duration::from_secs(30),
             progress_interval: Duration::from_millis(50),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hybrid_reserve_is_taken_within_bounds_and_nan_is_the_default() {
+        let with = |r: f64| Policy {
+            hybrid_reserve: r,
+            ..Policy::default()
+        };
+        assert_eq!(with(0.25).hybrid_reserve(), 0.25);
+        assert_eq!(with(-1.0).hybrid_reserve(), 0.0);
+        assert_eq!(with(7.0).hybrid_reserve(), 1.0);
+        assert_eq!(with(f64::NAN).hybrid_reserve(), DEFAULT_HYBRID_RESERVE);
+        assert_eq!(Policy::default().hybrid_reserve(), DEFAULT_HYBRID_RESERVE);
     }
 }

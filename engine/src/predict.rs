@@ -3,33 +3,36 @@
 //! link's throughput, both measured from the pre-copy rounds.
 //!
 //! A round's time (dispatch, send, the destination placing it, the drain's round trip) is
-//! `latency + bytes / throughput`. The throughput comes from rounds large enough to measure it
-//! (at least [`MIN_MEASURED_BYTES`] of data); the latency is what is left of the most recent
-//! small rounds' times (rounds covering under [`SMALL_ROUND_BYTES`] of guest memory, the scale
-//! of a final set that fits a blackout budget) once their bytes are paid for at that
-//! throughput: the least of the last [`LATENCY_ROUNDS`], never below zero. The least, not a
-//! mean: what delays a round on a busy host (a thread waiting for a CPU) only ever adds, and
-//! inside the blackout the threads on its critical path are raised above that (see
-//! [`crate::boost`]), so the fastest recent round is the best estimate of the latency there. Large rounds say
-//! little about latency: their time varies with the link and the memory far more than by a
-//! round trip, and a first round over a sparse guest spends its time finding zero pages; and
-//! the round that measured the throughput leaves nothing by construction. Until a small round
-//! measured it, the latency is bounded by the last round's whole time, so a switchover decided
-//! that early must fit even that (a migration whose dirty set collapsed after a few large rounds
-//! then runs one small round more, which measures it). The final copy inside the blackout has the same
-//! shape: the final pages go out on the bulk streams and the destination waits for every
-//! stream's marker, then answers on the control stream. A model of throughput alone, as before,
-//! predicted ~0.2 ms short for a final set of ~100 pages on the README's host, where a round
-//! trip between the two processes costs 0.1–0.3 ms: the stop-and-copy overshot a 1 ms budget
-//! it was predicted to fit.
+//! `latency + bytes / throughput`. The final copy inside the blackout has the same shape: the
+//! final pages go out on the bulk streams, the destination waits for every stream's marker and
+//! answers on the control stream. A model of throughput alone, as before, predicted ~0.2 ms
+//! short for a final set of ~100 pages on the README's host, where a round trip between the
+//! two processes costs 0.1–0.3 ms: the stop-and-copy overshot a 1 ms budget it was predicted
+//! to fit.
+//!
+//! - **Throughput**: the last round that moved at least [`MIN_MEASURED_BYTES`] of data, most of
+//!   what it covered (a first round over a sparse guest spends its time finding zero pages and
+//!   would make the link look slow), is the one the copy term uses.
+//! - **Latency**: what is left of a round's time once its bytes are paid for at the *highest*
+//!   throughput measured so far (so an underestimated link leaves more latency, not less),
+//!   never below zero. The least over the last [`LATENCY_ROUNDS`] small rounds (covering under
+//!   [`SMALL_ROUND_BYTES`] of guest memory, the scale of a final set that fits a budget; large
+//!   rounds' times vary with the link and the memory far more than by a round trip). The least,
+//!   not a mean: what delays a round on a busy host (a thread waiting for a CPU) only ever adds,
+//!   and inside the blackout the threads on its critical path run raised when the process may
+//!   raise them (see [`crate::boost`]). Before any small round, the last round's leftover,
+//!   whatever its size: after a few large rounds that is long, so a migration whose dirty set
+//!   collapsed early runs a small round more, which measures it; on a fast link whose rounds
+//!   all stay large it is close to the real latency.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
-/// A round must move at least this many data bytes to count as a throughput measurement.
+/// A round must move at least this many data bytes, and at least half of the guest memory it
+/// covered, to count as a throughput measurement.
 pub const MIN_MEASURED_BYTES: u64 = 4 << 20;
 /// Link speed assumed until a round measured one: 1 GB/s, below what loopback and any
-/// migration network reach, so the first prediction errs on the long side.
+/// migration network reach, so the first copy term errs on the long side.
 pub const ASSUMED_BYTES_PER_US: f64 = 1000.0;
 /// Small rounds whose latency is kept (the least is used).
 pub const LATENCY_ROUNDS: usize = 5;
@@ -41,10 +44,12 @@ pub const SMALL_ROUND_BYTES: u64 = 4 << 20;
 pub struct CopyModel {
     /// The last measured throughput, bytes per µs; `None` until a round measured one.
     bytes_per_us: Option<f64>,
+    /// The highest measured throughput, bytes per µs.
+    best_bytes_per_us: Option<f64>,
     /// The most recent small rounds: data bytes and duration in µs.
     recent: VecDeque<(u64, f64)>,
-    /// The last round's duration in µs, whatever its size.
-    last_us: Option<f64>,
+    /// The last round, whatever its size: data bytes and duration in µs.
+    last: Option<(u64, f64)>,
 }
 
 impl CopyModel {
@@ -52,13 +57,12 @@ impl CopyModel {
     /// pages excluded) and its time, end to end.
     pub fn observe(&mut self, covered: u64, bytes: u64, dur: Duration) {
         let us = dur.as_secs_f64() * 1e6;
-        self.last_us = Some(us);
-        // Only rounds that moved real data measure the link: a round of mostly zero pages (an
-        // idle guest's first pass) or a tiny last round would make it look slow.
-        if bytes >= MIN_MEASURED_BYTES {
+        self.last = Some((bytes, us));
+        if bytes >= MIN_MEASURED_BYTES && bytes.saturating_mul(2) >= covered {
             let bw = bytes as f64 / us.max(1.0);
             if bw.is_finite() && bw > 0.0 {
                 self.bytes_per_us = Some(bw);
+                self.best_bytes_per_us = Some(self.best_bytes_per_us.map_or(bw, |b| b.max(bw)));
             }
         }
         if covered < SMALL_ROUND_BYTES {
@@ -69,22 +73,27 @@ impl CopyModel {
         }
     }
 
-    /// The throughput in use, bytes per µs (measured, or [`ASSUMED_BYTES_PER_US`]).
+    /// The throughput the copy term uses, bytes per µs (the last measured, or
+    /// [`ASSUMED_BYTES_PER_US`]).
     pub fn bytes_per_us(&self) -> f64 {
         self.bytes_per_us.unwrap_or(ASSUMED_BYTES_PER_US)
     }
 
-    /// The per-round latency, µs: the least, over the recent small rounds, of their time
-    /// beyond their bytes at [`Self::bytes_per_us`]. Before any small round, the last round's
-    /// whole time (an upper bound: no round is faster than its latency); 0 before any round.
+    /// A round's time beyond its bytes at the highest measured throughput, µs, at least 0.
+    fn leftover(&self, (bytes, us): (u64, f64)) -> f64 {
+        let best = self.best_bytes_per_us.unwrap_or(ASSUMED_BYTES_PER_US);
+        (us - bytes as f64 / best).max(0.0)
+    }
+
+    /// The per-round latency, µs: the least leftover of the recent small rounds; before any,
+    /// the last round's leftover; 0 before any round.
     pub fn latency_us(&self) -> f64 {
         if self.recent.is_empty() {
-            return self.last_us.unwrap_or(0.0);
+            return self.last.map_or(0.0, |r| self.leftover(r));
         }
-        let bw = self.bytes_per_us();
         self.recent
             .iter()
-            .map(|&(bytes, us)| (us - bytes as f64 / bw).max(0.0))
+            .map(|&r| self.leftover(r))
             .fold(f64::INFINITY, f64::min)
     }
 
@@ -102,12 +111,16 @@ mod tests {
         Duration::from_micros(x)
     }
 
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-6
+    }
+
     #[test]
     fn no_rounds_assumes_the_link_and_no_latency() {
         let m = CopyModel::default();
-        assert_eq!(m.latency_us(), 0.0);
-        assert_eq!(m.bytes_per_us(), ASSUMED_BYTES_PER_US);
-        assert_eq!(m.copy_us(1_000_000), 1000.0);
+        assert!(close(m.latency_us(), 0.0));
+        assert!(close(m.bytes_per_us(), ASSUMED_BYTES_PER_US));
+        assert!(close(m.copy_us(1_000_000), 1000.0));
     }
 
     #[test]
@@ -132,9 +145,21 @@ mod tests {
     fn small_rounds_do_not_measure_the_link() {
         let mut m = CopyModel::default();
         m.observe(1 << 20, 1 << 20, us(100_000));
-        assert_eq!(m.bytes_per_us(), ASSUMED_BYTES_PER_US);
+        assert!(close(m.bytes_per_us(), ASSUMED_BYTES_PER_US));
         // Their time beyond the assumed link counts as latency.
-        assert!((m.latency_us() - (100_000.0 - (1u64 << 20) as f64 / 1000.0)).abs() < 1e-6);
+        let want = 100_000.0 - (1u64 << 20) as f64 / ASSUMED_BYTES_PER_US;
+        assert!(close(m.latency_us(), want));
+    }
+
+    #[test]
+    fn a_round_mostly_of_zero_pages_does_not_measure_the_link() {
+        // 1 GiB covered, 100 MiB of data: the time went to finding zero pages.
+        let mut m = CopyModel::default();
+        m.observe(1 << 30, 100 << 20, us(200_000));
+        assert!(close(m.bytes_per_us(), ASSUMED_BYTES_PER_US));
+        // Half of it data: measured.
+        m.observe(200 << 20, 100 << 20, us(50_000));
+        assert!(close(m.bytes_per_us(), (100u64 << 20) as f64 / 50_000.0));
     }
 
     #[test]
@@ -145,12 +170,12 @@ mod tests {
             m.observe(4096, 0, us(extra));
         }
         // 70 left the window: the least of 5000, 300, 200, 400, 900.
-        assert_eq!(m.latency_us(), 200.0);
+        assert!(close(m.latency_us(), 200.0));
         // A small round faster than the link leaves nothing, not a negative latency.
         let mut m = CopyModel::default();
         m.observe(100 << 20, 100 << 20, us(100_000));
         m.observe(1 << 20, 1 << 20, us(10));
-        assert_eq!(m.latency_us(), 0.0);
+        assert!(close(m.latency_us(), 0.0));
     }
 
     #[test]
@@ -159,27 +184,50 @@ mod tests {
         for extra in [300u64, 280, 6_000, 310] {
             m.observe(4096, 0, us(extra));
         }
-        assert_eq!(m.latency_us(), 280.0);
+        assert!(close(m.latency_us(), 280.0));
     }
 
     #[test]
-    fn large_rounds_measure_the_link_and_only_bound_the_latency() {
+    fn leftovers_are_taken_at_the_best_throughput_measured() {
+        // The link measured fast once (2000 bytes/µs), then slow (1000): the copy term uses
+        // the last measurement, the leftovers the best, so a slow measurement cannot hide the
+        // latency of a small round (at 1000 bytes/µs this one would leave nothing).
+        let mut m = CopyModel::default();
+        m.observe(64 << 20, 64 << 20, us((64 << 20) / 2000));
+        m.observe(8 << 20, 8 << 20, us((8 << 20) / 1000));
+        assert!(close(
+            m.bytes_per_us(),
+            (8u64 << 20) as f64 / ((8u64 << 20) / 1000) as f64
+        ));
+        m.observe(1 << 20, 1 << 20, us(1000));
+        let best = (64u64 << 20) as f64 / ((64u64 << 20) / 2000) as f64;
+        assert!(close(m.latency_us(), 1000.0 - (1u64 << 20) as f64 / best));
+        assert!(m.latency_us() > 400.0);
+    }
+
+    #[test]
+    fn before_a_small_round_the_last_rounds_leftover_is_the_latency() {
         // A first round over a sparse 1 GiB guest: 2 MiB of data, 50 ms finding zero pages.
         let mut m = CopyModel::default();
         m.observe(1 << 30, 2 << 20, us(50_000));
-        assert_eq!(m.bytes_per_us(), ASSUMED_BYTES_PER_US);
-        // No small round yet: the latency is at most the last round's time.
-        assert_eq!(m.latency_us(), 50_000.0);
-        // A large round of data measures the link, and bounds the latency by its time.
-        m.observe(64 << 20, 64 << 20, us(40_000));
-        assert!((m.bytes_per_us() - (64u64 << 20) as f64 / 40_000.0).abs() < 1e-9);
-        assert_eq!(m.latency_us(), 40_000.0);
-        // The first small round measures it; large rounds after it do not change it.
+        assert!(close(m.bytes_per_us(), ASSUMED_BYTES_PER_US));
+        let want = 50_000.0 - (2u64 << 20) as f64 / ASSUMED_BYTES_PER_US;
+        assert!(close(m.latency_us(), want));
+        // A fast round then slower large rounds (2000, then 1000 bytes/µs): the slower one
+        // leaves its extra time as latency, so a switchover is not decided on it.
+        m.observe(64 << 20, 64 << 20, us((64 << 20) / 2000));
+        assert!(m.latency_us() < 1.0);
+        m.observe(8 << 20, 8 << 20, us((8 << 20) / 1000));
+        let best = (64u64 << 20) as f64 / ((64u64 << 20) / 2000) as f64;
+        let want = ((8u64 << 20) / 1000) as f64 - (8u64 << 20) as f64 / best;
+        assert!(close(m.latency_us(), want));
+        // The first small round measures it, and a large round after it does not change it
+        // (it changes the copy term's throughput).
         m.observe(40_960, 40_960, us(300));
-        let lat = 300.0 - 40_960.0 / m.bytes_per_us();
-        assert!((m.latency_us() - lat).abs() < 1e-9);
-        m.observe(8 << 20, 8 << 20, us(5_000));
-        let lat = 300.0 - 40_960.0 / m.bytes_per_us();
-        assert!((m.latency_us() - lat).abs() < 1e-9);
+        let want = 300.0 - 40_960.0 / best;
+        assert!(close(m.latency_us(), want));
+        m.observe(16 << 20, 16 << 20, us(12_000));
+        assert!(close(m.latency_us(), want));
+        assert!(close(m.bytes_per_us(), (16u64 << 20) as f64 / 12_000.0));
     }
 }

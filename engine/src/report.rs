@@ -21,7 +21,8 @@ pub struct RoundStats {
     pub dirty_pages: u64,
     /// The blackout predicted after the round, microseconds.
     pub predicted_blackout_us: f64,
-    /// The per-round latency the prediction used, microseconds (see `predict`).
+    /// The per-round latency the prediction used, microseconds (see `predict`; before a small
+    /// round measured it, the last round's time beyond its bytes at the best throughput).
     pub latency_us: f64,
     /// The throughput the prediction used, bytes per microsecond.
     pub bytes_per_us: f64,

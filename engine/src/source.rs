@@ -1034,11 +1034,11 @@ impl Run<'_, '_> {
                 self.poll_ctl()?;
                 let t_harvest = Instant::now();
                 pending = self.harvest(dirty, &mut bitmap, false)?;
-                crate::timeline::mark("src round harvested");
                 // The final harvest is inside the blackout and grows with guest size (a
                 // 2 Mi-page bitmap at 8 GiB): predict it from this one, which also re-protects
                 // and so errs long.
                 let harvest_us = t_harvest.elapsed().as_secs_f64() * 1e6;
+                crate::timeline::mark("src round harvested");
                 let dirty_pages: u64 = pending.iter().map(|r| r.len).sum::<u64>() / ps;
                 self.dirty_pages = dirty_pages;
                 let latency_us = model.latency_us();
@@ -1080,7 +1080,7 @@ impl Run<'_, '_> {
                 // it stops and copies only with part of the budget to spare for the
                 // prediction's error; pre-copy has no other way out and uses all of it.
                 let fit = if self.policy.mode == Mode::Hybrid {
-                    budget * (1.0 - self.policy.hybrid_reserve.clamp(0.0, 1.0))
+                    budget * (1.0 - self.policy.hybrid_reserve())
                 } else {
                     budget
                 };

@@ -261,7 +261,15 @@ mod tests {
         check(&o, "stop-and-copy");
         let o = hybrid(1.0).context("the whole budget in reserve")?;
         check(&o, "post-copy");
-        assert!(o.source.rounds >= 2, "rounds {}", o.source.rounds);
+        // A round was predicted to fit the 200 ms budget: the reserve, not the budget, made
+        // this a post-copy.
+        let best = o
+            .source
+            .rounds_detail
+            .iter()
+            .map(|r| r.predicted_blackout_us)
+            .fold(f64::INFINITY, f64::min);
+        assert!(best <= 200_000.0, "best prediction {best} µs");
         Ok(())
     }
 
