@@ -40,10 +40,10 @@ pub struct Policy {
     /// Hybrid only: the fraction of the budget a stop-and-copy keeps in reserve for the
     /// prediction's error (0.1: it must be predicted to fit 90% of the budget). Hybrid can
     /// always switch to post-copy instead, whose blackout does not grow with the dirty set;
-    /// pure pre-copy uses the whole budget. On the README's host the prediction of a
-    /// stop-and-copy of ~100 pages was 0.87–1.05× the blackout that followed (the final set
-    /// also holds the pages the guest writes until its vCPUs stop, 5–20% more than the last
-    /// harvest). Taken within 0..=1; a value that is not a number counts as the default.
+    /// pure pre-copy uses the whole budget. On the README's host a 1-vCPU guest's
+    /// stop-and-copy blackout was 0.65–1.47× its prediction (the VM's part varies with load,
+    /// and the final set also holds the pages the guest writes until its vCPUs stop). Taken
+    /// within 0..=1; a value that is not a number counts as the default.
     pub hybrid_reserve: f64,
     /// Per-page xxh3 checksums on page data.
     pub checksums: bool,
