@@ -34,8 +34,9 @@ pub struct Policy {
     /// [`crate::predict`]): the final harvest, the final copy at the measured throughput, and
     /// the per-round latency (dispatch, the destination's confirmation, the round trips).
     /// The engine does not measure the VM's part: on the 2-core nested PVM host of the README
-    /// it is ~0.3 ms for one or two vCPUs (pause, restore and resume in the blackout phases,
-    /// up to ~0.5 ms under load); on hardware KVM it should be far less.
+    /// it is 0.3-0.6 ms for one or two vCPUs depending on load (the pause, restore and resume
+    /// phases of a stop-and-copy; its save overlaps the final copy); on hardware KVM it should
+    /// be far less.
     pub switch_overhead: Duration,
     /// Hybrid only: the fraction of the budget a stop-and-copy keeps in reserve for the
     /// prediction's error (0.1: it must be predicted to fit 90% of the budget). Hybrid can

@@ -10,9 +10,9 @@
 //! two processes costs 0.1–0.3 ms: the stop-and-copy overshot a 1 ms budget it was predicted
 //! to fit.
 //!
-//! - **Throughput**: the last round that moved at least [`MIN_MEASURED_BYTES`] of data, most of
-//!   what it covered (a first round over a sparse guest spends its time finding zero pages and
-//!   would make the link look slow), is the one the copy term uses.
+//! - **Throughput**: the last round that moved at least [`MIN_MEASURED_BYTES`] of data, and
+//!   at least half of what it covered (a first round over a sparse guest spends its time
+//!   finding zero pages and would make the link look slow), is the one the copy term uses.
 //! - **Latency**: what is left of a round's time once its bytes are paid for at the *highest*
 //!   throughput measured so far (so an underestimated link leaves more latency, not less),
 //!   never below zero. The least over the last [`LATENCY_ROUNDS`] small rounds (covering under

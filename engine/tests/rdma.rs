@@ -372,6 +372,9 @@ mod tests {
             let mut dst = ProcessVm::new_destination(&c)?;
             let policy = Policy {
                 mode: Mode::PreCopy,
+                // No round fits: round 1 ends with a progress report (a round that ends in a
+                // switchover reports none), where the connection is cut.
+                max_blackout: Duration::ZERO,
                 timeout: Duration::from_secs(10),
                 progress_interval: Duration::from_millis(1),
                 ..Policy::default()

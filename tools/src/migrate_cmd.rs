@@ -244,8 +244,8 @@ pub struct MigrateArgs {
     /// The VM's part of a stop-and-copy blackout the switchover prediction assumes (pause,
     /// save, restore, resume), µs; the final harvest, the final copy and the round trips are
     /// measured from the pre-copy rounds. Calibrate it from the pause, restore and resume
-    /// phases of a stop-and-copy on this host (~300 on the 2-core nested PVM machine of the
-    /// README).
+    /// phases of a stop-and-copy on this host (its save overlaps the final copy; 300–600 on
+    /// the 2-core nested PVM machine of the README, depending on load).
     #[arg(long, default_value_t = default_switch_overhead_us())]
     pub switch_overhead_us: u64,
     /// Per-page xxh3 checksums on page data.
