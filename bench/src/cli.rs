@@ -121,6 +121,10 @@ pub struct KvmArgs {
     /// --switch-overhead-us`); the engine's default when absent.
     #[arg(long)]
     pub switch_overhead_us: Option<u64>,
+    /// Hybrid's reserve of the budget, 0 to 1 (`ferry demo --hybrid-reserve`); the engine's
+    /// default when absent.
+    #[arg(long)]
+    pub hybrid_reserve: Option<f64>,
     /// Runs (one result each).
     #[arg(long, default_value_t = 1)]
     pub runs: u32,
@@ -385,6 +389,7 @@ fn run_kvm(k: &KvmArgs, peer: &PeerLauncher, out: &mut Output) -> Result<()> {
                 .into_iter()
                 .flatten(),
         )
+        .args(k.hybrid_reserve.map(|r| format!("--hybrid-reserve={r}")))
         .args(["--blackout-priority", &k.blackout_priority])
         .args(["--recv-into", &k.recv_into])
         .args(["--warmup-s", &k.warmup_s.to_string()])

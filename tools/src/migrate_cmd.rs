@@ -248,6 +248,11 @@ pub struct MigrateArgs {
     /// the 2-core nested PVM machine of the README, depending on load).
     #[arg(long, default_value_t = default_switch_overhead_us())]
     pub switch_overhead_us: u64,
+    /// Hybrid only: the fraction of the budget a stop-and-copy keeps in reserve for the
+    /// prediction's error (0 to 1; 0.1: it must be predicted to fit 90% of the budget, else
+    /// hybrid goes on and switches to post-copy).
+    #[arg(long, default_value_t = ferry_engine::policy::DEFAULT_HYBRID_RESERVE, value_parser = parse_reserve)]
+    pub hybrid_reserve: f64,
     /// Per-page xxh3 checksums on page data.
     #[arg(long)]
     pub checksums: bool,
@@ -264,6 +269,18 @@ pub struct MigrateArgs {
     pub recovery_window_s: u64,
 }
 
+/// `--hybrid-reserve`: a number from 0 to 1.
+fn parse_reserve(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|e| format!("Not a number: {s:?} ({e})"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("Reserve {s} is outside 0 to 1"))
+    }
+}
+
 /// The engine's default [`Policy::switch_overhead`], µs.
 fn default_switch_overhead_us() -> u64 {
     u64::try_from(Policy::default().switch_overhead.as_micros()).unwrap_or(u64::MAX)
@@ -275,6 +292,7 @@ impl MigrateArgs {
             mode: self.mode.mode(),
             max_blackout: Duration::from_micros(self.max_blackout_us),
             switch_overhead: Duration::from_micros(self.switch_overhead_us),
+            hybrid_reserve: self.hybrid_reserve,
             max_rounds: self.max_rounds,
             checksums: self.checksums,
             compression: self
@@ -515,6 +533,7 @@ fn run_source(
     v["dirty_mode"] = json!(format!("{:?}", vm.dirty_mode()));
     v["blackout_priority"] = json!(vm_args.blackout_priority.name());
     v["switch_overhead_us"] = json!(margs.switch_overhead_us);
+    v["hybrid_reserve"] = json!(margs.hybrid_reserve);
     Ok((v, vm))
 }
 

@@ -61,6 +61,22 @@ mod tests {
     }
 
     #[test]
+    fn hybrid_reserve_outside_0_to_1_is_refused() -> Result<()> {
+        for bad in ["1.5", "-0.1", "NaN", "lots"] {
+            let out = ferry()
+                .args(["demo", &format!("--hybrid-reserve={bad}")])
+                .output()?;
+            ensure!(!out.status.success(), "--hybrid-reserve {bad} accepted");
+            let err = String::from_utf8(out.stderr)?;
+            ensure!(
+                err.contains("outside 0 to 1") || err.contains("Not a number"),
+                "{bad}: {err}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
     fn demo_refuses_rdma_because_loopback_cannot_carry_it() -> Result<()> {
         let out = ferry().args(["demo", "--transport", "rdma"]).output()?;
         ensure!(!out.status.success());
@@ -120,10 +136,12 @@ mod tests {
                 "--max-blackout-us",
                 "30000000",
                 // The destination allocates its memfd first and is received into it; the
-                // prediction's fixed part is passed through and reported.
+                // prediction's VM part and the hybrid reserve are passed through and reported.
                 "--prefault",
                 "--switch-overhead-us",
                 "450",
+                "--hybrid-reserve",
+                "0.25",
                 // Received into the memfd through the page cache (`splice`).
                 "--recv-into",
                 "page-cache",
@@ -135,6 +153,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))?;
         ensure!(v["verified"] == serde_json::json!(true), "{v}");
         ensure!(v["switch_overhead_us"] == serde_json::json!(450), "{v}");
+        ensure!(v["hybrid_reserve"] == serde_json::json!(0.25), "{v}");
         ensure!(v["recv_into"] == serde_json::json!("page-cache"), "{v}");
         ensure!(
             v["prefault_ms"].as_f64().is_some(),
