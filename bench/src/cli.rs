@@ -287,6 +287,27 @@ impl MatrixArgs {
     }
 }
 
+/// Re-emits every JSON line of a child's `stdout` with the machine description, after `tag`,
+/// and returns them (lines that are not JSON are skipped).
+fn reemit(
+    stdout: &[u8],
+    out: &mut Output,
+    tag: impl Fn(&mut serde_json::Value),
+) -> Result<Vec<serde_json::Value>> {
+    let machine = serde_json::to_value(crate::machine::Machine::detect())?;
+    let mut rows = Vec::new();
+    for line in String::from_utf8_lossy(stdout).lines() {
+        let Ok(mut v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        tag(&mut v);
+        v["machine"] = machine.clone();
+        out.emit(&v)?;
+        rows.push(v);
+    }
+    Ok(rows)
+}
+
 /// Runs `ferry __harvest` (every size, one after the other, in one process) and re-emits its
 /// results (one per size and dirty mode) with the machine description.
 fn run_harvest(h: &HarvestArgs, peer: &PeerLauncher, out: &mut Output) -> Result<()> {
@@ -308,16 +329,7 @@ fn run_harvest(h: &HarvestArgs, peer: &PeerLauncher, out: &mut Output) -> Result
         .stderr(std::process::Stdio::inherit())
         .output()
         .context("Cannot run ferry __harvest")?;
-    let machine = crate::machine::Machine::detect();
-    let mut rows = Vec::new();
-    for line in String::from_utf8_lossy(&output.stdout).lines() {
-        let Ok(mut v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        v["machine"] = serde_json::to_value(&machine)?;
-        out.emit(&v)?;
-        rows.push(v);
-    }
+    let rows = reemit(&output.stdout, out, |_| {})?;
     if !output.status.success() || rows.len() != 2 * h.mem_mib.len() {
         bail!(
             "ferry __harvest failed ({}), {} of {} results reported",
@@ -385,9 +397,7 @@ fn run_kvm(k: &KvmArgs, peer: &PeerLauncher, out: &mut Output) -> Result<()> {
         .args(["--max-blackout-us", &k.max_blackout_us.to_string()])
         .args(
             k.switch_overhead_us
-                .map(|us| ["--switch-overhead-us".to_string(), us.to_string()])
-                .into_iter()
-                .flatten(),
+                .map(|us| format!("--switch-overhead-us={us}")),
         )
         .args(k.hybrid_reserve.map(|r| format!("--hybrid-reserve={r}")))
         .args(["--blackout-priority", &k.blackout_priority])
@@ -396,17 +406,11 @@ fn run_kvm(k: &KvmArgs, peer: &PeerLauncher, out: &mut Output) -> Result<()> {
         .stderr(std::process::Stdio::inherit())
         .output()
         .context("Cannot run ferry demo")?;
-    let machine = crate::machine::Machine::detect();
-    let mut rows = 0;
-    for line in String::from_utf8_lossy(&output.stdout).lines() {
-        let Ok(mut v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        v["suite"] = serde_json::json!("kvm");
-        v["machine"] = serde_json::to_value(&machine)?;
-        out.emit(&v)?;
-        rows += 1;
-        if !out.json {
+    let rows = reemit(&output.stdout, out, |v| {
+        v["suite"] = serde_json::json!("kvm")
+    })?;
+    if !out.json {
+        for v in &rows {
             println!(
                 "kvm {mode} {} MiB x{} vCPU: blackout {:.0} µs, faults {} (p50 {} µs, p99 {} µs), guest longest gap {} µs (before the switchover {} µs, across it {} µs, after it {} µs, stalls after {:.1} ms), verified {}",
                 k.mem_mib,
@@ -424,10 +428,11 @@ fn run_kvm(k: &KvmArgs, peer: &PeerLauncher, out: &mut Output) -> Result<()> {
             );
         }
     }
-    if !output.status.success() || rows < k.runs {
+    if !output.status.success() || rows.len() < k.runs as usize {
         bail!(
-            "ferry demo failed ({}), {rows} of {} runs reported",
+            "ferry demo failed ({}), {} of {} runs reported",
             output.status,
+            rows.len(),
             k.runs
         );
     }

@@ -34,7 +34,6 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
 use ferry_protocol::frame::{FrameHeader, HEADER_LEN, MAX_LIST_RANGES, StateKind, SwitchoverKind};
 use ferry_protocol::handshake::{Mode, SessionId};
-use ferry_protocol::memmap::take_bitmap_ranges;
 use ferry_protocol::{Frame, GpaRange};
 use ferry_transport::DataStream;
 use ferry_transport::session::{ControlChannel, SessionError};
@@ -972,9 +971,7 @@ impl Run<'_, '_> {
         }
         .map_err(MigrateError::vm("harvest dirty log"))?;
         let mut ranges = Vec::new();
-        for (r, words) in self.layout.regions().iter().zip(&mut bitmap.regions) {
-            take_bitmap_ranges(words, r.gpa, self.layout.page_size(), 1 << 30, &mut ranges);
-        }
+        bitmap.take_ranges(self.layout.regions(), self.layout.page_size(), &mut ranges);
         // Pages the destination asked to be resent.
         ranges.append(&mut self.resend);
         Ok(ranges)

@@ -103,6 +103,9 @@ pub struct DirtyBitmap {
     pub regions: Vec<Vec<u64>>,
 }
 
+/// The longest range [`DirtyBitmap::take_ranges`] makes, in bytes.
+pub const MAX_DIRTY_RANGE: u64 = 1 << 30;
+
 impl DirtyBitmap {
     /// An all-clear bitmap shaped for `regions`.
     pub fn for_regions(regions: &[GuestRegion]) -> Self {
@@ -118,6 +121,27 @@ impl DirtyBitmap {
     pub fn clear(&mut self) {
         for words in &mut self.regions {
             words.fill(0);
+        }
+    }
+
+    /// Appends the set bits as maximal runs of pages of `page_size` bytes (at most
+    /// [`MAX_DIRTY_RANGE`] each) to `out`, region by region in the order of `regions`, and
+    /// leaves the bitmap all clear: one pass, writing only the words that were set (the final
+    /// dirty harvest of a large guest does this inside the blackout).
+    pub fn take_ranges(
+        &mut self,
+        regions: &[GuestRegion],
+        page_size: u64,
+        out: &mut Vec<ferry_protocol::GpaRange>,
+    ) {
+        for (r, words) in regions.iter().zip(&mut self.regions) {
+            ferry_protocol::memmap::take_bitmap_ranges(
+                words,
+                r.gpa,
+                page_size,
+                MAX_DIRTY_RANGE,
+                out,
+            );
         }
     }
 

@@ -18,7 +18,6 @@ use ferry_bench::cli::HarvestArgs;
 use ferry_bench::hist::LatencyHist;
 use ferry_engine::vm::{DirtyBitmap, DirtyTracker, GuestMemory, VmControl};
 use ferry_kvm::{DirtyMode, KvmDirtyTracker, KvmVm, VmConfig, Workload};
-use ferry_protocol::memmap::take_bitmap_ranges;
 use serde_json::{Value, json};
 
 /// One VM under test and what was measured on it.
@@ -90,10 +89,9 @@ impl Subject {
             .harvest_final(&mut self.bitmap)
             .map_err(|e| anyhow!("Final harvest failed ({}): {e}", self.name))?;
         let t1 = Instant::now();
-        let layout = self.vm.memory();
-        for (r, words) in layout.regions().iter().zip(&mut self.bitmap.regions) {
-            take_bitmap_ranges(words, r.gpa, 4096, 1 << 30, ranges);
-        }
+        // The engine's own scan (as `Run::harvest` does it); KVM guest memory is in 4 KiB pages.
+        self.bitmap
+            .take_ranges(self.vm.memory().regions(), 4096, ranges);
         let t2 = Instant::now();
         self.total.record(t2 - t0);
         self.tracker_part.record(t1 - t0);
