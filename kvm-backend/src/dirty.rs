@@ -168,13 +168,14 @@ pub(crate) struct DirtyCore {
 }
 
 impl DirtyCore {
-    /// Harvests ring `i` into the overflow bitmap. Returns entries taken.
-    pub(crate) fn drain_ring(&self, i: usize) -> u32 {
+    /// Harvests ring `i` into the overflow bitmap (its callers reset the rings whether or not
+    /// it took anything, see `harvest_rings`).
+    pub(crate) fn drain_ring(&self, i: usize) {
         let Some(ring) = self.rings.get(i) else {
-            return 0;
+            return;
         };
         let mut ring = ring.lock().unwrap_or_else(|e| e.into_inner());
-        ring.harvest(|slot, off| self.overflow.set(slot, off))
+        ring.harvest(|slot, off| self.overflow.set(slot, off));
     }
 }
 
